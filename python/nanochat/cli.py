@@ -1,0 +1,51 @@
+"""The `nanochat` console command: one subcommand per stage, each dispatched to that stage's `main(argv)`.
+
+Stages are imported lazily so `nanochat --help` is instant and a missing optional dependency of one stage never
+breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "tok-train": ("nanochat.tok_train", "train the BPE tokenizer on the pretraining shards"),
+    "tok-eval": ("nanochat.tok_eval", "compare bytes/token against GPT-2 and GPT-4 tokenizers"),
+    "data": ("nanochat.dataset", "download FineWeb-Edu shards, build the offline corpus or the eval data"),
+    "base-train": ("nanochat.base_train", "pretrain the GPT (use torchrun -m nanochat.base_train for many GPUs)"),
+    "base-eval": ("nanochat.base_eval", "bits per byte, CORE and samples of a base model"),
+    "mid-train": ("nanochat.mid_train", "midtrain on the conversation mixture"),
+    "chat-sft": ("nanochat.chat_sft", "supervised finetuning on conversations"),
+    "chat-rl": ("nanochat.chat_rl", "reinforcement learning on GSM8K"),
+    "chat-eval": ("nanochat.chat_eval", "ARC, MMLU, GSM8K, HumanEval and ChatCORE of a chat model"),
+    "chat": ("nanochat.chat_cli", "talk to a chat model in the terminal"),
+    "serve": ("nanochat.serve", "OpenAI-compatible server with a web UI"),
+    "report": ("nanochat.report", "write report.md from the stages' results"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: nanochat <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`nanochat <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"nanochat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
