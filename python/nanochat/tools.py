@@ -1,0 +1,201 @@
+"""The calculator the model calls between <|python_start|> and <|python_end|>: a safe evaluator of small expressions.
+
+Notable choices:
+- An AST walk over an allow-list of node types; never `eval`/`exec`, no names, no attribute access except the listed
+  string methods, no imports, no comprehensions, no lambdas.
+- Numbers (int, float) with + - * / // % ** and unary + -; string literals with + and * (repeat), `len(s)` and the
+  methods count, upper, lower, replace, strip, startswith, endswith, find, index, split; parentheses come for free.
+- Work is bounded without signals or threads: the input length, the number of AST nodes, the bit size of every
+  integer (checked *before* computing a product or a power), string lengths, float overflow, and the output length.
+- Failures return a short text starting with "Error:" and never raise, so a bad tool call can never crash a
+  generation.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------------------------
+# Limits
+
+
+@dataclass(frozen=True)
+class CalculatorLimits:
+    max_chars: int = 1000  # input expression length
+    max_nodes: int = 200  # AST nodes visited
+    max_int_bits: int = 4096  # about 1233 decimal digits
+    max_str_len: int = 10_000  # any intermediate string
+    max_output_chars: int = 1000  # the returned text
+    max_exponent: int = 10_000  # |b| in a ** b
+
+
+class CalculatorError(Exception):
+    """A user-level failure (bad syntax, disallowed construct, a limit hit); turned into an error text."""
+
+
+STRING_METHODS = {
+    "count": (1, 3), "upper": (0, 0), "lower": (0, 0), "replace": (2, 3), "strip": (0, 1), "startswith": (1, 1),
+    "endswith": (1, 1), "find": (1, 3), "index": (1, 3), "split": (0, 2),
+}
+
+_BINOPS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluator
+
+
+class _Evaluator:
+    def __init__(self, limits: CalculatorLimits):
+        self.limits = limits
+        self.nodes = 0
+
+    def check(self, value):
+        lim = self.limits
+        if isinstance(value, bool):
+            raise CalculatorError("booleans are not supported")
+        if isinstance(value, int) and value.bit_length() > lim.max_int_bits:
+            raise CalculatorError(f"integer too large (more than {lim.max_int_bits} bits)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CalculatorError("result is not a finite number")
+        if isinstance(value, str) and len(value) > lim.max_str_len:
+            raise CalculatorError(f"string too long (more than {lim.max_str_len} characters)")
+        if isinstance(value, list):
+            if len(value) > lim.max_str_len:
+                raise CalculatorError("list too long")
+            for item in value:
+                self.check(item)
+        return value
+
+    def visit(self, node: ast.AST):
+        self.nodes += 1
+        if self.nodes > self.limits.max_nodes:
+            raise CalculatorError(f"expression too complex (more than {self.limits.max_nodes} nodes)")
+        if isinstance(node, ast.Expression):
+            return self.visit(node.body)
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float, str)):
+                raise CalculatorError(f"unsupported literal {node.value!r}")
+            return self.check(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            operand = self.visit(node.operand)
+            if not isinstance(operand, (int, float)):
+                raise CalculatorError("unary + and - need a number")
+            return self.check(-operand if isinstance(node.op, ast.USub) else +operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return self.binop(node.op, self.visit(node.left), self.visit(node.right))
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        raise CalculatorError(f"unsupported syntax: {type(node).__name__}")
+
+    def binop(self, op: ast.operator, a, b):
+        lim = self.limits
+        num = (int, float)
+        if isinstance(a, num) and isinstance(b, num):
+            if isinstance(op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
+                if a.bit_length() + b.bit_length() > lim.max_int_bits + 1:
+                    raise CalculatorError(f"integer too large (more than {lim.max_int_bits} bits)")
+            if isinstance(op, ast.Pow):
+                if abs(b) > lim.max_exponent:
+                    raise CalculatorError(f"exponent {b} too large (limit {lim.max_exponent})")
+                if isinstance(a, int) and isinstance(b, int) and b > 0 and (abs(a).bit_length() - 1) * b > lim.max_int_bits:
+                    raise CalculatorError(f"integer too large (more than {lim.max_int_bits} bits)")
+                if a == 0 and b < 0:
+                    raise CalculatorError("division by zero")
+                if isinstance(a, float) or isinstance(b, float) or b < 0:
+                    if a < 0 and not float(b).is_integer():
+                        raise CalculatorError("fractional power of a negative number")
+            try:
+                return self.check(_BINOPS[type(op)](a, b))
+            except ZeroDivisionError:
+                raise CalculatorError("division by zero") from None
+            except OverflowError:
+                raise CalculatorError("numeric overflow") from None
+        if isinstance(op, ast.Add) and isinstance(a, str) and isinstance(b, str):
+            if len(a) + len(b) > lim.max_str_len:
+                raise CalculatorError(f"string too long (more than {lim.max_str_len} characters)")
+            return a + b
+        if isinstance(op, ast.Mult) and ((isinstance(a, str) and isinstance(b, int)) or (isinstance(a, int) and isinstance(b, str))):
+            s, k = (a, b) if isinstance(a, str) else (b, a)
+            if len(s) * max(k, 0) > lim.max_str_len:
+                raise CalculatorError(f"string too long (more than {lim.max_str_len} characters)")
+            return s * k
+        raise CalculatorError(f"unsupported operand types for {type(op).__name__}: {type(a).__name__} and {type(b).__name__}")
+
+    def call(self, node: ast.Call):
+        if node.keywords:
+            raise CalculatorError("keyword arguments are not supported")
+        if isinstance(node.func, ast.Name) and node.func.id == "len" and len(node.args) == 1:
+            arg = self.visit(node.args[0])
+            if not isinstance(arg, (str, list)):
+                raise CalculatorError("len() needs a string")
+            return len(arg)
+        if isinstance(node.func, ast.Attribute) and node.func.attr in STRING_METHODS:
+            target = self.visit(node.func.value)
+            if not isinstance(target, str):
+                raise CalculatorError(f".{node.func.attr}() is only supported on strings")
+            lo, hi = STRING_METHODS[node.func.attr]
+            if not lo <= len(node.args) <= hi:
+                raise CalculatorError(f".{node.func.attr}() takes {lo} to {hi} arguments, got {len(node.args)}")
+            args = [self.visit(a) for a in node.args]
+            if node.func.attr in ("count", "find", "index") and any(not isinstance(a, int) for a in args[1:]):
+                raise CalculatorError(f".{node.func.attr}() start/end must be integers")
+            if node.func.attr in ("count", "replace", "startswith", "endswith", "find", "index") and not isinstance(args[0], str):
+                raise CalculatorError(f".{node.func.attr}() needs a string argument")
+            if node.func.attr == "replace":
+                if not all(isinstance(a, str) for a in args[:2]) or (len(args) == 3 and not isinstance(args[2], int)):
+                    raise CalculatorError(".replace() needs (str, str[, int])")
+                worst = len(target) + (target.count(args[0]) if args[0] else len(target) + 1) * len(args[1])
+                if worst > self.limits.max_str_len:
+                    raise CalculatorError(f"string too long (more than {self.limits.max_str_len} characters)")
+            if node.func.attr in ("strip", "split") and args and not (isinstance(args[0], str) or (node.func.attr == "split" and args[0] is None)):
+                raise CalculatorError(f".{node.func.attr}() needs a string argument")
+            if node.func.attr == "split" and len(args) == 2 and not isinstance(args[1], int):
+                raise CalculatorError(".split() maxsplit must be an integer")
+            try:
+                return self.check(getattr(target, node.func.attr)(*args))
+            except ValueError as e:  # "".split(""), .index() not found
+                raise CalculatorError(str(e)) from None
+        raise CalculatorError("only len() and the string methods " + ", ".join(sorted(STRING_METHODS)) + " may be called")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def format_result(value) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value)) if abs(value) >= 1 or value == 0 else repr(value)
+    if isinstance(value, float):
+        return repr(round(value, 10))
+    return repr(value) if isinstance(value, list) else str(value)
+
+
+def evaluate(expression: str, limits: CalculatorLimits | None = None) -> str:
+    """Evaluate one calculator expression; returns the result as text, or "Error: ..." (never raises)."""
+    limits = limits or CalculatorLimits()
+    try:
+        if not isinstance(expression, str):
+            raise CalculatorError(f"expression must be a string, got {type(expression).__name__}")
+        if len(expression) > limits.max_chars:
+            raise CalculatorError(f"expression too long ({len(expression)} characters, limit {limits.max_chars})")
+        if not expression.strip():
+            raise CalculatorError("empty expression")
+        try:
+            tree = ast.parse(expression.strip(), mode="eval")
+        except SyntaxError as e:
+            raise CalculatorError(f"invalid syntax: {e.msg}") from None
+        out = format_result(_Evaluator(limits).visit(tree))
+        if len(out) > limits.max_output_chars:
+            raise CalculatorError(f"result too long ({len(out)} characters, limit {limits.max_output_chars})")
+        return out
+    except CalculatorError as e:
+        return f"Error: {e}"
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:  # deep nesting, odd input
+        return f"Error: {type(e).__name__}"
