@@ -1,0 +1,207 @@
+"""Checkpoints: one directory per stage and model tag, one sub-directory per step.
+
+    base_dir()/checkpoints/<stage>/<model_tag>/
+        step_000500/model.safetensors    weights (rank 0)
+        step_000500/meta.json            {"config", "step", "data_state", "metrics", "commit", "args", "system", ...}
+        step_000500/optim_rank0.pt       this rank's optimizer shard (torch.save), one file per rank
+        latest                           the newest complete step, written last
+        train_log.jsonl                  (written by the training stage, not here)
+
+- atomic: every rank writes into `.tmp_step_000500/` and fsyncs; rank 0 then renames it to `step_000500/`
+  (a rename is atomic on POSIX), fsyncs the parent and rewrites `latest`. A crash at any point leaves either no
+  step directory or a complete one; stale temporary directories are ignored and replaced.
+- under torch.distributed with world_size > 1, save_checkpoint is collective (barriers around the rename), and the
+  ranks must share the checkpoint filesystem
+- keep_last K prunes older step directories after the new one is in place
+- loading picks the newest complete step (the `latest` marker when it is valid, else a scan)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from nanochat.common import atomic_write, base_dir
+
+STAGES = ("base", "mid", "sft", "rl")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def checkpoint_dir(stage: str, model_tag: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not model_tag or "/" in model_tag or model_tag.startswith("."):
+        raise ValueError(f"model_tag must be a plain directory name like 'd20', got {model_tag!r}")
+    return base_dir() / "checkpoints" / stage / model_tag
+
+
+def _step_dir(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:06d}"
+
+
+def list_steps(ckpt_dir) -> list[int]:
+    """Steps with a complete checkpoint (renamed directories holding weights and meta), ascending."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for child in ckpt_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "meta.json").is_file() and (child / "model.safetensors").is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest_step(ckpt_dir) -> int | None:
+    """The newest complete step in `ckpt_dir`, or None when there is none."""
+    marker = Path(ckpt_dir) / "latest"
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        return None
+    try:
+        step = int(marker.read_text().strip())
+        if step == steps[-1]:
+            return step
+    except (OSError, ValueError):
+        pass
+    return steps[-1]  # marker missing, stale or torn: the scan is the truth
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save and load
+
+
+def save_checkpoint(ckpt_dir, step: int, model_state: dict, optimizer_state: dict | None, meta: dict,
+                    rank: int = 0, keep_last: int | None = None) -> Path:
+    """Write step `step` atomically; every rank calls this (rank 0 writes weights and meta, each rank its
+    optimizer shard). Returns the step directory."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be None or >= 1, got {keep_last}")
+    ckpt_dir = Path(ckpt_dir)
+    final = _step_dir(ckpt_dir, step)
+    tmp = ckpt_dir / f".tmp_{final.name}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left behind by a crash
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    if rank == 0:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        _fsync_file(tmp / "model.safetensors")
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+    if optimizer_state is not None:
+        path = tmp / f"optim_rank{rank}.pt"
+        torch.save(optimizer_state, path)
+        _fsync_file(path)
+    _barrier()
+
+    if rank == 0:
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. a resumed run reaching it again): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        with atomic_write(ckpt_dir / "latest", "w") as f:
+            f.write(f"{step}\n")
+        if keep_last is not None:
+            for old in list_steps(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(_step_dir(ckpt_dir, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimizer: bool = False,
+                    rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """(model_state, optimizer_state or None, meta) of `step` (the newest complete one by default)."""
+    ckpt_dir = Path(ckpt_dir)
+    if step is None:
+        step = latest_step(ckpt_dir)
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    folder = _step_dir(ckpt_dir, step)
+    if step not in list_steps(ckpt_dir):
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {ckpt_dir} "
+                                f"(available: {list_steps(ckpt_dir)})")
+    model_state = load_file(str(folder / "model.safetensors"), device=str(device))
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # saved from a compiled model
+    meta = json.loads((folder / "meta.json").read_text())
+    optimizer_state = None
+    if load_optimizer:
+        path = folder / f"optim_rank{rank}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no optimizer state for rank {rank} ({path.name}); "
+                                    f"was it saved with fewer processes?")
+        optimizer_state = torch.load(path, map_location=device, weights_only=True)
+    return model_state, optimizer_state, meta
+
+
+def _newest_tag(stage_dir: Path) -> str:
+    """The model tag whose newest checkpoint was written last."""
+    best, best_time = None, -1.0
+    if stage_dir.is_dir():
+        for tag_dir in stage_dir.iterdir():
+            step = latest_step(tag_dir) if tag_dir.is_dir() else None
+            if step is not None:
+                mtime = (_step_dir(tag_dir, step) / "meta.json").stat().st_mtime
+                if mtime > best_time:
+                    best, best_time = tag_dir.name, mtime
+    if best is None:
+        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train one first "
+                                f"(e.g. `nanochat base-train` for stage 'base')")
+    return best
+
+
+def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int | None = None):
+    """(GPT in eval mode, Tokenizer, meta) from a checkpoint; the newest tag and step by default."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+
+    if model_tag is None:
+        model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
+    model_state, _, meta = load_checkpoint(checkpoint_dir(stage, model_tag), step=step, device=device)
+    config = GPTConfig(**meta["config"])
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(model_state, strict=True)
+    model.eval()
+    tokenizer = get_tokenizer()
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
+                         f"the checkpoint was trained with a different tokenizer")
+    return model, tokenizer, meta
