@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -233,6 +234,9 @@ def _parser() -> argparse.ArgumentParser:
     off.add_argument("--data-dir", default=None, help="output folder (default $NANOCHAT_BASE_DIR/base_data)")
     off.add_argument("--extra", action="store_true",
                      help="also use fortunes, fortunes-min and linux-doc-6.1 (~38 MB more .debs, ~4x the text)")
+    off.add_argument("--packages", default=",".join(("python3.11-doc", "r-cran-janeaustenr")),
+                     help="comma-separated Debian packages to read (known: python3.11-doc, r-cran-janeaustenr, "
+                          "fortunes, fortunes-min, linux-doc-6.1)")
     off.add_argument("--src", default=None,
                      help="folder holding already unpacked packages as SRC/<package>/ (skips apt-get)")
     off.add_argument("--seed", type=int, default=1234, help="shuffle seed")
@@ -253,17 +257,24 @@ def _offline(args) -> int:
         print(f"error: {out} already holds {len(existing)} shard(s) ({existing[0].name} ...); pass --force to "
               "replace them with the offline demo corpus", file=sys.stderr)
         return 1
-    packages = list(offline_corpus.DEFAULT_PACKAGES) + (list(offline_corpus.OPTIONAL_PACKAGES) if args.extra else [])
+    packages = [p.strip() for p in args.packages.split(",") if p.strip()]
+    packages += [p for p in offline_corpus.OPTIONAL_PACKAGES if args.extra and p not in packages]
     print(offline_corpus.DEMO_NOTICE)
     config = offline_corpus.CorpusConfig(seed=args.seed, train_shard_chars=args.shard_chars)
+    staging = out.parent / f".{out.name}.offline-build"  # old shards stay until the new ones are complete
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        if args.force:
-            for path in existing:
-                path.unlink()
-        stats = offline_corpus.build_offline(out, packages, src_dir=args.src, config=config)
-    except (RuntimeError, FileNotFoundError) as e:
+        stats = offline_corpus.build_offline(staging, packages, src_dir=args.src, config=config)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for path in existing:
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+    staging.rmdir()
     for name, shard in stats["shards"].items():
         print(f"  {name}: {shard['split']:<5} {shard['rows']:>6} rows {shard['chars']:>12,} chars")
     print(f"wrote {len(stats['shards'])} shards to {out} (the last is validation)")
