@@ -1,0 +1,62 @@
+"""`nanochat serve`: the OpenAI-compatible server and web UI (Starlette + uvicorn) over a chat checkpoint.
+
+One model replica per GPU (or one on CPU), each with a continuous-batching worker thread; see serve/app.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nanochat.serve.app import ServerConfig, create_app
+
+__all__ = ["ServerConfig", "create_app", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanochat serve", description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None,
+                   help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
+    p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--num-replicas", type=int, default=None,
+                   help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--batch-size", type=int, default=16, help="decode rows per replica (concurrent sequences)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued per replica before answering 429 (requests)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body limit (bytes)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="reply length when a request sets no max_tokens (tokens)")
+    p.add_argument("--model-name", default="nanochat", help="the model id reported by /v1/models")
+    p.add_argument("--no-tools", action="store_true", help="do not run the python calculator tool")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    import uvicorn
+
+    from nanochat.common import autodetect_device, get_logger
+    from nanochat.engine import load_chat_model
+
+    device = autodetect_device(args.device)
+    if device.type == "cuda":
+        n = args.num_replicas or torch.cuda.device_count()
+        devices = [f"cuda:{i}" for i in range(n)]
+    else:
+        devices = ["cpu"] * (args.num_replicas or 1)
+    models, tokenizer = [], None
+    for dev in devices:
+        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step)
+        models.append(model)
+    get_logger().info("serving %s checkpoint (step %s) on %s at http://%s:%d", stage, meta.get("step"),
+                      ", ".join(devices), args.host, args.port)
+    config = ServerConfig(model_name=args.model_name, batch_size=args.batch_size, max_waiting=args.max_waiting,
+                          max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+                          tools=not args.no_tools)
+    app = create_app(models, tokenizer, config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

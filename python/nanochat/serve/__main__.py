@@ -1,0 +1,5 @@
+import sys
+
+from nanochat.serve import main
+
+sys.exit(main())

@@ -1,0 +1,495 @@
+"""The OpenAI-compatible HTTP app: Starlette routes over one continuous-batching scheduler per model replica.
+
+Notable choices:
+- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop
+  only parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is.
+  Tokens cross from the worker to the loop by `loop.call_soon_threadsafe` into a per-request asyncio.Queue.
+- A new request goes to the replica with the fewest active + waiting requests; when every replica's waiting queue
+  is full the answer is 429 with Retry-After.
+- A client that goes away (stream closed, or the socket of a non-streaming call) cancels its request; the scheduler
+  frees its rows before the next decode step.
+- Every bad request is a 4xx with an OpenAI-style error object {"error": {"message", "type", "param", "code"}}:
+  body size, UTF-8, JSON, message count/roles/content, parameter types and ranges, prompt tokens vs the context.
+- User text is encoded as ordinary text: typing "<|assistant_end|>" yields the bytes of that string, never the id.
+- Prometheus text at /metrics, written by hand (requests by status, tokens, queue depth, active rows, a time to
+  first token histogram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from nanochat.common import get_logger
+from nanochat.engine import GenerationRequest, SamplingParams, Scheduler, TokenEvent
+
+ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and errors
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "nanochat"
+    batch_size: int = 16  # decode rows per replica
+    max_waiting: int = 64  # requests queued per replica (not yet in a row) before answering 429
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_n: int = 8  # samples per request (n)
+    max_stop: int = 4  # stop strings per request
+    max_stop_chars: int = 128
+    default_max_tokens: int = 1024  # when the request sets none (clipped to the context left)
+    retry_after_s: int = 1
+    tools: bool = True
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+            503: "server_busy"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[int, int] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.disconnects = 0
+        self.ttft_counts = [0] * (len(self.TTFT_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+
+    def request(self, status: int) -> None:
+        with self.lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+
+    def ttft(self, seconds: float) -> None:
+        with self.lock:
+            i = next((i for i, b in enumerate(self.TTFT_BUCKETS) if seconds <= b), len(self.TTFT_BUCKETS))
+            self.ttft_counts[i] += 1
+            self.ttft_sum += seconds
+
+    def render(self, replicas: list["Replica"]) -> str:
+        with self.lock:
+            out = ["# HELP nanochat_requests_total Chat completion requests by HTTP status.",
+                   "# TYPE nanochat_requests_total counter"]
+            out += [f'nanochat_requests_total{{code="{code}"}} {n}' for code, n in sorted(self.requests.items())]
+            out += ["# HELP nanochat_prompt_tokens_total Prompt tokens of admitted requests.",
+                    "# TYPE nanochat_prompt_tokens_total counter", f"nanochat_prompt_tokens_total {self.prompt_tokens}",
+                    "# HELP nanochat_completion_tokens_total Tokens generated.",
+                    "# TYPE nanochat_completion_tokens_total counter",
+                    f"nanochat_completion_tokens_total {self.completion_tokens}",
+                    "# HELP nanochat_client_disconnects_total Requests cancelled because the client went away.",
+                    "# TYPE nanochat_client_disconnects_total counter",
+                    f"nanochat_client_disconnects_total {self.disconnects}"]
+            out += ["# HELP nanochat_queue_depth Requests waiting for a batch row.", "# TYPE nanochat_queue_depth gauge",
+                    f"nanochat_queue_depth {sum(r.scheduler.num_waiting for r in replicas)}",
+                    "# HELP nanochat_active_rows Batch rows decoding now.", "# TYPE nanochat_active_rows gauge",
+                    f"nanochat_active_rows {sum(r.scheduler.num_active_rows for r in replicas)}",
+                    "# HELP nanochat_batch_rows Batch rows in all replicas.", "# TYPE nanochat_batch_rows gauge",
+                    f"nanochat_batch_rows {sum(r.scheduler.batch_size for r in replicas)}",
+                    "# HELP nanochat_time_to_first_token_seconds From request arrival to its first token.",
+                    "# TYPE nanochat_time_to_first_token_seconds histogram"]
+            cumulative = 0
+            for bound, count in zip(list(self.TTFT_BUCKETS) + [math.inf], self.ttft_counts):
+                cumulative += count
+                le = "+Inf" if bound == math.inf else repr(bound)
+                out.append(f'nanochat_time_to_first_token_seconds_bucket{{le="{le}"}} {cumulative}')
+            out += [f"nanochat_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+                    f"nanochat_time_to_first_token_seconds_count {cumulative}"]
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replicas
+
+
+class Replica:
+    """One model + scheduler + worker thread."""
+
+    def __init__(self, model, tokenizer, config: ServerConfig):
+        self.scheduler = Scheduler(model, tokenizer, batch_size=config.batch_size, tools=config.tools,
+                                   max_waiting=config.max_waiting)
+        self.context = self.scheduler.max_len
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.stop_event.clear()
+            self.thread = threading.Thread(target=self.scheduler.serve_forever, args=(self.stop_event,),
+                                           name="nanochat-replica", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.scheduler.wake()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    @property
+    def load(self) -> int:
+        return self.scheduler.num_active_rows + self.scheduler.num_waiting
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request parsing and validation
+
+
+def _check_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} is not valid Unicode (lone surrogate)", where) from None
+    return text
+
+
+def parse_messages(messages, config: ServerConfig) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array", "messages")
+    if len(messages) > config.max_messages:
+        raise BadRequest(f"too many messages: {len(messages)}, limit {config.max_messages}", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadRequest(f"{where} must be an object", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"{where}.role must be one of {list(ROLES)}, got {role!r:.40}", f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}}",
+                                     f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string or an array of text parts", f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": _check_text(content, where)})
+    if out[-1]["role"] != "user":
+        raise BadRequest("the last message must have role 'user'", "messages")
+    return out
+
+
+def _number(payload: dict, name: str, lo: float, hi: float, default):
+    value = payload.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise BadRequest(f"'{name}' must be a number in [{lo}, {hi}], got {value!r:.40}", name)
+    return float(value)
+
+
+def _integer(payload: dict, name: str, lo: int, hi: int | None, default):
+    value = payload.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise BadRequest(f"'{name}' must be an integer in {bound}, got {value!r:.40}", name)
+    return value
+
+
+@dataclass
+class ParsedRequest:
+    messages: list[dict]
+    params: SamplingParams
+    max_tokens_set: bool
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(payload, config: ServerConfig, context: int, vocab_size: int) -> ParsedRequest:
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = parse_messages(payload.get("messages"), config)
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string", "model")
+    max_tokens = _integer(payload, "max_tokens", 1, context, None)
+    max_tokens = _integer(payload, "max_completion_tokens", 1, context, max_tokens)
+    temperature = _number(payload, "temperature", 0.0, 2.0, 1.0)
+    top_p = _number(payload, "top_p", 0.0, 1.0, None)
+    top_k = _integer(payload, "top_k", 0, vocab_size, None)
+    n = _integer(payload, "n", 1, config.max_n, 1)
+    seed = _integer(payload, "seed", -(2 ** 63), 2 ** 63 - 1, None)
+    stop = payload.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > config.max_stop or not all(
+            isinstance(s, str) and 0 < len(s) <= config.max_stop_chars for s in stop):
+        raise BadRequest(f"'stop' must be a string or an array of at most {config.max_stop} non-empty strings "
+                         f"of at most {config.max_stop_chars} characters", "stop")
+    for s in stop:
+        _check_text(s, "stop")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", "stream")
+    options = payload.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("'stream_options' must be an object with a boolean 'include_usage'", "stream_options")
+    params = SamplingParams(max_tokens=max_tokens or config.default_max_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=None if seed is None else seed % (2 ** 63), stop=tuple(stop))
+    return ParsedRequest(messages, params, max_tokens is not None, n, stream, bool(options.get("include_usage")))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length header")
+        if int(declared) > limit:
+            raise BadRequest(f"request body of {declared} bytes exceeds the limit of {limit}", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"request body exceeds the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_json(body: bytes):
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The app
+
+
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+
+
+def load_ui_page() -> str:
+    return importlib.resources.files("nanochat.serve").joinpath("ui.html").read_text(encoding="utf-8")
+
+
+def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlette:
+    """The app over one model or a list of models (one replica each, e.g. one per GPU)."""
+    config = config or ServerConfig()
+    models = models if isinstance(models, (list, tuple)) else [models]
+    replicas = [Replica(m, tokenizer, config) for m in models]
+    context = min(r.context for r in replicas)
+    vocab_size = tokenizer.get_vocab_size()
+    metrics = Metrics()
+    created = int(time.time())
+    ui_page = load_ui_page()
+    log = get_logger()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for r in replicas:
+            r.start()
+        try:
+            yield
+        finally:
+            for r in replicas:
+                r.stop()
+
+    def chunk(cid: str, choices: list[dict], usage=None, include_usage=False) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": config.model_name, "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def chat_completions(request: Request) -> Response:
+        t0 = time.monotonic()
+        try:
+            payload = decode_json(await read_body(request, config.max_body_bytes))
+            parsed = parse_request(payload, config, context, vocab_size)
+            try:
+                prompt = tokenizer.render_for_completion({"messages": parsed.messages})
+            except ValueError as e:
+                raise BadRequest(str(e), "messages") from None
+            if len(prompt) >= context:
+                raise BadRequest(f"the prompt is {len(prompt)} tokens; this model's context is {context} tokens "
+                                 f"(the reply needs at least one)", "messages", "context_length_exceeded")
+        except BadRequest as e:
+            metrics.request(e.status)
+            return error_response(e.status, e.message, e.param, e.code)
+        params = parsed.params
+        params.max_tokens = min(params.max_tokens, context - len(prompt))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+        def on_event(ev: TokenEvent) -> None:  # worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        req = GenerationRequest(prompt, params, n=parsed.n, on_event=on_event)
+        replica = min(replicas, key=lambda r: r.load)
+        if not replica.scheduler.submit(req):
+            metrics.request(429)
+            return error_response(429, "the server is busy; retry later", code="queue_full",
+                                  headers={"Retry-After": str(config.retry_after_s)})
+        metrics.request(200)
+        with metrics.lock:
+            metrics.prompt_tokens += len(prompt)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+        def finish(ev_tokens: int) -> None:
+            with metrics.lock:
+                metrics.completion_tokens += ev_tokens
+            if req.first_token_at is not None:
+                metrics.ttft(req.first_token_at - t0)
+
+        def usage() -> dict:
+            return {"prompt_tokens": len(prompt), "completion_tokens": req.completion_tokens,
+                    "total_tokens": len(prompt) + req.completion_tokens}
+
+        received = [0]  # final events seen by this handler (the worker sets req.finished a moment later)
+
+        def cancel() -> None:
+            if received[0] < parsed.n and not req.cancelled:
+                req.cancel()
+                replica.scheduler.wake()
+                with metrics.lock:
+                    metrics.disconnects += 1
+
+        if parsed.stream:
+            async def events():
+                done = False
+                try:
+                    for i in range(parsed.n):
+                        yield chunk(cid, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                           "finish_reason": None}], None, parsed.include_usage)
+                    remaining = parsed.n
+                    while remaining:
+                        batch = [await queue.get()]
+                        while not queue.empty():
+                            batch.append(queue.get_nowait())
+                        texts: dict[int, str] = {}
+                        finals = []
+                        for ev in batch:
+                            if ev.text:
+                                texts[ev.sample] = texts.get(ev.sample, "") + ev.text
+                            if ev.finish_reason is not None:
+                                finals.append(ev)
+                                remaining -= 1
+                                received[0] += 1
+                        for i, t in sorted(texts.items()):  # one choice per chunk, as OpenAI does
+                            yield chunk(cid, [{"index": i, "delta": {"content": t}, "logprobs": None,
+                                               "finish_reason": None}], None, parsed.include_usage)
+                        for ev in finals:
+                            yield chunk(cid, [{"index": ev.sample, "delta": {}, "logprobs": None,
+                                               "finish_reason": FINISH[ev.finish_reason]}], None, parsed.include_usage)
+                    if parsed.include_usage:
+                        yield chunk(cid, [], usage(), True)
+                    yield "data: [DONE]\n\n"
+                    done = True
+                finally:
+                    if not done:
+                        cancel()
+                    finish(req.completion_tokens)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        # non-streaming: wait for every sample, cancelling if the client disconnects meanwhile
+        async def watch_disconnect():
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    cancel()
+                    return
+
+        watcher = asyncio.create_task(watch_disconnect())
+        texts, reasons = [""] * parsed.n, [None] * parsed.n
+        try:
+            remaining = parsed.n
+            while remaining:
+                ev = await queue.get()
+                texts[ev.sample] += ev.text
+                if ev.finish_reason is not None:
+                    reasons[ev.sample] = FINISH[ev.finish_reason]
+                    remaining -= 1
+                    received[0] += 1
+        finally:
+            watcher.cancel()
+            cancel()
+            finish(req.completion_tokens)
+        body = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                             "logprobs": None, "finish_reason": reasons[i]} for i in range(parsed.n)],
+                "usage": usage()}
+        return JSONResponse(body)
+
+    async def models_list(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": created, "owned_by": "nanochat"}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "replicas": len(replicas),
+                             "workers_alive": sum(bool(r.thread and r.thread.is_alive()) for r in replicas)})
+
+    async def metrics_page(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(replicas), media_type="text/plain; version=0.0.4")
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(ui_page)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(exc.status_code, exc.detail or "error", headers=getattr(exc, "headers", None))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal server error")
+
+    routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
+        Route("/v1/models", models_list, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.replicas = replicas
+    app.state.metrics = metrics
+    app.state.config = config
+    return app
