@@ -188,13 +188,15 @@ def _newest_tag(stage_dir: Path) -> str:
 
 
 def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int | None = None):
-    """(GPT in eval mode, Tokenizer, meta) from a checkpoint; the newest tag and step by default."""
+    """(GPT in eval mode, Tokenizer, meta) from a checkpoint; the newest tag and step by default.
+    meta["model_tag"] says which tag was loaded."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
 
     if model_tag is None:
         model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
     model_state, _, meta = load_checkpoint(checkpoint_dir(stage, model_tag), step=step, device=device)
+    meta["model_tag"] = model_tag
     config = GPTConfig(**meta["config"])
     with torch.device(device):
         model = GPT(config)

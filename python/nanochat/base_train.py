@@ -1,0 +1,398 @@
+"""Pretraining: `nanochat base-train`, `python -m nanochat.base_train`, or
+`torchrun --nproc_per_node=K -m nanochat.base_train -- --depth D ...` (NCCL + bf16 on GPUs, gloo + fp32 on CPU).
+
+- one dial: --depth derives width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and,
+  with the default --target-param-data-ratio 20, the horizon (tokens = 20 x parameters); --num-iterations or
+  --target-flops override the horizon
+- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide
+- each step logs loss, lr multiplier, tokens/s, MFU (peak bf16 FLOPs of known GPUs; n/a on CPU) and ETA; a
+  JSON-lines log (train_log.jsonl) next to the checkpoints records step, loss, lr, tok/s and val_bpb
+- validation bits per byte every --eval-every steps and at the end; greedy samples every --sample-every steps
+- checkpoints every --save-every steps and at the end (atomic, keep the last --keep-last); a checkpoint taken
+  before step s holds the weights, each rank's optimizer shard and RNG state, and each rank's data-loader
+  position, so `--resume` continues the exact loss curve of an uninterrupted run (on CPU, bit for bit)
+- a NaN or inf loss stops the run before the optimizer step with a clear message and a non-zero exit; the last
+  good checkpoint stays the newest one
+- wandb only with --wandb PROJECT (never required)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
+from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.evals.bpb import evaluate_bpb
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.schedules import lr_multiplier, muon_momentum
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+# Dense bf16 tensor-core peak FLOP/s by device-name substring; the first match wins, so specific names go first.
+PEAK_BF16_FLOPS = [
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("RTX 4090", 165e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None when unknown (CPU, unlisted GPU): MFU is then reported as n/a."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanochat base-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth")
+    p.add_argument("--n-kv-head", type=int, default=None, help="K/V heads for GQA (default: as many as query heads)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward/backward")
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank (no accumulation)")
+    g = p.add_argument_group("horizon (first one set wins)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
+    g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (all groups)")
+    g.add_argument("--ns-coeffs", choices=["quintic", "polar_express"], default="quintic",
+                   help="Newton-Schulz coefficients of Muon")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr warmdown")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the end of the warmdown")
+    g.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (<= 0: only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (0: none)")
+    g.add_argument("--sample-every", type=int, default=2000, help="steps between sample generations (<= 0: never)")
+    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    g.add_argument("--model-tag", type=str, default=None, help="checkpoint folder name (default: d<depth>)")
+    g.add_argument("--wandb", type=str, default=None, metavar="PROJECT", help="log to this wandb project (off)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off on CPU)")
+    g.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
+    g.add_argument("--loader-threads", type=int, default=2, help="tokenizer threads of the data loader")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def horizon(args, num_params: int, flops_per_token: float, total_batch: int) -> tuple[int, str]:
+    """Optimizer steps of the run and where that number came from."""
+    if args.num_iterations > 0:
+        return args.num_iterations, "--num-iterations"
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * total_batch))), "--target-flops"
+    if args.target_param_data_ratio > 0:
+        tokens = args.target_param_data_ratio * num_params
+        return max(1, round(tokens / total_batch)), f"{args.target_param_data_ratio:g} tokens per parameter"
+    raise ValueError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return entries
+
+
+def truncate_log(path: Path, before_step: int) -> None:
+    """Keep the entries of steps < before_step (a resumed run rewrites the rest)."""
+    kept = [e for e in read_log(path) if e.get("step", 0) < before_step]
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in kept)
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def sample_texts(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        out.append(prompt + tokenizer.decode(gen))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: argparse.Namespace, rt) -> int:
+    from nanochat.dataloader import DataLoader
+    from nanochat.tokenizer import get_tokenizer
+
+    device, rank, world_size, master = rt.device, rt.rank, rt.world_size, rt.is_master
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer()
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int32, device=device)
+
+    # -- the one dial: depth -> model, lr scaling, batch, horizon ---------------------------------------------
+    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+                                  n_kv_head=args.n_kv_head)
+    with torch.device(device):
+        model = GPT(config)
+    if world_size > 1:  # identical start on every rank (the seed already makes it so; this makes it certain)
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    tokens_per_micro = args.device_batch_size * args.max_seq_len  # per rank
+    world_tokens = tokens_per_micro * world_size
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else world_tokens
+    if total_batch % world_tokens:
+        raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
+                         f"ranks = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens}")
+    grad_accum = total_batch // world_tokens
+    num_iterations, horizon_source = horizon(args, num_params, flops_per_token, total_batch)
+    peak = peak_flops(device)
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv) "
+           f"of dim {config.head_dim}, vocab {config.vocab_size:,}, {num_params:,} parameters, "
+           f"{flops_per_token:.3g} FLOPs/token")
+    print0(f"batch: {total_batch:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
+           f"rank(s) x {grad_accum} accumulation step(s); {num_iterations:,} steps ({horizon_source}) = "
+           f"{num_iterations * total_batch:,} tokens, {num_iterations * total_batch * flops_per_token:.3g} FLOPs")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                      ns_coeffs=args.ns_coeffs)
+    ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
+    log_path = ckpt_dir / "train_log.jsonl"
+
+    # -- resume ----------------------------------------------------------------------------------------------
+    start_step, data_state = 0, None
+    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
+    resume_step = latest_step(ckpt_dir) if args.resume else None
+    if args.resume and resume_step is None:
+        print0(f"--resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
+    if resume_step is not None:
+        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
+                                                       rank=rank)
+        if meta["config"] != asdict(config):
+            raise ValueError(f"checkpoint {ckpt_dir} was trained with config {meta['config']}, this run asks for "
+                             f"{asdict(config)}; use another --model-tag or the same flags")
+        if meta.get("world_size", 1) != world_size:
+            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has "
+                             f"{world_size}; resume with the same number of processes")
+        if meta.get("num_iterations") != num_iterations:
+            print0(f"warning: the checkpoint's run had {meta.get('num_iterations')} steps, this one "
+                   f"{num_iterations}; the lr schedule changes")
+        model.load_state_dict(model_state)
+        fresh_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(opt_state["optimizer"])
+        for group, lr in zip(optimizer.param_groups, fresh_lrs):  # the lr flags of this invocation win
+            group["initial_lr"] = lr
+        torch.set_rng_state(opt_state["rng"]["cpu"].cpu())
+        if device.type == "cuda" and opt_state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(opt_state["rng"]["cuda"].cpu(), device)
+        data_state = meta["data_states"][rank]
+        loop.update(meta.get("loop_state", {}))
+        start_step = resume_step
+        if master:
+            truncate_log(log_path, start_step)
+        print0(f"resumed from {ckpt_dir} at step {start_step}")
+
+    # -- data, compile, logging --------------------------------------------------------------------------------
+    train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
+                              rank=rank, world_size=world_size, data_dir=args.data_dir, state=data_state,
+                              threads=args.loader_threads)
+    eval_steps = args.eval_tokens // world_tokens
+
+    def validation_bpb() -> float:
+        loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device, rank=rank,
+                            world_size=world_size, data_dir=args.data_dir, threads=args.loader_threads)
+        model.eval()
+        try:
+            bpb = evaluate_bpb(model, loader, max(1, eval_steps), token_bytes)
+        finally:
+            loader.close()
+            model.train()
+        return bpb
+
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    wandb_run = None
+    if args.wandb and master:
+        try:
+            import wandb
+        except ImportError as e:
+            raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
+        wandb_run = wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
+    log_file = None
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "a")
+
+    def log(entry: dict) -> None:
+        if master:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(entry, step=entry["step"])
+
+    def save(step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise FloatingPointError(f"non-finite weights before step {step}; not saving them over the last good "
+                                     f"checkpoint (step {latest_step(ckpt_dir)}) in {ckpt_dir}")
+        data_states = all_gather_objects(train_loader.state_dict(), world_size)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
+               else None}
+        meta = {"config": asdict(config), "step": step, "data_state": data_states[0], "data_states": data_states,
+                "metrics": {"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+                            "smooth_loss": loop["smooth_loss"]},
+                "loop_state": loop, "num_iterations": num_iterations, "world_size": world_size,
+                "commit": git_commit(), "args": vars(args), "system": system_info()}
+        save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizer": optimizer.state_dict(), "rng": rng},
+                        meta, rank=rank, keep_last=args.keep_last)
+        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    model.train()
+    timed_steps = 0
+    step = start_step
+    try:
+        while True:
+            last = step == num_iterations
+            if args.eval_tokens > 0 and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+                bpb = validation_bpb()
+                loop["val_bpb"] = bpb
+                loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
+                print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+                log({"step": step, "val_bpb": bpb})
+            if master and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+                model.eval()
+                for text in sample_texts(model, tokenizer):
+                    print0(f"  sample: {text!r}")
+                model.train()
+            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                save(step)
+            if last:
+                break
+
+            # one optimizer step: grad_accum micro-batches per rank
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(grad_accum):
+                x, y = next(train_loader)
+                loss = train_model(x, y)
+                loss_sum += loss.detach()
+                (loss / grad_accum).backward()
+            loss_step = loss_sum / grad_accum
+            if world_size > 1:
+                dist.all_reduce(loss_step)
+                loss_step /= world_size
+            loss_value = float(loss_step.item())
+            if not math.isfinite(loss_value):
+                print0(f"error: loss is {loss_value} at step {step}; stopping before the optimizer step. The newest "
+                       f"checkpoint in {ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from "
+                       f"it with a lower learning rate (--matrix-lr / --embedding-lr) or look for bad data.")
+                log({"step": step, "loss": None, "error": f"non-finite loss ({loss_value})"})
+                return 1
+            lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            momentum = muon_momentum(step)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = momentum
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+
+            # bookkeeping: the first 10 steps of a process (compilation, warm-up) are left out of the timing
+            beta = 0.9
+            loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * loss_value
+            smooth = loop["smooth_loss"] / (1 - beta ** (step + 1))
+            if step - start_step >= 10:
+                loop["training_time"] += dt
+                timed_steps += 1
+            tok_per_s = total_batch / dt
+            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            per_step = loop["training_time"] / timed_steps if timed_steps else dt
+            eta = per_step * (num_iterations - step - 1)
+            step += 1
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss_value:.4f}"
+                   f" (smooth {smooth:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | "
+                   f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {format_duration(eta)}")
+            log({"step": step - 1, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
+    finally:
+        if log_file is not None:
+            log_file.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+    print0(f"done: {num_iterations} steps, validation bpb {loop['val_bpb']}, min {loop['min_val_bpb']}; "
+           f"checkpoints in {ckpt_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m nanochat.base_train -- --depth 4`
+        argv = argv[1:]
+    args = parse_args(argv)
+    rt = init_runtime(args.device)
+    try:
+        return train(args, rt)
+    except FloatingPointError as e:
+        print0(f"error: {e}")
+        return 1
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""base_train end to end on a tiny model with the real tokenizer and data loader, as subprocesses:
+- a run killed with SIGKILL after a checkpoint and resumed with --resume logs exactly the same per-step losses and
+  validation bpb as an uninterrupted run, and its validation bpb falls well below the untrained model's
+- a non-finite loss stops the run with a clear message and a non-zero exit, keeping the last good checkpoint
+- base-eval reads the checkpoint and writes its results next to it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STEPS = 16
+SAVE_EVERY = 4
+
+
+@pytest.fixture
+def env(base_dir, shared_data, tmp_path):
+    """NANOCHAT_BASE_DIR with a small trained tokenizer, and two parquet shards (train, val) cut from tiny/."""
+    tokenizer_module = pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer module is not built",
+                                           exc_type=ImportError)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shared_data / "tiny" / "tiny.parquet")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    pq.write_table(table.slice(0, 60), data_dir / "shard_00000.parquet", row_group_size=8)
+    pq.write_table(table.slice(60), data_dir / "shard_00001.parquet", row_group_size=8)
+    texts = table.column("text").to_pylist()[:60]
+    tokenizer = tokenizer_module.Tokenizer.train_from_iterator(texts, vocab_size=512)
+    tokenizer.save(tokenizer_module.default_tokenizer_path())
+    environ = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return {"environ": environ, "data_dir": data_dir, "base_dir": base_dir}
+
+
+def train_cmd(env, tag, *extra, steps=STEPS):
+    return [sys.executable, "-m", "nanochat.base_train", "--depth", "1", "--max-seq-len", "32",
+            "--device-batch-size", "4", "--total-batch-size", "256", "--num-iterations", str(steps),
+            "--eval-every", "8", "--eval-tokens", "1024", "--sample-every", "0", "--save-every", str(SAVE_EVERY),
+            "--matrix-lr", "0.05", "--embedding-lr", "0.3", "--unembedding-lr", "0.02",
+            "--data-dir", str(env["data_dir"]), "--model-tag", tag, "--device", "cpu", "--loader-threads", "1",
+            *extra]
+
+
+def ckpt_dir(env, tag) -> Path:
+    return env["base_dir"] / "checkpoints" / "base" / tag
+
+
+def curves(env, tag) -> tuple[list, list]:
+    entries = [json.loads(line) for line in (ckpt_dir(env, tag) / "train_log.jsonl").read_text().splitlines()]
+    losses = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+    bpbs = [(e["step"], e["val_bpb"]) for e in entries if "val_bpb" in e]
+    return losses, bpbs
+
+
+def run(cmd, env, timeout=300):
+    proc = subprocess.run(cmd, env=env["environ"], capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def test_kill_and_resume_reproduces_the_loss_curve(env):
+    full = run(train_cmd(env, "full"), env)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    losses, bpbs = curves(env, "full")
+    assert [s for s, _ in losses] == list(range(STEPS))
+    assert [s for s, _ in bpbs] == [0, 8, 16]
+    assert bpbs[-1][1] < 0.75 * bpbs[0][1], f"validation bpb did not fall: {bpbs}"
+
+    # the same run, killed with SIGKILL as soon as its first checkpoint is on disk
+    cmd = train_cmd(env, "killed")
+    proc = subprocess.Popen(cmd, env=env["environ"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = ckpt_dir(env, "killed") / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed:\n{out[-3000:]}"
+    killed_at = int(latest.read_text())
+    assert killed_at < STEPS and not (ckpt_dir(env, "killed") / f"step_{STEPS:06d}").exists()
+
+    resumed = run(cmd + ["--resume"], env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {ckpt_dir(env, 'killed')} at step {killed_at}" in resumed.stdout
+    assert curves(env, "killed") == (losses, bpbs)  # bit for bit: every loss and every bpb
+
+    # --resume with nothing to resume starts from scratch (so restart loops can always pass it)
+    fresh = run(train_cmd(env, "fresh", "--resume", steps=2), env)
+    assert fresh.returncode == 0 and "starting from step 0" in fresh.stdout
+    assert curves(env, "fresh")[0] == losses[:2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
+    first = run(train_cmd(env, "nan", steps=SAVE_EVERY), env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    good = (ckpt_dir(env, "nan") / f"step_{SAVE_EVERY:06d}" / "model.safetensors").read_bytes()
+    # continue with a NaN learning rate: the weights turn NaN at the first step, the next loss is NaN
+    bad = run(train_cmd(env, "nan", "--resume", "--matrix-lr", "nan", steps=3 * SAVE_EVERY), env)
+    assert bad.returncode != 0
+    assert f"loss is nan at step {SAVE_EVERY + 1}" in bad.stdout
+    assert "last good one" in bad.stdout
+    assert (ckpt_dir(env, "nan") / "latest").read_text().strip() == str(SAVE_EVERY)
+    assert (ckpt_dir(env, "nan") / f"step_{SAVE_EVERY:06d}" / "model.safetensors").read_bytes() == good
+    losses, _ = curves(env, "nan")
+    assert [s for s, _ in losses] == list(range(SAVE_EVERY + 2))  # the resumed step, then the NaN one
+    assert all(loss is not None for _, loss in losses[:-1]) and losses[-1][1] is None
+
+
+def test_bad_batch_geometry_is_rejected(env):
+    proc = run(train_cmd(env, "geom", "--total-batch-size", "100"), env)
+    assert proc.returncode != 0
+    assert "--total-batch-size 100 must be a multiple of" in proc.stderr
+
+
+def test_base_eval_writes_results(env):
+    assert run(train_cmd(env, "ev", steps=2), env).returncode == 0
+    proc = run([sys.executable, "-m", "nanochat.base_eval", "--model-tag", "ev", "--eval", "bpb,samples",
+                "--eval-tokens", "512", "--device-batch-size", "4", "--data-dir", str(env["data_dir"]),
+                "--max-new-tokens", "4"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((ckpt_dir(env, "ev") / "base_eval_step_000002.json").read_text())
+    assert results["step"] == 2 and set(results["bpb"]) == {"train", "val"}
+    assert all(0 < v < 20 for v in results["bpb"].values())
+    assert len(results["samples"]) >= 3 and all(isinstance(s, str) for s in results["samples"])
