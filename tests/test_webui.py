@@ -1,0 +1,124 @@
+"""The web UI in headless Chromium (Playwright for Python driving the system `chromium`): type, stream, stop,
+regenerate, edit, new chat, the error bubble, code-block rendering, and a screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from nanochat.serve.app import ServerConfig, create_app
+from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no system chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+class SlowModel(torch.nn.Module):
+    def __init__(self, inner, delay_s: float):
+        super().__init__()
+        self.inner, self.config, self.delay_s = inner, inner.config, delay_s
+
+    def forward(self, idx, kv_cache=None):
+        time.sleep(self.delay_s)
+        return self.inner(idx, kv_cache=kv_cache)
+
+
+@pytest.fixture(scope="module")
+def server():
+    tok = tiny_tokenizer(512)
+    model = SlowModel(tiny_model(tok.vocab_size, sequence_len=512, seed=2), 0.01)
+    app = create_app(model, tok, ServerConfig(batch_size=4))
+    with ServerThread(app) as s:
+        s.app = app
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        pg = browser.new_page(viewport={"width": 1000, "height": 720})
+        pg.set_default_timeout(20_000)
+        pg.goto(server.url + "/")
+        yield pg
+        browser.close()
+
+
+def idle(page):
+    page.wait_for_selector("#send:not([hidden])")
+    page.wait_for_function("!document.querySelector('.msg.streaming')")
+
+
+def test_type_stream_stop_regenerate_edit(page, server, tmp_path):
+    sched = server.app.state.replicas[0].scheduler
+    page.fill("#max-tokens", "400")
+    page.fill("#input", "Hello there! Write me a long answer.")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.user")
+    assert page.inner_text(".msg.user .bubble") == "Hello there! Write me a long answer."
+    # streaming: the live bubble grows while the stop button is shown
+    page.wait_for_function("(() => { const b = document.querySelector('.msg.streaming .bubble');"
+                           " return b && b.textContent.length > 5; })()")
+    assert page.is_visible("#stop") and not page.is_visible("#send")
+    page.click("#stop")
+    idle(page)
+    partial = page.inner_text(".msg.assistant .bubble")
+    assert partial  # the partial reply stays
+    deadline = time.monotonic() + 3
+    while sched.num_active_rows and time.monotonic() < deadline:  # stop frees the row
+        time.sleep(0.01)
+    assert sched.num_active_rows == 0
+    # regenerate replaces the last reply
+    page.fill("#max-tokens", "8")
+    page.click(".regenerate")
+    idle(page)
+    assert page.locator(".msg.assistant").count() == 1
+    assert page.locator(".msg.user").count() == 1
+    # edit the first user message: the conversation is cut there and resent
+    page.fill("#input", "Second question")
+    page.press("#input", "Enter")
+    idle(page)
+    assert page.locator(".msg.user").count() == 2
+    page.locator(".msg.user .edit").first.click()
+    page.fill("textarea.edit", "Edited question")
+    page.click(".save")
+    idle(page)
+    users = page.locator(".msg.user .bubble").all_inner_texts()
+    assert users == ["Edited question"]
+    assert page.locator(".msg.assistant").count() == 1
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+    assert (tmp_path / "chat.png").stat().st_size > 5000
+    shot = os.environ.get("NANOCHAT_UI_SCREENSHOT")  # set it to keep a copy to look at
+    if shot:
+        shutil.copy(tmp_path / "chat.png", shot)
+
+
+def test_error_bubble_code_blocks_and_new_chat(page):
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.fill("#temperature", "7")  # out of range: the server answers 400
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.error")
+    assert "temperature" in page.inner_text(".msg.error .bubble")
+    assert "HTTP 400" in page.inner_text(".msg.error .bubble")
+    page.fill("#temperature", "0.8")
+    page.click(".retry")
+    idle(page)
+    assert page.locator(".msg.error").count() == 0 and page.locator(".msg.assistant").count() == 1
+    # assistant text with a fenced block renders as <pre>, and HTML in it stays text
+    html = page.evaluate("""() => { const d = document.createElement('div');
+        renderText(d, "Sum:\\n```python\\nprint(1 + 2)\\n```\\nand `x` <b>bold</b>");
+        return [d.querySelector('pre.code code').textContent, d.querySelector('pre.code .lang').textContent,
+                d.querySelector('code.inline').textContent, d.querySelectorAll('b').length]; }""")
+    assert html == ["print(1 + 2)", "python", "x", 0]
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
