@@ -335,6 +335,9 @@ class Tokenizer:
             return "".join(alphabet[b] for b in token)
 
         vocab = {as_str(token): rank for token, rank in first.items()}
+        for rank, token in enumerate(ranks):  # a repeated byte string keeps its id under a name HF never produces
+            if first[token] != rank:
+                vocab[f"\u2400duplicate-{rank}"] = rank
         merges = []  # every split of each token into two tokens, in the token's rank order
         for rank, token in enumerate(ranks):
             if len(token) < 2 or first[token] != rank:
