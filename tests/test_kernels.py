@@ -1,0 +1,427 @@
+"""Parity tests of the Triton kernels (nanochat_kernels) against the plain-torch references.
+
+- On CPU the kernels run in Triton's interpreter. TRITON_INTERPRET must be set before the kernel modules are
+  imported, and other test files may import them first in compiled mode, so each kernel group runs in its own
+  subprocess (`test_interpreter_group`) with TRITON_INTERPRET=1 and NANOCHAT_KERNELS=triton; the `test_interp_*`
+  tests skip in the parent process and run in the child. Shapes are small and dtypes fp32/fp16 (the interpreter
+  mishandles bf16). Running this file with TRITON_INTERPRET=1 already set runs them inline.
+- `gpu`-marked tests (skipped without CUDA) run bf16 at real shapes; bench/gpu_check.sh runs them.
+
+Tolerances, against the fp32 reference evaluated on the same (rounded) inputs:
+- fp32: outputs and gradients within 5e-5 absolute + 1e-4 relative (the interpreter's dots are exact fp32).
+- fp16: outputs within 5e-3 and gradients within 1e-2 (absolute, + 1e-2 relative): P is rounded to fp16 before
+  the P·V and dS·K products, ~3 significant digits.
+- bf16 (GPU): our error against the fp32 reference at most 2x the error of torch SDPA in bf16, plus 1e-3
+  (the FlashAttention test-suite criterion).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanochat_kernels
+from nanochat_kernels import reference
+from nanochat_kernels._common import interpreting
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+interp = pytest.mark.skipif(not interpreting(), reason="runs in the TRITON_INTERPRET=1 subprocess of "
+                                                       "test_interpreter_group")
+gpu = pytest.mark.gpu
+
+TOL = {torch.float32: dict(out=5e-5, grad=5e-5, rtol=1e-4),
+       torch.float16: dict(out=5e-3, grad=1e-2, rtol=1e-2)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver: one interpreter subprocess per kernel group
+
+
+@pytest.mark.skipif(interpreting(), reason="already inside the interpreter")
+@pytest.mark.parametrize("group", ["test_interp_attention", "test_interp_decode", "test_interp_ns"])
+def test_interpreter_group(group):
+    env = dict(os.environ, TRITON_INTERPRET="1", NANOCHAT_KERNELS="triton")
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+           "-k", f"{group} and not test_interpreter_group"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter group {group} failed:\n{tail}"
+    # Every selected test must have run in the child: a skip there would hide a kernel from CI.
+    assert re.search(r"\d+ passed", proc.stdout) and not re.search(r"\d+ skipped", proc.stdout), tail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch (parent process, no Triton kernels run)
+
+
+def test_dispatch_reference_on_cpu_and_forced(monkeypatch):
+    q = torch.randn(1, 5, 2, 16)
+    monkeypatch.setenv("NANOCHAT_KERNELS", "reference")
+    assert not nanochat_kernels.use_triton(q)
+    monkeypatch.setenv("NANOCHAT_KERNELS", "auto")
+    assert not nanochat_kernels.use_triton(q)  # CPU tensors never take Triton in auto mode
+    monkeypatch.setenv("NANOCHAT_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        nanochat_kernels.attention(q, q, q)
+
+
+@pytest.mark.skipif(interpreting(), reason="the interpreter legitimately allows CPU tensors")
+def test_dispatch_triton_on_cpu_needs_interpreter(monkeypatch):
+    q = torch.randn(1, 5, 2, 16)
+    monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        nanochat_kernels.attention(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def _attention_case(B, T, H, H_kv, D, dtype, causal, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for h in (H, H_kv, H_kv))
+    do = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref_out = reference.attention(*ref_in, causal=causal)
+    ref_grads = torch.autograd.grad(ref_out, ref_in, do.float())
+    return (q, k, v, do), (ref_out, *ref_grads)
+
+
+def _assert_close(name, got, want, atol, rtol):
+    err = (got.float() - want).abs()
+    bound = atol + rtol * want.abs()
+    assert bool((err <= bound).all()), f"{name}: max error {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+ATTENTION_CASES = [  # (B, T, H, H_kv, D, dtype, causal): odd T, GQA 1/2/4, D 64/128, fp32/fp16
+    (1, 1, 2, 2, 64, torch.float32, True),
+    (2, 37, 2, 2, 64, torch.float32, True),
+    (1, 47, 4, 2, 128, torch.float32, True),
+    (1, 33, 4, 1, 64, torch.float32, True),
+    (1, 23, 4, 2, 64, torch.float32, False),
+    (1, 50, 4, 4, 128, torch.float16, True),
+    (1, 29, 4, 2, 64, torch.float16, True),
+    (1, 45, 8, 2, 128, torch.float16, True),
+    (1, 64, 2, 1, 64, torch.float16, True),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T,H,H_kv,D,dtype,causal", ATTENTION_CASES)
+def test_interp_attention_matches_reference(B, T, H, H_kv, D, dtype, causal):
+    (q, k, v, do), (ref_out, *ref_grads) = _attention_case(B, T, H, H_kv, D, dtype, causal)
+    out = nanochat_kernels.attention(q, k, v, causal=causal)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    tol = TOL[dtype]
+    _assert_close("out", out, ref_out, tol["out"], tol["rtol"])
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        _assert_close(name, got, want, tol["grad"], tol["rtol"])
+
+
+@interp
+def test_interp_attention_strided_views_and_scale():
+    """q, k, v as head slices of one packed projection (non-contiguous along H and T), custom scale."""
+    B, T, H, H_kv, D = 2, 21, 4, 2, 64
+    g = torch.Generator().manual_seed(1)
+    packed = torch.randn(B, T, H + 2 * H_kv, D, generator=g).requires_grad_()
+    q, k, v = packed.split([H, H_kv, H_kv], dim=2)
+    do = torch.randn(B, T, H, D, generator=g)
+    out = nanochat_kernels.attention(q, k, v, scale=0.3)
+    (grad,) = torch.autograd.grad(out, packed, do)
+    ref_packed = packed.detach().clone().requires_grad_()
+    rq, rk, rv = ref_packed.split([H, H_kv, H_kv], dim=2)
+    ref_out = reference.attention(rq, rk, rv, scale=0.3)
+    (ref_grad,) = torch.autograd.grad(ref_out, ref_packed, do)
+    _assert_close("out", out, ref_out, 5e-5, 1e-4)
+    _assert_close("dpacked", grad, ref_grad, 5e-5, 1e-4)
+
+
+@interp
+def test_interp_attention_rejects_bad_input():
+    q = torch.randn(1, 8, 3, 64)
+    with pytest.raises(ValueError, match="multiple of K/V heads"):
+        nanochat_kernels.attention(q, torch.randn(1, 8, 2, 64), torch.randn(1, 8, 2, 64))
+    with pytest.raises(TypeError, match="dtype"):
+        nanochat_kernels.attention(q, q.half(), q.half())
+    with pytest.raises(ValueError, match="head dim"):
+        nanochat_kernels.attention(torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48), torch.randn(1, 8, 2, 48))
+
+
+@interp
+def test_interp_attention_dispatch(monkeypatch):
+    """NANOCHAT_KERNELS picks the implementation: each run with the other one booby-trapped."""
+    from nanochat_kernels import flash_attention
+
+    q = torch.randn(1, 9, 2, 16)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("wrong implementation called")
+
+    monkeypatch.setattr(reference, "attention", trap)
+    triton_out = nanochat_kernels.attention(q, q, q)  # NANOCHAT_KERNELS=triton in this process
+    monkeypatch.undo()
+    monkeypatch.setattr(flash_attention, "flash_attention", trap)
+    monkeypatch.setenv("NANOCHAT_KERNELS", "reference")
+    ref_out = nanochat_kernels.attention(q, q, q)
+    _assert_close("out", triton_out, ref_out, 5e-5, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode attention
+
+
+def _decode_case(B, T_q, H, H_kv, D, T_max, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T_q, H, D, generator=g).to(device=device, dtype=dtype)
+    k_cache = torch.randn(B, T_max, H_kv, D, generator=g).to(device=device, dtype=dtype)
+    v_cache = torch.randn(B, T_max, H_kv, D, generator=g).to(device=device, dtype=dtype)
+    # Ragged: the shortest row holds only the new tokens, the longest fills the cache.
+    lens = torch.randint(T_q, T_max + 1, (B,), generator=g, dtype=torch.int32)
+    lens[0] = T_q
+    lens[-1] = T_max
+    lens = lens.to(device)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), lens)
+    return (q, k_cache, v_cache, lens), ref
+
+
+DECODE_CASES = [  # (B, T_q, H, H_kv, D, T_max, dtype, num_splits); None = the automatic choice
+    (3, 1, 4, 2, 64, 70, torch.float32, 1),
+    (3, 1, 4, 2, 64, 70, torch.float32, 3),
+    (2, 1, 4, 1, 128, 90, torch.float32, None),
+    (2, 5, 4, 4, 64, 50, torch.float32, 1),
+    (3, 4, 4, 2, 128, 61, torch.float32, 4),
+    (2, 3, 4, 2, 64, 45, torch.float16, 2),
+    (2, 1, 2, 2, 128, 33, torch.float16, 1),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T_q,H,H_kv,D,T_max,dtype,num_splits", DECODE_CASES)
+def test_interp_decode_matches_reference(B, T_q, H, H_kv, D, T_max, dtype, num_splits):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), ref = _decode_case(B, T_q, H, H_kv, D, T_max, dtype)
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close("out", out, ref, TOL[dtype]["out"], TOL[dtype]["rtol"])
+
+
+@interp
+def test_interp_decode_dispatch_and_chunk_slicing(monkeypatch):
+    """The public function takes the Triton path, and a chunk wider than one tile (G * T_q > 128) is sliced."""
+    (q, k_cache, v_cache, lens), ref = _decode_case(2, 20, 8, 1, 16, 40, torch.float32)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("reference called")
+
+    import nanochat_kernels.flash_attention  # noqa: F401  (submodule imports must not shadow the public API)
+    import nanochat_kernels.flash_decoding  # noqa: F401
+    import nanochat_kernels.newton_schulz_triton  # noqa: F401
+
+    assert all(callable(getattr(nanochat_kernels, name)) for name in ("attention", "decode_attention",
+                                                                        "newton_schulz"))
+    monkeypatch.setattr(reference, "decode_attention", trap)
+    out = nanochat_kernels.decode_attention(q, k_cache, v_cache, lens)
+    _assert_close("out", out, ref, 5e-5, 1e-4)
+
+
+@interp
+def test_interp_decode_matches_full_attention_prefix():
+    """Decoding the last T_q tokens of a filled cache equals the same rows of causal attention over the prefix."""
+    B, T, H, H_kv, D, T_q = 1, 19, 4, 2, 64, 3
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, H_kv, H_kv))
+    k_cache = torch.zeros(B, 32, H_kv, D)
+    v_cache = torch.zeros(B, 32, H_kv, D)
+    k_cache[:, :T], v_cache[:, :T] = k, v
+    out = nanochat_kernels.decode_attention(q[:, -T_q:], k_cache, v_cache, torch.tensor([T], dtype=torch.int32))
+    full = reference.attention(q, k, v)
+    _assert_close("out", out, full[:, -T_q:], 5e-5, 1e-4)
+
+
+@interp
+def test_interp_decode_rejects_bad_input():
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    q = torch.randn(2, 1, 4, 64)
+    cache = torch.randn(2, 16, 2, 64)
+    with pytest.raises(ValueError, match="cache_lens"):
+        flash_decode(q, cache, cache, torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="caches must have shape"):
+        flash_decode(q, cache, torch.randn(2, 16, 2, 32), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_decode(q, cache, cache, torch.tensor([3, 4]), num_splits=0)
+
+
+def test_choose_num_splits():
+    from importlib import import_module
+
+    if not interpreting():
+        pytest.importorskip("triton")
+    choose = import_module("nanochat_kernels.flash_decoding").choose_num_splits
+    assert choose(320, 2048, 132) == 1  # batch 32 x 10 heads already fills an H100
+    assert 1 < choose(10, 2048, 132) <= 2048 // 128  # batch 1: split, keeping >= 128 keys per split
+    assert choose(10, 100, 132) == 1  # too short to split
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Newton-Schulz
+
+
+def _orthogonality_error(X: torch.Tensor) -> torch.Tensor:
+    """Max over the stack of ||X Xᵀ - I||_F / sqrt(m) on the wide orientation."""
+    X = X.float()
+    if X.size(-2) > X.size(-1):
+        X = X.mT
+    eye = torch.eye(X.size(-2))
+    return ((X @ X.mT - eye).norm(dim=(-2, -1)) / math.sqrt(X.size(-2))).max()
+
+
+NS_CASES = [  # (shape, coeffs): batched stacks, tall, wide, square, extra leading dims
+    ((3, 40, 24), "quintic"),
+    ((2, 24, 70), "polar_express"),
+    ((33, 33), "quintic"),
+    ((2, 2, 20, 36), "polar_express"),
+    ((2, 48, 17), [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]),
+]
+
+
+@interp
+@pytest.mark.parametrize("shape,coeffs", NS_CASES)
+def test_interp_ns_matches_reference(shape, coeffs):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    out = nanochat_kernels.newton_schulz(G, steps=5, coeffs=coeffs)
+    ref = reference.newton_schulz(G, steps=5, coeffs=coeffs)
+    assert out.shape == G.shape and out.dtype == G.dtype
+    # Polar Express multiplies by ~17 in its first step, so rounding grows to ~1e-5; 1e-4 leaves margin.
+    _assert_close("X", out, ref, 1e-4, 1e-4)
+    sv, sv_ref = torch.linalg.svdvals(out), torch.linalg.svdvals(ref)
+    assert abs(sv.min() - sv_ref.min()) < 1e-4 and abs(sv.max() - sv_ref.max()) < 1e-4
+    assert abs(_orthogonality_error(out) - _orthogonality_error(ref)) < 1e-4
+
+
+@interp
+def test_interp_ns_fp16_input_keeps_dtype_and_converges():
+    G = torch.randn(4, 32, 48, generator=torch.Generator().manual_seed(2)).half()
+    out = nanochat_kernels.newton_schulz(G, steps=8, coeffs="polar_express")
+    assert out.dtype == torch.float16
+    sv = torch.linalg.svdvals(out.float())
+    assert sv.min() > 0.9 and sv.max() < 1.1  # 8 Polar Express steps: all singular values near 1
+
+
+@interp
+def test_interp_ns_sym_gram_is_exactly_symmetric():
+    from nanochat_kernels.newton_schulz_triton import sym_gram
+
+    g = torch.Generator().manual_seed(4)
+    Y = torch.randn(2, 37, 50, generator=g)
+    Z = torch.randn(2, 37, 37, generator=g)
+    Z = Z + Z.mT
+    out = sym_gram(Y, Z, alpha=0.5, beta=2.0)
+    assert torch.equal(out, out.mT)  # mirrored tiles, bit for bit
+    _assert_close("gram", out, 0.5 * Y @ Y.mT + 2.0 * Z, 1e-4, 1e-5)
+
+
+def _train_tiny_model(steps: int = 50) -> list[float]:
+    """A 3-layer MLP on a fixed regression task; its two 16x16 matrices form one Muon stack.
+
+    16x16 keeps each Newton-Schulz product one 16x16 tile (the interpreter costs ~10 ms per program)."""
+    from nanochat.optim import MuonAdamW
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g)
+    y = torch.sin(x @ torch.randn(16, 4, generator=g))
+    hidden = [(torch.randn(16, 16, generator=g) / 4).requires_grad_() for _ in range(2)]
+    head = (torch.randn(4, 16, generator=g) / 4).requires_grad_()
+    opt = MuonAdamW(hidden, [dict(params=[head], lr=0.01)], matrix_lr=0.02)
+    losses = []
+    for _ in range(steps):
+        h = x
+        for w in hidden:
+            h = torch.relu(h @ w.T)
+        loss = torch.nn.functional.mse_loss(h @ head.T, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@interp
+@pytest.mark.slow
+def test_interp_ns_training_loss_matches_reference(monkeypatch):
+    """50 MuonAdamW steps of a tiny model: Triton Newton-Schulz gives the reference's loss curve."""
+    pytest.importorskip("nanochat.optim")
+    losses_triton = _train_tiny_model()
+    monkeypatch.setenv("NANOCHAT_KERNELS", "reference")
+    losses_ref = _train_tiny_model()
+    assert losses_ref[-1] < 0.5 * losses_ref[0]  # the task is learnable, so the comparison means something
+    for step, (a, b) in enumerate(zip(losses_triton, losses_ref)):
+        assert abs(a - b) <= 1e-4 * b + 1e-6, f"step {step}: triton {a} vs reference {b}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at real shapes (bench/gpu_check.sh)
+
+
+def _sdpa_bf16_errors(q, k, v, do, causal, ref):
+    """Errors of torch SDPA in bf16 against the fp32 reference: the noise floor for our kernel."""
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = reference.attention(qs, ks, vs, causal=causal)
+    grads = torch.autograd.grad(out, (qs, ks, vs), do)
+    return [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), ref)]
+
+
+@gpu
+@pytest.mark.parametrize("B,T,H,H_kv,D", [(4, 2048, 10, 10, 128), (4, 2048, 10, 5, 128), (2, 1000, 8, 2, 64),
+                                          (1, 4097, 4, 4, 128)])
+def test_gpu_attention_bf16(B, T, H, H_kv, D, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
+    (q, k, v, do), ref = _attention_case(B, T, H, H_kv, D, torch.bfloat16, True, device="cuda")
+    out = nanochat_kernels.attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    floor = _sdpa_bf16_errors(q, k, v, do, True, ref)
+    for name, got, want, noise in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, floor):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * noise + 1e-3, f"{name}: error {err:.3g} vs SDPA bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("B,T_q,num_splits", [(1, 1, None), (32, 1, None), (4, 4, None), (2, 1, 1), (2, 3, 7)])
+def test_gpu_decode_bf16(B, T_q, num_splits):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), ref = _decode_case(B, T_q, 10, 5, 128, 2048, torch.bfloat16, device="cuda")
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
+    noise = (reference.decode_attention(q, k_cache, v_cache, lens).float() - ref).abs().max().item()
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 2 * noise + 4e-3, f"error {err:.3g} vs reference-in-bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(4, 1280, 1280), (2, 1280, 5120), (2, 5120, 1280), (3, 1664, 1664)])
+@pytest.mark.parametrize("coeffs", ["quintic", "polar_express"])
+def test_gpu_newton_schulz_bf16(shape, coeffs, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
+    G = torch.randn(*shape, device="cuda")
+    out = nanochat_kernels.newton_schulz(G, steps=5, coeffs=coeffs)
+    ref = reference.newton_schulz(G, steps=5, coeffs=coeffs)  # bf16 on CUDA as well
+    sv, sv_ref = torch.linalg.svdvals(out.float()), torch.linalg.svdvals(ref.float())
+    # bf16 noise: ~3 significant digits per product, five steps.
+    assert abs(sv.min() - sv_ref.min()).item() < 0.05 and abs(sv.max() - sv_ref.max()).item() < 0.05
+    eye = torch.eye(min(shape[-2:]), device="cuda")
+    wide_o, wide_r = (x.float() if shape[-2] <= shape[-1] else x.float().mT for x in (out, ref))
+    orth = (wide_o @ wide_o.mT - eye).norm(dim=(-2, -1))
+    orth_ref = (wide_r @ wide_r.mT - eye).norm(dim=(-2, -1))
+    assert ((orth - orth_ref).abs() <= 0.05 * orth_ref + 0.05).all(), (orth, orth_ref)
