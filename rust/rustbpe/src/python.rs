@@ -1,0 +1,333 @@
+//! The pyo3 binding `nanochat._rustbpe` (cargo feature "python"). It only converts types, releases the GIL around
+//! the work, and turns every error into a Python exception: `Error::Value` -> ValueError, `Error::Io` -> OSError,
+//! anything else and any Rust panic (caught here with catch_unwind) -> RuntimeError. See _rustbpe.pyi.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString};
+
+use crate::{check_vocab_size, serialize, Allowed, Error, Trainer};
+
+fn py_err(e: Error) -> PyErr {
+    match e {
+        Error::Value(m) => PyValueError::new_err(m),
+        Error::Io(m) => PyOSError::new_err(m),
+        Error::Runtime(m) => PyRuntimeError::new_err(m),
+    }
+}
+
+/// Runs `f`, turning a Rust panic into RuntimeError instead of letting it cross into Python.
+fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!("internal error in nanochat._rustbpe: {msg}")))
+        }
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// UTF-8 view of a Python str; a lone surrogate (not encodable as UTF-8) is a ValueError naming `what`.
+fn utf8<'a>(s: &'a Bound<'_, PyString>, what: &dyn Fn() -> String) -> PyResult<&'a str> {
+    s.to_str().map_err(|e| {
+        PyValueError::new_err(format!("{} is not valid Unicode text (lone surrogate?): {e}", what()))
+    })
+}
+
+fn as_str<'a, 'py>(obj: &'a Bound<'py, PyAny>, what: &dyn Fn() -> String) -> PyResult<&'a Bound<'py, PyString>> {
+    obj.downcast::<PyString>()
+        .map_err(|_| PyTypeError::new_err(format!("{} must be str, got {}", what(), type_name(obj))))
+}
+
+fn ids_u32(ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    ids.into_iter()
+        .map(|i| u32::try_from(i).map_err(|_| PyValueError::new_err(format!("token id {i} is out of range"))))
+        .collect()
+}
+
+/// One rayon pool per requested thread count (0 = the global pool, all cores).
+fn with_pool<T: Send>(num_threads: usize, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+    if num_threads == 0 {
+        return Ok(f());
+    }
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let pool = {
+        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        match pools.get(&num_threads) {
+            Some(p) => p.clone(),
+            None => {
+                let p = rayon::ThreadPoolBuilder::new()
+                    .num_threads(num_threads)
+                    .build()
+                    .map_err(|e| Error::Runtime(format!("cannot start {num_threads} threads: {e}")))?;
+                let p = Arc::new(p);
+                pools.insert(num_threads, p.clone());
+                p
+            }
+        }
+    };
+    Ok(pool.install(f))
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+#[pyclass(name = "Tokenizer", module = "nanochat._rustbpe", frozen)]
+pub struct PyTokenizer {
+    inner: crate::Tokenizer,
+}
+
+#[pymethods]
+impl PyTokenizer {
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (texts, vocab_size, pattern="nanochat", special_tokens=Vec::new(), max_chars=None,
+                        doc_cap=None, buffer_size=8192, progress=false))]
+    fn train_from_iterator(
+        py: Python<'_>,
+        texts: &Bound<'_, PyAny>,
+        vocab_size: i64,
+        pattern: &str,
+        special_tokens: Vec<String>,
+        max_chars: Option<i64>,
+        doc_cap: Option<i64>,
+        buffer_size: i64,
+        progress: bool,
+    ) -> PyResult<Self> {
+        guard(|| {
+            check_vocab_size(vocab_size.max(0) as usize, special_tokens.len()).map_err(py_err)?;
+            if let Some(m) = max_chars.filter(|&m| m < 0) {
+                return Err(PyValueError::new_err(format!("max_chars must be >= 0, got {m}")));
+            }
+            if let Some(c) = doc_cap.filter(|&c| c < 1) {
+                return Err(PyValueError::new_err(format!("doc_cap must be >= 1, got {c}")));
+            }
+            if buffer_size < 1 {
+                return Err(PyValueError::new_err(format!("buffer_size must be >= 1, got {buffer_size}")));
+            }
+            let mut trainer = Trainer::new(pattern).map_err(py_err)?;
+            let mut iter = texts.try_iter().map_err(|_| {
+                PyTypeError::new_err(format!("texts must be an iterable of str, got {}", type_name(texts)))
+            })?;
+            let started = std::time::Instant::now();
+            let mut last_report = started;
+            let (mut index, mut chars, mut done) = (0usize, 0i64, false);
+            while !done {
+                let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 20) as usize);
+                while batch.len() < buffer_size as usize {
+                    if max_chars.is_some_and(|m| chars >= m) {
+                        done = true;
+                        break;
+                    }
+                    let Some(item) = iter.next() else {
+                        done = true;
+                        break;
+                    };
+                    let item = item?;
+                    let what = || format!("texts[{index}]");
+                    let s = as_str(&item, &what)?;
+                    let mut text = utf8(s, &what)?;
+                    let mut n = s.len()? as i64;
+                    if let Some(cap) = doc_cap.filter(|&c| n > c) {
+                        let end = text.char_indices().nth(cap as usize).map_or(text.len(), |(i, _)| i);
+                        text = &text[..end];
+                        n = cap;
+                    }
+                    chars += n;
+                    batch.push(text.to_owned());
+                    index += 1;
+                }
+                py.allow_threads(|| trainer.add_batch(&batch)).map_err(py_err)?;
+                if progress && last_report.elapsed().as_secs_f64() > 5.0 {
+                    last_report = std::time::Instant::now();
+                    let (docs, bytes, unique) = trainer.stats();
+                    eprintln!(
+                        "rustbpe: read {docs} documents, {:.1} MB, ~{unique} unique pieces ({:.1}s)",
+                        bytes as f64 / 1e6,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            let tok = py
+                .allow_threads(|| trainer.finish(vocab_size as usize, special_tokens, progress))
+                .map_err(py_err)?;
+            if progress {
+                eprintln!("rustbpe: trained {} tokens in {:.1}s", tok.vocab_size(), started.elapsed().as_secs_f64());
+            }
+            Ok(PyTokenizer { inner: tok })
+        })
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (mergeable_ranks, pattern="nanochat", special_tokens=Vec::new()))]
+    fn from_ranks(mergeable_ranks: &Bound<'_, PyAny>, pattern: &str, special_tokens: Vec<String>) -> PyResult<Self> {
+        guard(|| {
+            let mut ranks = Vec::new();
+            for (i, item) in mergeable_ranks.try_iter()?.enumerate() {
+                let item = item?;
+                let b = item.downcast::<PyBytes>().map_err(|_| {
+                    PyTypeError::new_err(format!("mergeable_ranks[{i}] must be bytes, got {}", type_name(&item)))
+                })?;
+                ranks.push(b.as_bytes().to_vec());
+            }
+            let inner = crate::Tokenizer::from_ranks(ranks, pattern, special_tokens).map_err(py_err)?;
+            Ok(PyTokenizer { inner })
+        })
+    }
+
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        guard(|| Ok(PyTokenizer { inner: py.allow_threads(|| serialize::load(&path)).map_err(py_err)? }))
+    }
+
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        guard(|| py.allow_threads(|| serialize::save(&self.inner, &path)).map_err(py_err))
+    }
+
+    #[staticmethod]
+    fn _from_bytes(data: &[u8]) -> PyResult<Self> {
+        guard(|| {
+            let inner = serialize::from_bytes(data).map_err(|e| PyValueError::new_err(format!("bad tokenizer bytes: {e}")))?;
+            Ok(PyTokenizer { inner })
+        })
+    }
+
+    /// Pickling: (Tokenizer._from_bytes, (saved bytes,)).
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let py = slf.py();
+        let data = serialize::to_bytes(&slf.get().inner);
+        Ok((slf.get_type().getattr("_from_bytes")?, (PyBytes::new(py, &data),)))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<nanochat._rustbpe.Tokenizer vocab_size={} specials={}>", self.inner.vocab_size(), self.inner.specials().len())
+    }
+
+    #[getter]
+    fn pattern(&self) -> &str {
+        self.inner.pattern()
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn special_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for s in self.inner.specials() {
+            d.set_item(s, self.inner.special_id(s).unwrap())?;
+        }
+        Ok(d)
+    }
+
+    fn mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.inner.ranks().iter().map(|t| PyBytes::new(py, t)).collect()
+    }
+
+    fn merges(&self) -> Vec<(u32, u32)> {
+        self.inner.merges().to_vec()
+    }
+
+    fn encode_ordinary(&self, py: Python<'_>, text: &Bound<'_, PyString>) -> PyResult<Vec<u32>> {
+        guard(|| {
+            let text = utf8(text, &|| "text".into())?;
+            if text.len() < 4096 {
+                self.inner.encode_ordinary(text).map_err(py_err)
+            } else {
+                py.allow_threads(|| self.inner.encode_ordinary(text)).map_err(py_err)
+            }
+        })
+    }
+
+    #[pyo3(signature = (text, allowed_special=None))]
+    fn encode(&self, py: Python<'_>, text: &Bound<'_, PyString>, allowed_special: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u32>> {
+        guard(|| {
+            let text = utf8(text, &|| "text".into())?;
+            let mut list: Vec<String> = Vec::new();
+            let mut all = false;
+            if let Some(a) = allowed_special {
+                if let Ok(s) = a.downcast::<PyString>() {
+                    if s.to_str()? != "all" {
+                        return Err(PyValueError::new_err(format!(
+                            "allowed_special must be \"all\" or a set of special-token strings, got the str {s}"
+                        )));
+                    }
+                    all = true;
+                } else {
+                    for (i, item) in a.try_iter()?.enumerate() {
+                        let item = item?;
+                        let what = || format!("allowed_special item {i}");
+                        list.push(utf8(as_str(&item, &what)?, &what)?.to_string());
+                    }
+                }
+            }
+            let allowed = if all { Allowed::All } else if list.is_empty() { Allowed::None } else { Allowed::Some(&list) };
+            py.allow_threads(|| self.inner.encode_with_special(text, allowed)).map_err(py_err)
+        })
+    }
+
+    #[pyo3(signature = (texts, num_threads=0))]
+    fn encode_batch(&self, py: Python<'_>, texts: &Bound<'_, PyAny>, num_threads: i64) -> PyResult<Vec<Vec<u32>>> {
+        guard(|| {
+            if num_threads < 0 {
+                return Err(PyValueError::new_err(format!("num_threads must be >= 0, got {num_threads}")));
+            }
+            let items: Vec<Bound<'_, PyAny>> = texts.try_iter()?.collect::<PyResult<_>>()?;
+            let mut strs: Vec<&str> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let what = || format!("texts[{i}]");
+                strs.push(utf8(as_str(item, &what)?, &what)?);
+            }
+            py.allow_threads(|| with_pool(num_threads as usize, || self.inner.encode_batch(&strs)))
+                .map_err(py_err)?
+                .map_err(py_err)
+        })
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
+        guard(|| {
+            let ids = ids_u32(ids)?;
+            let bytes = self.inner.decode_bytes(&ids).map_err(py_err)?;
+            Ok(PyBytes::new(py, &bytes))
+        })
+    }
+
+    #[pyo3(signature = (ids, errors="replace"))]
+    fn decode<'py>(&self, py: Python<'py>, ids: Vec<i64>, errors: &str) -> PyResult<Bound<'py, PyAny>> {
+        let bytes = self.decode_bytes(py, ids)?;
+        bytes.call_method1("decode", ("utf-8", errors))
+    }
+
+    fn id_to_bytes<'py>(&self, py: Python<'py>, id: i64) -> PyResult<Bound<'py, PyBytes>> {
+        let id = u32::try_from(id).map_err(|_| PyValueError::new_err(format!("token id {id} is out of range")))?;
+        Ok(PyBytes::new(py, self.inner.id_to_bytes(id).map_err(py_err)?))
+    }
+
+    fn token_bytes(&self) -> Vec<u32> {
+        self.inner.token_bytes()
+    }
+}
+
+#[pymodule]
+fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyTokenizer>()?;
+    let patterns = PyDict::new(m.py());
+    for (name, regex) in crate::pretokenize::PATTERNS {
+        patterns.set_item(name, regex)?;
+    }
+    m.add("PATTERNS", patterns)?;
+    Ok(())
+}
