@@ -1,0 +1,304 @@
+"""Reinforcement learning on GSM8K: `nanochat chat-rl`, `python -m nanochat.chat_rl`, or under torchrun.
+
+A simplified GRPO (on-policy, no KL term, no ratio clipping, as in nanochat), from an SFT checkpoint:
+
+- each step takes --examples-per-step problems (split over ranks) in a seeded shuffled order and samples
+  --num-samples answers per problem with the engine (KV cache, python tool; temperature, top-k)
+- reward: 1 when the number after "####" equals the reference exactly (numerically), else 0 (task.reward)
+- advantage: reward minus the mean reward of the problem's group (no std division)
+- loss: -sum(advantage x log p(token)) over the SAMPLED tokens only (not the prompt, not tool outputs the engine
+  forced in), divided by the number of sampled tokens of the whole step over all ranks (token-level normalisation)
+- lr: the base learning rates x --init-lr-frac (0.05), decayed linearly to 0
+- evaluation: pass@1..k on held-out problems (GSM8K test) at step 0, every --eval-every steps and at the end,
+  k samples per problem at the training temperature; train_log.jsonl records mean reward per step
+- checkpoints under checkpoints/rl/<tag>; the problem order is a function of (seed, step), so `--resume` needs
+  only the step; metrics.json holds the first and last pass@k for the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.evals.chat import generate_samples
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanochat chat-rl", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default="sft", choices=["mid", "sft", "rl"], help="stage of the starting checkpoint")
+    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
+    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
+    p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling"], help="rewarded task")
+    p.add_argument("--train-limit", type=int, default=None, help="max training problems")
+    p.add_argument("--examples-per-step", type=int, default=16, help="problems per optimizer step over all ranks")
+    p.add_argument("--num-samples", type=int, default=16, help="answers sampled per problem (the group)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sampled answer")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="sampling top-k (0: off)")
+    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the problems (sets the horizon)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="multiplier on all the lrs above")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    g.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
+    g = p.add_argument_group("evaluation, checkpoints")
+    g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (<= 0: ends only)")
+    g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per evaluation")
+    g.add_argument("--eval-samples", type=int, default=4, help="k of pass@k")
+    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts and the policy-gradient batch
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def group_advantages(rewards: list[float]) -> list[float]:
+    """Reward minus the group mean: zero for a group whose samples all score the same (no signal)."""
+    mean = sum(rewards) / len(rewards)
+    return [r - mean for r in rewards]
+
+
+def policy_rows(prompt: list[int], samples: list[tuple[list[int], list[int]]], advantages: list[float], pad: int):
+    """-> inputs (N, T), targets (N, T) and advantages (N,) for one group.
+
+    Targets are the next token only where that token was SAMPLED (mask 1); prompt positions, tool outputs the
+    engine forced in (mask 0) and padding get -1, so they carry no gradient.
+    """
+    seqs, tgts = [], []
+    for ids, mask in samples:
+        full = prompt + ids
+        learn = [0] * len(prompt) + list(mask)
+        seqs.append(full[:-1])
+        tgts.append([t if m else -1 for t, m in zip(full[1:], learn[1:])])
+    T = max(1, max(len(s) for s in seqs))
+    inputs = torch.full((len(seqs), T), pad, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(seqs, tgts)):
+        inputs[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        targets[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    return inputs, targets, torch.tensor(advantages, dtype=torch.float32)
+
+
+def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens: int, temperature: float,
+              top_k: int | None, seed: int, device, batch_size: int = 16) -> dict[str, float]:
+    """{"pass@1": ..., ..., "pass@k": ...}: fraction of problems solved by any of the first j samples."""
+    rank, world = _dist()
+    mine = indices[rank::world]
+    convs = [task[i] for i in mine]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
+    outs = generate_samples(model, tokenizer, prompts, k, max_new_tokens, temperature, top_k,
+                            batch_size=max(batch_size, k), seeds=[seed + 7919 * i for i in mine])
+    solved = torch.zeros(k, dtype=torch.float64, device=device)
+    for conv, samples in zip(convs, outs):
+        ok = [bool(task.reward(conv, tokenizer.decode(ids)) > 0) for ids, _ in samples]
+        for j in range(k):
+            solved[j] += any(ok[:j + 1])
+    total = torch.tensor(float(len(convs)), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(solved)
+        dist.all_reduce(total)
+    return {f"pass@{j + 1}": float(solved[j] / total.clamp(min=1)) for j in range(k)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def build_tasks(name: str, train_limit: int | None):
+    from nanochat.tasks import GSM8K, SpellingBee
+
+    if name == "gsm8k":
+        train, test = GSM8K("train"), GSM8K("test")
+    else:
+        train, test = SpellingBee(size=train_limit or 4000, split="train"), SpellingBee(size=1000, split="test")
+    if train_limit is not None:
+        train = train[:train_limit]
+    return train, test
+
+
+def train(args: argparse.Namespace, rt) -> int:
+    device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
+    torch.manual_seed(args.seed)
+    model, tokenizer, source_meta = load_model(args.source, device=device, model_tag=args.source_tag,
+                                               step=args.source_step)
+    config = model.config
+    model_tag = args.model_tag or f"d{config.n_layer}"
+    ckpt_dir = checkpoint_dir("rl", model_tag)
+    log_path, metrics_path = ckpt_dir / "train_log.jsonl", ckpt_dir / "metrics.json"
+    train_task, test_task = build_tasks(args.task, args.train_limit)
+    if args.examples_per_step % world:
+        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, int(args.num_epochs * len(train_task) // args.examples_per_step))
+    order = list(range(len(train_task)))
+    random.Random(args.seed).shuffle(order)
+    eval_indices = list(range(min(args.eval_examples, len(test_task))))
+    top_k = args.top_k or None
+    pad = tokenizer.get_bos_token_id()
+    print0(f"rl: {len(train_task):,} {args.task} problems; {num_iterations} steps of {args.examples_per_step} "
+           f"problems x {args.num_samples} samples; pass@{args.eval_samples} on {len(eval_indices)} held-out problems")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
+                                      embedding_lr=args.embedding_lr * args.init_lr_frac,
+                                      matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    start_step, loop = 0, {"eval": None, "initial_eval": None}
+    resume_step = latest_step(ckpt_dir) if args.resume else None
+    if resume_step is not None:
+        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
+                                                       rank=rank)
+        if meta.get("world_size", 1) != world:
+            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has {world}")
+        model.load_state_dict(model_state)
+        fresh = [g["initial_lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(opt_state["optimizer"])
+        for g, lr in zip(optimizer.param_groups, fresh):
+            g["initial_lr"] = lr
+        loop.update(meta.get("loop_state", {}))
+        start_step = resume_step
+        if master and log_path.is_file():
+            kept = [e for e in map(json.loads, filter(None, log_path.read_text().splitlines()))
+                    if e.get("step", 0) < start_step]
+            with atomic_write(log_path, "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in kept)
+        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a") if master else None
+
+    def log(entry: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+    def save(step: int) -> None:
+        meta = {"config": asdict(config), "step": step, "data_state": {"step": step},
+                "metrics": {"eval": loop["eval"], "initial_eval": loop["initial_eval"]}, "loop_state": loop,
+                "num_iterations": num_iterations, "world_size": world,
+                "source": {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")},
+                "commit": git_commit(), "args": vars(args), "system": system_info()}
+        save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizer": optimizer.state_dict()}, meta, rank=rank,
+                        keep_last=args.keep_last)
+        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+
+    step, t_start, rewards_seen = start_step, time.time(), []
+    try:
+        while True:
+            last = step == num_iterations
+            if eval_indices and (last or step == start_step == 0 or
+                                 (args.eval_every > 0 and step % args.eval_every == 0)):
+                loop["eval"] = pass_at_k(model, tokenizer, test_task, eval_indices, args.eval_samples,
+                                         args.max_new_tokens, args.temperature, top_k, args.seed + 1, device)
+                if loop["initial_eval"] is None:
+                    loop["initial_eval"] = loop["eval"]
+                print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in loop["eval"].items()))
+                log({"step": step, **loop["eval"]})
+            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                save(step)
+            if last:
+                break
+            t0 = time.perf_counter()
+            # -- rollouts: this rank's problems of the step, all sampled in one batched engine run ---------------
+            positions = range(step * args.examples_per_step + rank, (step + 1) * args.examples_per_step, world)
+            problems = [order[p % len(order)] for p in positions]
+            convs = [train_task[i] for i in problems]
+            prompts = [tokenizer.render_for_completion(c) for c in convs]
+            model.eval()
+            outs = generate_samples(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
+                                    args.temperature, top_k, batch_size=max(args.num_samples, 2 * args.num_samples),
+                                    seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
+            model.train()
+            groups, step_rewards = [], []
+            for conv, prompt, samples in zip(convs, prompts, outs):
+                rewards = [float(train_task.reward(conv, tokenizer.decode(ids))) for ids, _ in samples]
+                step_rewards += rewards
+                groups.append(policy_rows(prompt, samples, group_advantages(rewards), pad))
+            # -- token-level normalised policy gradient over the sampled tokens --------------------------------
+            num_tokens = torch.tensor(float(sum(int((t >= 0).sum()) for _, t, _ in groups)), device=device)
+            stats = torch.tensor([sum(step_rewards), len(step_rewards)], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(num_tokens)
+                dist.all_reduce(stats)
+            denom = num_tokens.clamp(min=1) / world  # the optimizer averages gradients over ranks
+            pg_objective = 0.0
+            for inputs, targets, adv in groups:
+                for lo in range(0, inputs.size(0), args.device_batch_size):
+                    x = inputs[lo:lo + args.device_batch_size].to(device)
+                    y = targets[lo:lo + args.device_batch_size].to(device)
+                    a = adv[lo:lo + args.device_batch_size].to(device)
+                    logp = -model(x, y, loss_reduction="none").view(x.size(0), -1)  # (b, T), 0 where y == -1
+                    objective = (logp * a[:, None] * (y >= 0)).sum() / denom
+                    (-objective).backward()
+                    pg_objective += float(objective.detach())
+            lrm = 1.0 - step / num_iterations
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            mean_reward = float(stats[0] / stats[1].clamp(min=1))
+            rewards_seen.append(mean_reward)
+            if not math.isfinite(pg_objective):
+                print0(f"error: non-finite policy-gradient objective at step {step}; stopping")
+                return 1
+            print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
+                   f"sampled tokens {int(num_tokens)} | lrm {lrm:.3f} | dt {dt:.1f}s")
+            log({"step": step, "reward": mean_reward, "sampled_tokens": int(num_tokens), "lr": lrm,
+                 "pg_objective": pg_objective, "dt": dt})
+            step += 1
+    finally:
+        if log_file is not None:
+            log_file.close()
+    if master:
+        metrics = {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
+                   "initial_eval": loop["initial_eval"], "eval": loop["eval"], "mean_rewards": rewards_seen,
+                   "seconds": round(time.time() - t_start, 1), "commit": git_commit()}
+        with atomic_write(metrics_path, "w") as f:
+            json.dump(metrics, f, indent=2)
+    print0(f"done: {loop['initial_eval']} -> {loop['eval']}; checkpoints in {ckpt_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    args = parse_args(argv)
+    rt = init_runtime(args.device)
+    try:
+        return train(args, rt)
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Chat-model evaluations: categorical (ARC, MMLU) and generative (GSM8K, HumanEval, spelling) tasks, and ChatCORE.
+
+- categorical: render the conversation up to <|assistant_start|>, run one batched forward, and take the argmax of
+  the logits restricted to the answer letters (each letter must be one token); no sampling, so no format failures.
+- generative: `generate_samples` drives the engine's continuous-batching Scheduler over many prompts at once, k
+  samples per prompt, each sample's seed fixed by (seed, problem index) so results do not depend on batching;
+  a problem passes when any of its k samples passes (pass@k), judged by the task (`task.evaluate`).
+- distributed: each rank takes problems rank, rank + world, ...; counts are summed with all_reduce.
+- ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline), with baseline 0.25 for the
+  four-way multiple-choice tasks and 0 for the generative ones.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_counts(correct: int, total: int, device) -> tuple[int, int]:
+    if _dist()[1] > 1:
+        counts = torch.tensor([correct, total], dtype=torch.long, device=device)
+        dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+    return correct, total
+
+
+def letter_ids(tokenizer, letters: str) -> list[int]:
+    ids = []
+    for letter in letters:
+        encoded = tokenizer.encode(letter)
+        if len(encoded) != 1:
+            raise ValueError(f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}; categorical "
+                             f"evaluation needs one token per letter")
+        ids.append(encoded[0])
+    return ids
+
+
+def centered(accuracy: float, baseline: float) -> float:
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Categorical
+
+
+@torch.no_grad()
+def categorical_predictions(model, tokenizer, conversations: list[dict], device, batch_size: int = 8) -> list[str]:
+    """The predicted letter of each conversation (argmax over its `letters`)."""
+    max_len = model.config.sequence_len
+    preds: list[str] = []
+    for lo in range(0, len(conversations), batch_size):
+        chunk = conversations[lo:lo + batch_size]
+        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in chunk]  # crop from the left if needed
+        T = max(len(p) for p in prompts)
+        idx = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, :len(p)] = torch.tensor(p)
+        logits = model(idx.to(device))  # (B, T, V)
+        for i, (conv, p) in enumerate(zip(chunk, prompts)):
+            letters = conv["letters"]
+            scores = logits[i, len(p) - 1, letter_ids(tokenizer, letters)]
+            preds.append(letters[int(scores.argmax())])
+    return preds
+
+
+def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, max_problems: int | None = None):
+    rank, world = _dist()
+    n = len(task) if max_problems is None else min(max_problems, len(task))
+    mine = [task[i] for i in range(rank, n, world)]
+    preds = categorical_predictions(model, tokenizer, mine, device, batch_size)
+    correct = sum(p == c["answer"] for p, c in zip(preds, mine))
+    return _sum_counts(correct, len(mine), device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generative
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
+                     temperature: float = 0.0, top_k: int | None = None, seed: int = 42, batch_size: int = 16,
+                     seeds: list[int] | None = None) -> list[list[tuple[list[int], list[int]]]]:
+    """For each prompt, `num_samples` (generated ids, mask) pairs; mask 1 = sampled, 0 = forced by the tool.
+
+    All prompts go through one Scheduler (continuous batching, `batch_size` KV-cache rows); terminal tokens
+    (<|assistant_end|>, <|bos|>) are left out. Prompt i uses seed `seeds[i]` (default seed + i).
+    """
+    from nanochat.engine import TERMINAL_TOKENS, GenerationRequest, SamplingParams, Scheduler
+
+    if not prompts:
+        return []
+    context = model.config.sequence_len
+    batch_size = max(batch_size, num_samples)
+    sched = Scheduler(model, tokenizer, batch_size=batch_size, max_len=context, tools=True)
+    terminal = {tokenizer.encode_special(name) for name in TERMINAL_TOKENS}
+    requests = []
+    for i, prompt in enumerate(prompts):
+        prompt = prompt[-(context - 1):]
+        budget = max(1, min(max_tokens, context - len(prompt)))
+        params = SamplingParams(max_tokens=budget, temperature=temperature, top_k=top_k,
+                                seed=(seeds[i] if seeds is not None else seed + i))
+        req = GenerationRequest(prompt, params, n=num_samples)
+        sched.submit(req)
+        requests.append(req)
+    outputs = [[([], []) for _ in range(num_samples)] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        while sched.has_work():
+            sched.step()
+            for i, req in enumerate(requests):
+                while req.events:
+                    ev = req.events.popleft()
+                    if ev.finish_reason == "error":
+                        raise RuntimeError(f"generation failed for prompt {i}: {ev.text}")
+                    if ev.token is None or (ev.mask == 1 and ev.token in terminal):
+                        continue
+                    outputs[i][ev.sample][0].append(ev.token)
+                    outputs[i][ev.sample][1].append(ev.mask)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, max_tokens: int = 256,
+                        temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 16,
+                        max_problems: int | None = None, seed: int = 42):
+    """(problems passed at k = num_samples, problems) over this rank's share, summed over ranks."""
+    rank, world = _dist()
+    n = len(task) if max_problems is None else min(max_problems, len(task))
+    indices = list(range(rank, n, world))
+    conversations = [task[i] for i in indices]
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    samples = generate_samples(model, tokenizer, prompts, num_samples, max_tokens, temperature, top_k,
+                               batch_size=batch_size, seeds=[seed + 1000 * i for i in indices])
+    correct = 0
+    for conv, outs in zip(conversations, samples):
+        correct += any(task.evaluate(conv, tokenizer.decode(ids)) for ids, _ in outs)
+    return _sum_counts(correct, len(conversations), device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole report
+
+
+def build_task(name: str, **kwargs):
+    from nanochat.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+
+    factories = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
+                 "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": lambda: HumanEval(),
+                 "SpellingBee": lambda: SpellingBee(size=kwargs.get("spelling_size", 256), split="test")}
+    if name not in factories:
+        raise ValueError(f"unknown chat-eval task {name!r}; expected one of {list(factories)}")
+    return factories[name]()
+
+
+def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems: int | None = None,
+                  num_samples: int = 1, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = 50,
+                  batch_size: int = 8, tasks: dict | None = None, log=print) -> dict:
+    """Evaluate each task; returns {"tasks": {name: {...}}, "chatcore": mean centered accuracy}."""
+    results = {}
+    for name in task_names:
+        task = tasks[name] if tasks and name in tasks else build_task(name)
+        t0 = time.time()
+        if task.eval_type == "categorical":
+            correct, total = evaluate_categorical(model, tokenizer, task, device, batch_size, max_problems)
+            kind, k = "categorical", None
+        else:
+            correct, total = evaluate_generative(model, tokenizer, task, device, num_samples, max_tokens,
+                                                 temperature, top_k, batch_size, max_problems)
+            kind, k = "generative", num_samples
+        accuracy = correct / max(total, 1)
+        baseline = BASELINES.get(name, 0.0)
+        results[name] = {"accuracy": accuracy, "correct": correct, "n": total, "type": kind, "pass_at_k": k,
+                         "baseline": baseline, "centered": centered(accuracy, baseline),
+                         "seconds": round(time.time() - t0, 2)}
+        log(f"{name}: {correct}/{total} = {100 * accuracy:.2f}%" + (f" (pass@{k})" if k else ""))
+    chatcore = sum(r["centered"] for r in results.values()) / len(results) if results else None
+    return {"tasks": results, "chatcore": chatcore}

@@ -1,0 +1,324 @@
+"""Midtraining: `nanochat mid-train`, `python -m nanochat.mid_train`, or `torchrun ... -m nanochat.mid_train -- ...`.
+
+Continues a base checkpoint on the conversation mixture (tasks/mixtures.py: SmolTalk, MMLU auxiliary train, GSM8K
+with tool calls, identity, spelling) so the model learns the chat format, the special tokens and the python tool.
+
+- packed rows: each rank renders its share of the shuffled mixture (conversation i goes to rank i % world),
+  concatenates the token streams and cuts rows of T + 1 tokens; every token is learned (no mask), as in pretraining
+- optimizer: MuonAdamW with the base run's learning rates x --init-lr-frac; lr constant, then linearly decayed to
+  0 over the last --warmdown-ratio of the steps
+- horizon: --num-iterations, or by default one pass over the mixture (estimated from a sample of renders)
+- metric: validation loss (nats/token) on held-out conversations (SmolTalk test, synthetic test streams) at step 0
+  (the base model) and every --eval-every steps; it must go down
+- checkpoints under checkpoints/mid/<tag> with each rank's loader position, optimizer shard and RNG state, so
+  `--resume` continues the same curve; train_log.jsonl and metrics.json (final numbers, for the report) beside them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.schedules import lr_multiplier, muon_momentum
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanochat mid-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default="base", choices=["base", "mid"], help="stage of the starting checkpoint")
+    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
+    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    p.add_argument("--model-tag", default=None, help="output tag under checkpoints/mid (default: the source's)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the model's context)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per forward/backward")
+    p.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per optimizer step over all ranks (-1: one micro-batch per rank)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--init-lr-frac", type=float, default=1.0, help="multiplier on all the lrs above")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear decay to 0")
+    g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
+    g = p.add_argument_group("data (caps make small runs fast)")
+    g.add_argument("--smoltalk-limit", type=int, default=None, help="max SmolTalk conversations")
+    g.add_argument("--mmlu-limit", type=int, default=None, help="max MMLU training questions")
+    g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
+    g.add_argument("--spelling-size", type=int, default=20000, help="synthetic spelling conversations per task")
+    g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
+    g = p.add_argument_group("evaluation, checkpoints")
+    g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
+    g.add_argument("--eval-tokens", type=int, default=20 * 524288 // 8, help="validation tokens per evaluation")
+    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed conversation rows
+
+
+class PackedConversations:
+    """(inputs, targets) of shape (B, T) cut from the concatenated renders of this rank's conversations.
+
+    State (JSON): the next conversation index, the pass number and the leftover tokens, so a resumed loader yields
+    exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, tokenizer, task, batch_size: int, seq_len: int, device="cpu", rank: int = 0,
+                 world_size: int = 1, state: dict | None = None):
+        if len(task) < world_size:
+            raise ValueError(f"the mixture has {len(task)} conversations, fewer than the {world_size} ranks")
+        self.tokenizer, self.task = tokenizer, task
+        self.B, self.T, self.device = batch_size, seq_len, device
+        self.rank, self.world = rank, world_size
+        state = state or {}
+        self.cursor = state.get("cursor", rank)
+        self.epoch = state.get("epoch", 0)
+        self.buffer: list[int] = list(state.get("buffer", []))
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "epoch": self.epoch, "buffer": list(self.buffer)}
+
+    @property
+    def progress(self) -> float:
+        """Passes over the mixture so far (fractional)."""
+        return self.epoch + self.cursor / len(self.task)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        need = self.B * (self.T + 1)
+        while len(self.buffer) < need:
+            ids, _ = self.tokenizer.render_conversation(self.task[self.cursor], max_tokens=1 << 20)
+            self.buffer.extend(ids)
+            self.cursor += self.world
+            if self.cursor >= len(self.task):
+                self.cursor -= len(self.task)
+                self.epoch += 1
+        rows = torch.tensor(self.buffer[:need], dtype=torch.long).view(self.B, self.T + 1)
+        del self.buffer[:need]
+        rows = rows.to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def mean_tokens_per_conversation(tokenizer, task, sample: int = 256, seed: int = 0) -> float:
+    rng = random.Random(seed)
+    idx = [rng.randrange(len(task)) for _ in range(min(sample, len(task)))]
+    return sum(len(tokenizer.render_conversation(task[i], max_tokens=1 << 20)[0]) for i in idx) / len(idx)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, steps: int, device) -> float:
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(steps):
+        x, y = next(loader)
+        total += model(x, y, loss_reduction="sum").double()
+        count += (y >= 0).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    model.train()
+    return float(total / count)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _read_log(path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def train(args: argparse.Namespace, rt) -> int:
+    from nanochat.tasks.mixtures import MixtureSizes, mid_mixture
+
+    device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
+    torch.manual_seed(args.seed)
+    model, tokenizer, source_meta = load_model(args.source, device=device, model_tag=args.source_tag,
+                                               step=args.source_step)
+    config = model.config
+    seq_len = args.max_seq_len or config.sequence_len
+    if seq_len > config.sequence_len:
+        raise ValueError(f"--max-seq-len {seq_len} exceeds the model's context of {config.sequence_len}")
+    model_tag = args.model_tag or (source_meta.get("args", {}) or {}).get("model_tag") or f"d{config.n_layer}"
+    ckpt_dir = checkpoint_dir("mid", model_tag)
+    log_path, metrics_path = ckpt_dir / "train_log.jsonl", ckpt_dir / "metrics.json"
+
+    sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=args.mmlu_limit, gsm8k=args.gsm8k_limit,
+                         spelling=args.spelling_size)
+    train_task = mid_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
+    val_task = mid_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
+    tokens_per_micro = args.device_batch_size * seq_len
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
+    if total_batch % (tokens_per_micro * world):
+        raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
+                         f"ranks = {tokens_per_micro * world}")
+    grad_accum = total_batch // (tokens_per_micro * world)
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    else:
+        est_tokens = mean_tokens_per_conversation(tokenizer, train_task) * len(train_task)
+        num_iterations = max(1, int(est_tokens // total_batch))
+    print0(f"mid: {len(train_task):,} training conversations, {len(val_task):,} validation; {num_iterations} steps "
+           f"of {total_batch:,} tokens ({grad_accum} accumulation step(s)); skipped sources: {train_task.skipped}")
+
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
+                                      embedding_lr=args.embedding_lr * args.init_lr_frac,
+                                      matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
+    start_step, data_state, loop = 0, None, {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0}
+    resume_step = latest_step(ckpt_dir) if args.resume else None
+    if resume_step is not None:
+        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
+                                                       rank=rank)
+        if meta.get("world_size", 1) != world:
+            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has {world}")
+        model.load_state_dict(model_state)
+        fresh = [g["initial_lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(opt_state["optimizer"])
+        for g, lr in zip(optimizer.param_groups, fresh):
+            g["initial_lr"] = lr
+        torch.set_rng_state(opt_state["rng"]["cpu"].cpu())
+        data_state = meta["data_states"][rank]
+        loop.update(meta.get("loop_state", {}))
+        start_step = resume_step
+        if master:
+            kept = [e for e in _read_log(log_path) if e.get("step", 0) < start_step]
+            with atomic_write(log_path, "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in kept)
+        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    model.train()
+    loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, device, rank, world,
+                                 data_state)
+    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world))
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a") if master else None
+
+    def log(entry: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+    def save(step: int) -> None:
+        states = [loader.state_dict()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, loader.state_dict())
+        meta = {"config": asdict(config), "step": step, "data_state": states[0], "data_states": states,
+                "metrics": {"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
+                "loop_state": loop, "num_iterations": num_iterations, "world_size": world,
+                "source": {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")},
+                "commit": git_commit(), "args": vars(args), "system": system_info()}
+        save_checkpoint(ckpt_dir, step, model.state_dict(),
+                        {"optimizer": optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, meta,
+                        rank=rank, keep_last=args.keep_last)
+        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+
+    step, t_start = start_step, time.time()
+    try:
+        while True:
+            last = step == num_iterations
+            if last or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
+                val_loader = PackedConversations(tokenizer, val_task, args.device_batch_size, seq_len, device, rank,
+                                                 world)
+                loop["val_loss"] = validation_loss(model, val_loader, eval_steps, device)
+                if loop["initial_val_loss"] is None:
+                    loop["initial_val_loss"] = loop["val_loss"]
+                print0(f"step {step:05d} | validation loss {loop['val_loss']:.4f}")
+                log({"step": step, "val_loss": loop["val_loss"]})
+            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+                save(step)
+            if last:
+                break
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(grad_accum):
+                x, y = next(loader)
+                loss = train_model(x, y)
+                loss_sum += loss.detach()
+                (loss / grad_accum).backward()
+            loss_step = loss_sum / grad_accum
+            if world > 1:
+                dist.all_reduce(loss_step)
+                loss_step /= world
+            loss_value = float(loss_step)
+            if not math.isfinite(loss_value):
+                print0(f"error: loss is {loss_value} at step {step}; stopping (last good checkpoint: "
+                       f"{latest_step(ckpt_dir)})")
+                return 1
+            lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = muon_momentum(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
+            print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
+                   f"dt {dt * 1000:.0f}ms | tok/s {total_batch / dt:,.0f} | pass {loader.progress:.3f}")
+            log({"step": step, "loss": loss_value, "lr": lrm, "tok_per_s": total_batch / dt, "dt": dt})
+            step += 1
+    finally:
+        if log_file is not None:
+            log_file.close()
+    if master:
+        metrics = {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
+                   "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
+                   "train_conversations": len(train_task), "skipped_sources": train_task.skipped,
+                   "seconds": round(time.time() - t_start, 1), "commit": git_commit()}
+        with atomic_write(metrics_path, "w") as f:
+            json.dump(metrics, f, indent=2)
+    print0(f"done: validation loss {loop['initial_val_loss']:.4f} -> {loop['val_loss']:.4f}; "
+           f"checkpoints in {ckpt_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    args = parse_args(argv)
+    rt = init_runtime(args.device)
+    try:
+        return train(args, rt)
+    finally:
+        shutdown_runtime()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
