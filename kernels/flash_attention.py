@@ -91,7 +91,8 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                 T, H, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    start_m = tl.program_id(0)
+    # Causal work grows with the query block, so launch the longest programs first (fewer idle SMs at the tail).
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # int64 offsets: B*T*H*D may pass 2**31 at large batch
     h = bh % H
@@ -243,7 +244,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dqb, stride_dqt, stride_dqh,
                    T, H, GROUP, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    start_m = tl.program_id(0)
+    # Causal work grows with the query block, so launch the longest programs first (fewer idle SMs at the tail).
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # int64 offsets: B*T*H*D may pass 2**31 at large batch
     h = bh % H

@@ -270,7 +270,8 @@ def test_choose_num_splits():
     if not interpreting():
         pytest.importorskip("triton")
     choose = import_module("nanochat_kernels.flash_decoding").choose_num_splits
-    assert choose(320, 2048, 132) == 1  # batch 32 x 10 heads already fills an H100
+    assert choose(640, 2048, 132) == 1  # batch 64 x 10 heads already fills an H100 four times over
+    assert choose(320, 2048, 132) == 2  # batch 32 x 10 heads: halves even out the last wave
     assert 1 < choose(10, 2048, 132) <= 2048 // 128  # batch 1: split, keeping >= 128 keys per split
     assert choose(10, 100, 132) == 1  # too short to split
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu) and bench/kernels.py,
+# then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
+# when `nanochat_kernels` does not import, a temporary folder maps it to kernels/. Without CUDA it runs the CPU
+# smoke path instead (interpreter parity tests of the dispatch, bench in smoke mode), so it can be checked anywhere.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]      # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
+#
+# Budget: fits one 10-minute device command (tests <= 240 s, bench <= 300 s, both capped by `timeout`).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT_DIR="${1:-${OUT:-$(mktemp -d)}}"
+mkdir -p "$OUT_DIR"
+if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY="${PYTHON:-python3}"; fi
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET NANOCHAT_KERNELS
+
+if ! "$PY" -c "import nanochat_kernels" 2>/dev/null; then
+    SHIM="$(mktemp -d)"
+    ln -s "$REPO/kernels" "$SHIM/nanochat_kernels"
+    export PYTHONPATH="$SHIM:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+echo "== nanochat gpu_check  $(date -u '+%Y-%m-%d %H:%M UTC')  commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+"$PY" - <<'EOF'
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as exc:
+    tv = f"missing ({exc})"
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+print(f"python {platform.python_version()}  torch {torch.__version__}  triton {tv}  device: {dev}")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+status=0
+if [ "$HAS_CUDA" = "1" ]; then
+    echo "== parity tests, bf16 at real shapes (pytest -m gpu)"
+    timeout 240 "$PY" -m pytest tests/test_kernels.py -m gpu -q -p no:cacheprovider -o addopts="" -rfEs 2>&1 \
+        | tee "$OUT_DIR/gpu_tests.log" || status=1
+    echo "== bench/kernels.py"
+    timeout 300 "$PY" bench/kernels.py --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+else
+    echo "== no CUDA: CPU smoke path (dispatch tests + bench smoke mode in the Triton interpreter)"
+    timeout 240 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -o addopts="" \
+        -k "dispatch or choose_num_splits or test_interpreter_group and attention" 2>&1 \
+        | tee "$OUT_DIR/cpu_tests.log" || status=1
+    timeout 300 "$PY" bench/kernels.py --smoke --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+fi
+
+echo "== summary"
+tests_log="$OUT_DIR/gpu_tests.log"; [ "$HAS_CUDA" = "1" ] || tests_log="$OUT_DIR/cpu_tests.log"
+echo "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$tests_log" | tail -n 1)"
+grep -E '^(attention|decode|Newton|MuonAdamW)' "$OUT_DIR/bench.txt" || echo "bench: no rows (see $OUT_DIR/bench.txt)"
+echo "logs and bench JSON in $OUT_DIR"
+if [ "$status" -ne 0 ]; then echo "gpu_check: FAILED (see the logs above)"; else echo "gpu_check: OK"; fi
+exit "$status"
