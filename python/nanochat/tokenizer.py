@@ -11,9 +11,13 @@
   python calls (with their delimiters) and <|assistant_end|>; 0 on <|bos|>, the start tokens, user text and tool
   outputs (the engine injects those).
 - Exports: `to_tiktoken()` (same ranks, pattern and special ids) and `save_hf_json()` (a Hugging Face `tokenizers`
-  tokenizer.json). The HF file lists, for each token, every split of its bytes into two tokens as a merge, ordered
-  by the token's rank, so HF's merge-driven BPE follows tiktoken's rank-driven one; `ignore_merges` reproduces
-  tiktoken's whole-chunk lookup and `encode_special_tokens` keeps special-token text plain, as in `encode`.
+  tokenizer.json: our split pattern as a Split pre-tokenizer, then ByteLevel). The HF file lists, for each token,
+  every split of its bytes into two tokens as a merge (a superset of the training merges), ordered by the token's
+  rank, so HF's merge-driven BPE follows tiktoken's rank-driven one by construction; `ignore_merges` reproduces
+  tiktoken's whole-chunk lookup. Measured: with the training merges alone, a 65,536 vocab on the corpus gave the
+  same ids on 1,354 book documents too (141,679 merges instead of 65,271; 3.4 MB file), so the superset is
+  insurance, not a fix. In memory `encode_special_tokens` keeps special-token text plain as in `encode`; the
+  file cannot store that flag, so a loaded tokenizer.json splits special-token text out unless it is set again.
 - Save/load: one file, written by the native module (atomically).
 """
 
