@@ -291,6 +291,14 @@ def test_save_load_round_trip(tok, tmp_path, books):
         Tokenizer.load(garbage)
 
 
+def test_load_rejects_other_special_tokens(tmp_path):
+    native = _rustbpe.Tokenizer.train_from_iterator(["hello world"], 300, special_tokens=["<|endoftext|>"])
+    path = tmp_path / "other.bin"
+    native.save(str(path))
+    with pytest.raises(ValueError, match="differ from the expected"):
+        Tokenizer.load(path)
+
+
 def test_from_ranks_round_trip(tok):
     rebuilt = Tokenizer.from_ranks(tok.mergeable_ranks(), tok.pattern)
     text = "Round trip through from_ranks: 12345, naïve, 世界."
