@@ -10,7 +10,7 @@ Notable choices (DESIGN.md, "Model"):
   lm_head starts small (std 0.001) so the first loss is ~ln(vocab_size)
 - attention only through `nanochat_kernels` (`attention` for training and prefill of an empty cache,
   `decode_attention` over a non-empty cache)
-- fp32 master weights; on CUDA the forward runs under bf16 autocast, on CPU in fp32
+- fp32 master weights; on CUDA the forward runs under bf16 autocast with a bf16 residual stream, on CPU in fp32
 """
 
 from __future__ import annotations
@@ -246,7 +246,10 @@ class GPT(nn.Module):
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, T, 1, D/2)
 
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):
-            x = rms_norm(self.wte(idx))  # (B, T, C)
+            x = self.wte(idx)  # (B, T, C)
+            if idx.is_cuda:  # bf16 residual stream, as the matmuls produce it: half the activation memory
+                x = x.to(torch.bfloat16)
+            x = rms_norm(x)
             for block in self.blocks:
                 x = block(x, cos, sin, kv_cache, cache_was_empty)
             x = rms_norm(x)
