@@ -369,6 +369,7 @@ def train(args: argparse.Namespace, rt) -> int:
                    f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {format_duration(eta)}")
             log({"step": step - 1, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
     finally:
+        train_loader.close()
         if log_file is not None:
             log_file.close()
         if wandb_run is not None:
