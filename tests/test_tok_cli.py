@@ -36,7 +36,7 @@ def test_tok_train_end_to_end(shards, base_dir, capsys):
     from nanochat.dataset import iter_texts
 
     argv = ["tok-train", "--vocab-size", "512", "--max-chars", "6e4", "--doc-cap", "5000",
-            "--data-dir", str(shards), "--no-progress"]
+            "--data-dir", str(shards), "--no-progress", "--hf-json"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     tok = get_tokenizer()
@@ -55,6 +55,9 @@ def test_tok_train_end_to_end(shards, base_dir, capsys):
     n_bytes = sum(len(t.encode()) for t in val)
     n_tokens = sum(len(ids) for ids in tok.encode(val))
     assert summary["val_bytes_per_token"] == pytest.approx(n_bytes / n_tokens, rel=1e-3)
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(default_tokenizer_path().parent / "tokenizer.json"))
+    assert [e.ids for e in hf.encode_batch(val)] == tok.encode(val)
     assert "vocab size:" in out and "val bytes/token:" in out and f"{summary['train_chars']:,}" in out
 
 

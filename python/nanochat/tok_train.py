@@ -5,6 +5,7 @@
 - saves one file at default_tokenizer_path() ($NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin) or --output, and next to
   it tok_train.json: {"vocab_size", "train_chars", "seconds", "val_bytes_per_token", ...} for the report
 - bytes per token is measured on the first --val-chars characters of the validation split (the last shard)
+- --hf-json also writes a Hugging Face tokenizer.json beside the tokenizer (same ids; see nanochat.tokenizer)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TokTrainConfig:
     data_dir: str | None = None       # parquet shards; default $NANOCHAT_BASE_DIR/base_data
     output: str | None = None         # tokenizer file; default $NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin
     val_chars: int = 10_000_000       # characters of the validation split for bytes/token
+    hf_json: bool = False             # also write tokenizer.json (Hugging Face tokenizers) beside the tokenizer
     progress: bool = True
 
 
@@ -62,10 +64,12 @@ def parse_args(argv: list[str] | None) -> TokTrainConfig:
                    help="tokenizer file to write (default $NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin)")
     p.add_argument("--val-chars", type=_count, default=d.val_chars,
                    help="characters of the validation split used for bytes/token (default 1e7)")
+    p.add_argument("--hf-json", action="store_true", help="also write a Hugging Face tokenizer.json beside it")
     p.add_argument("--no-progress", action="store_true", help="do not print training progress")
     a = p.parse_args(argv)
     return TokTrainConfig(vocab_size=a.vocab_size, max_chars=a.max_chars, doc_cap=a.doc_cap, pattern=a.pattern,
-                          data_dir=a.data_dir, output=a.output, val_chars=a.val_chars, progress=not a.no_progress)
+                          data_dir=a.data_dir, output=a.output, val_chars=a.val_chars, hf_json=a.hf_json,
+                          progress=not a.no_progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(cfg.output) if cfg.output else default_tokenizer_path()
     tokenizer.save(output)
+    if cfg.hf_json:
+        tokenizer.save_hf_json(output.parent / "tokenizer.json")
 
     val_texts, val_chars = [], 0
     for text in iter_texts("val", data_dir=cfg.data_dir, max_chars=cfg.val_chars):
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print0(f"train time:           {seconds:.1f} s")
     print0(f"characters processed: {counted['chars']:,} ({counted['docs']:,} documents)")
     print0(f"val bytes/token:      {val_bpt:.3f} (on {val_chars:,} characters)")
-    print0(f"saved:                {output}")
+    print0(f"saved:                {output}" + (" (and tokenizer.json)" if cfg.hf_json else ""))
     return 0
 
 
