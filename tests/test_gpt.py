@@ -232,3 +232,34 @@ def test_cuda_bf16_forward_close_to_fp32():
     out = model.cuda()(x.cuda())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), ref, atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bits per byte (evals/bpb.py)
+
+
+def test_bits_per_byte_counts_bytes_not_tokens():
+    from nanochat.evals.bpb import evaluate_bpb
+
+    model = tiny()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, V, (2, 8), generator=gen), torch.randint(0, V, (2, 8), generator=gen))
+               for _ in range(3)]
+    batches[1][1][0, :3] = -1  # ignored targets
+    token_bytes = torch.randint(1, 5, (V,), generator=gen, dtype=torch.int32)
+    token_bytes[-9:] = 0  # specials: no bytes, and their loss does not count
+    batches[2][1][1, 2] = V - 1
+    nats, n_bytes = 0.0, 0
+    for x, y in batches:
+        loss = model(x, y, loss_reduction="none")
+        for t, l in zip(y.view(-1).tolist(), loss.tolist()):
+            if t >= 0 and token_bytes[t] > 0:
+                nats += l
+                n_bytes += int(token_bytes[t])
+    expected = nats / math.log(2) / n_bytes
+    assert evaluate_bpb(model, batches, 3, token_bytes) == pytest.approx(expected, rel=1e-6)
+    assert evaluate_bpb(model, batches, 10, token_bytes) == pytest.approx(expected, rel=1e-6)  # stops when out
+    # doubling every token's byte count halves bpb: the measure is per byte, not per token
+    assert evaluate_bpb(model, batches, 3, 2 * token_bytes) == pytest.approx(expected / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="no target bytes"):
+        evaluate_bpb(model, batches, 3, torch.zeros(V, dtype=torch.int32))
