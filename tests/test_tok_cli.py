@@ -1,4 +1,4 @@
-"""`nanochat tok-train` and `nanochat tok-eval` end to end on the tiny fixture corpus (split into train + val shards)."""
+"""`nanochat tok-train` and `nanochat tok-eval` end to end on the tiny fixture corpus, split into train + val shards."""
 
 from __future__ import annotations
 

@@ -388,21 +388,25 @@ def test_render_list_messages_and_user_parts(tok):
     assert tok.render_conversation(messages) == (ids, mask)
 
 
+U, A, S = "user", "assistant", "system"
+
+
 @pytest.mark.parametrize("messages, match", [
     ([], "at least one message"),
     ([{"role": "assistant", "content": "hi"}], "message 0 has role 'assistant', expected 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user', expected 'assistant'"),
-    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "system message must be followed by a user"),
+    ([{"role": U, "content": "a"}, {"role": U, "content": "b"}], "message 1 has role 'user', expected 'assistant'"),
+    ([{"role": S, "content": "s"}, {"role": A, "content": "x"}], "system message must be followed by a user"),
     ([{"role": "system", "content": "s"}], "system message must be followed by a user message, got nothing"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "c"}],
      "message 2 has role 'system', expected 'user'"),
     ([{"role": "bot", "content": "a"}], r"message 0 must be a dict with 'role' in"),
     ([{"role": "user"}], r"message 0 must be a dict with 'role' in"),
     ([{"role": "user", "content": 5}], r"message 0 \(user\): content must be a str or a list of parts, got int"),
-    ([{"role": "user", "content": [{"type": "python", "text": "1"}]}], r"part 0 has type 'python'; expected one of \['text'\]"),
+    ([{"role": U, "content": [{"type": "python", "text": "1"}]}],
+     r"part 0 has type 'python'; expected one of \['text'\]"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}],
      r"message 1 \(assistant\): part 0 has type 'image'"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text"}]}], "must be a dict with a str 'text'"),
+    ([{"role": U, "content": "a"}, {"role": A, "content": [{"type": "text"}]}], "must be a dict with a str 'text'"),
 ])
 def test_render_errors(tok, messages, match):
     with pytest.raises(ValueError, match=match):

@@ -53,7 +53,8 @@ class TokEvalConfig:
 def parse_args(argv: list[str] | None) -> TokEvalConfig:
     d = TokEvalConfig()
     p = argparse.ArgumentParser(prog="nanochat tok-eval", description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", default=None, help="tokenizer file (default $NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file (default $NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin)")
     p.add_argument("--texts-dir", default=None, help="folder of extra *.txt samples, one kind per file")
     p.add_argument("--data-dir", default=None, help="folder of parquet shards (default $NANOCHAT_BASE_DIR/base_data)")
     p.add_argument("--val-chars", type=int, default=d.val_chars,

@@ -91,7 +91,8 @@ def _turns(conversation: dict | list) -> list[tuple[str, list[tuple[str, str]]]]
     user turn. Roles must be: optional system, then user, assistant, user, ... ."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"conversation must be {{'messages': [...]}} with at least one message, got {conversation!r:.80}")
+        raise ValueError(f"conversation must be {{'messages': [...]}} with at least one message, "
+                         f"got {conversation!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
             raise ValueError(f"message {i} must be a dict with 'role' in {list(ROLES)} and 'content', "
