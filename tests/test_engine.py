@@ -14,6 +14,15 @@ from nanochat.engine import (Engine, GenerationRequest, SamplingParams, Schedule
 from nanochat.serve.testing import tiny_model, tiny_tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer(512)
@@ -156,7 +165,7 @@ def test_sampler_matches_naive_reference():
     top_k = torch.tensor([0, 0, 5, 0, 3, 10])
     top_p = torch.tensor([1.0, 1.0, 1.0, 0.8, 0.5, 0.9])
     mismatches = 0
-    for trial in range(200):
+    for trial in range(60):
         u = torch.rand(6, generator=g)
         got = sample_tokens(logits, temperature, top_k, top_p, u).tolist()
         for b in range(6):
@@ -168,7 +177,7 @@ def test_sampler_matches_naive_reference():
 def test_sampler_respects_top_k_and_top_p_support():
     logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]] * 2)
     seen = [set(), set()]
-    for u in torch.linspace(0, 0.999, 300):
+    for u in torch.linspace(0, 0.999, 60):
         out = sample_tokens(logits, torch.tensor([1.0, 1.0]), torch.tensor([2, 0]), torch.tensor([1.0, 0.0]),
                             torch.tensor([u, u]))
         seen[0].add(int(out[0]))

@@ -1,0 +1,173 @@
+"""Decode speed of the inference engine on a small model, against its anchors, side by side in one run.
+
+- cache vs recompute: one new token at `--context` tokens of context, with the KV cache (the engine's decode step)
+  and by recomputing the whole sequence (GPT.generate's reference path); target >= 5x on CPU at 512 tokens.
+- engine vs raw model: tokens/s of Engine.generate_batch (sampling, tool state machine, bookkeeping included)
+  against the bare cached forward.
+- memory-bandwidth floor: a decode step must read every weight once plus the KV cache, so
+  tokens/s <= bandwidth / (weight bytes + KV bytes); bandwidth measured here with a large torch copy.
+- batched decode: aggregate tokens/s of the continuous-batching scheduler at batch 1, 8, 16.
+
+Every figure is the median of --repeats runs. Usage: python bench/engine.py [--depth 4 --context 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanochat.common import system_info
+from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
+
+
+class IdTokenizer:
+    """Just enough tokenizer for the engine: ids only (the bench never decodes text meaningfully)."""
+    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def encode_special(self, name: str) -> int:
+        return self.vocab_size - len(self.SPECIALS) + self.SPECIALS.index(name)
+
+    def encode(self, text: str) -> list[int]:
+        return [b % (self.vocab_size - 9) for b in text.encode()]
+
+    def decode(self, ids) -> str:
+        return "x" * len(ids)
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write)."""
+    n = mib * 2 ** 20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    t = median_time(lambda: dst.copy_(src), repeats)
+    return 2 * n * 4 / t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=4, help="model depth (width 64 x depth)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (ids)")
+    p.add_argument("--context", type=int, default=512, help="tokens of context before the timed decode steps")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed run (tokens)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine more threads mostly add noise; 0 = torch's default)")
+
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.context + args.new_tokens + 64)
+    model = GPT(config).eval()
+    with torch.no_grad():  # random weights everywhere (init_weights zeroes the output projections)
+        for prm in model.parameters():
+            prm.normal_(0, 0.05)
+    tok = IdTokenizer(args.vocab_size)
+    prompt = torch.randint(0, args.vocab_size - 9, (1, args.context))
+    info = system_info()
+    print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, threads {torch.get_num_threads()}, "
+          f"depth {args.depth} ({model.num_params() / 1e6:.1f}M params), vocab {args.vocab_size}, "
+          f"context {args.context}")
+
+    # -- cache vs recompute --------------------------------------------------------------------------------------
+    cache = KVCache(1, config.sequence_len, config.n_layer, config.n_kv_head, config.head_dim)
+
+    @torch.no_grad()
+    def cached_decode():
+        cache.reset()
+        model(prompt, kv_cache=cache)
+        t0 = time.perf_counter()
+        nxt = torch.zeros(1, 1, dtype=torch.long)
+        for _ in range(args.new_tokens):
+            nxt = model(nxt, kv_cache=cache)[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / args.new_tokens
+
+    @torch.no_grad()
+    def recompute_decode():
+        ids = prompt
+        steps = max(4, args.new_tokens // 4)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = model(ids)[:, -1:].argmax(-1)
+            ids = torch.cat([ids, nxt], dim=1)
+        return (time.perf_counter() - t0) / steps
+
+    cached_decode(), recompute_decode()  # warm-up
+    t_cache = statistics.median(cached_decode() for _ in range(args.repeats))
+    t_full = statistics.median(recompute_decode() for _ in range(args.repeats))
+
+    # -- the engine end to end ---------------------------------------------------------------------------------
+    engine = Engine(model, tok, tools=True)
+    ids = prompt[0].tolist()
+
+    def engine_run():  # decode only: from the first token (after the prefill) to the last
+        stamps = [time.perf_counter() for _ in engine.stream(ids, max_tokens=args.new_tokens, temperature=0.0)]
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    engine_run()
+    t_engine = statistics.median(engine_run() for _ in range(args.repeats))
+
+    # -- bandwidth floor -------------------------------------------------------------------------------------------
+    bandwidth = measure_bandwidth()
+    weight_bytes = (model.num_params() - model.wte.weight.numel()) * 4 + config.n_embd * 4  # embedding: one row
+    kv_bytes = 2 * config.n_layer * (args.context + args.new_tokens // 2) * config.n_kv_head * config.head_dim * 4
+    floor_tps = bandwidth / (weight_bytes + kv_bytes)
+
+    # -- batched decode (continuous-batching scheduler) ----------------------------------------------------------
+    batched = {}
+    for batch in (1, 8, 16):
+        def run(batch=batch):
+            sched = Scheduler(model, tok, batch_size=batch, max_len=128 + args.new_tokens, tools=False)
+            reqs = [GenerationRequest(torch.randint(0, args.vocab_size - 9, (64,)).tolist(),
+                                      SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=i, stop=()))
+                    for i in range(batch)]
+            for r in reqs:
+                sched.submit(r)
+            sched.step()  # admission (prefill) is not decode
+            t0 = time.perf_counter()
+            steps_tokens = 0
+            while sched.has_work():
+                steps_tokens += sched.step()
+            return steps_tokens / (time.perf_counter() - t0)
+        run()
+        batched[batch] = statistics.median(run() for _ in range(args.repeats))
+
+    rows = [
+        ("decode, KV cache (tokens/s)", 1 / t_cache, "recompute full sequence", 1 / t_full, t_full / t_cache, ">= 5x"),
+        ("engine decode, greedy (tokens/s)", 1 / t_engine, "raw cached forward", 1 / t_cache, t_cache / t_engine, ""),
+        ("decode, KV cache (tokens/s)", 1 / t_cache, "bandwidth floor", floor_tps, t_cache ** -1 / floor_tps, ""),
+        ("scheduler batch 8 (tokens/s)", batched[8], "batch 1", batched[1], batched[8] / batched[1], ""),
+        ("scheduler batch 16 (tokens/s)", batched[16], "batch 1", batched[1], batched[16] / batched[1], ""),
+    ]
+    print(f"# memory bandwidth (copy) {bandwidth / 1e9:.1f} GB/s; bytes per decode token "
+          f"{(weight_bytes + kv_bytes) / 1e6:.2f} MB (weights {weight_bytes / 1e6:.2f} + KV {kv_bytes / 1e6:.2f})")
+    print(f"| {'ours':<34} | {'value':>9} | {'anchor':<24} | {'value':>9} | {'ratio':>6} | target |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 26}|{'-' * 11}|{'-' * 8}|--------|")
+    for name, ours, anchor, base, ratio, target in rows:
+        print(f"| {name:<34} | {ours:9.1f} | {anchor:<24} | {base:9.1f} | {ratio:6.2f} | {target:<6} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
