@@ -428,3 +428,24 @@ def test_render_for_completion(tok):
         tok.render_for_completion({"messages": [{"role": "user", "content": "a"},
                                                 {"role": "assistant", "content": "b"},
                                                 {"role": "assistant", "content": "c"}]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A larger vocabulary on every book
+
+
+@pytest.mark.slow
+def test_encode_parity_large_vocab_all_books():
+    """vocab 8,192 trained on 1.5 MB of mixed books; ours == tiktoken == HF on 100 KB of each of the 23 books."""
+    if not BOOKS.is_dir():
+        pytest.skip(f"books not found at {BOOKS}")
+    books = {path.name: path.read_text(encoding="utf-8") for path in sorted(BOOKS.glob("*.txt"))}
+    train = [text[i:i + 5000] for text in books.values() for i in range(0, 65_000, 5000)]
+    tok = Tokenizer.train_from_iterator(train, vocab_size=8192)
+    assert tok.vocab_size == 8192
+    enc, hf = tok.to_tiktoken(), tok.to_hf()
+    for name, text in books.items():
+        docs = [text[i:i + 5000] for i in range(100_000, min(len(text), 200_000), 5000)]
+        ours = tok.encode(docs, num_threads=2)
+        assert ours == enc.encode_ordinary_batch(docs), name
+        assert ours == [e.ids for e in hf.encode_batch(docs)], name
