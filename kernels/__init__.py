@@ -2,7 +2,7 @@
 and to the plain-torch references in `nanochat_kernels.reference` elsewhere.
 
 Dispatch, by the environment variable NANOCHAT_KERNELS (read at every call):
-- unset or "auto": Triton when every tensor is on CUDA, Triton imports and the shape is one the kernels support
+- unset or "auto": Triton when every tensor is on CUDA, Triton is installed and the shape is one the kernels support
   (head dim a power of two in 16..256); the reference otherwise.
 - "reference" (or "torch"): the references everywhere (debugging, parity checks).
 - "triton": Triton always, or a clear error. CPU tensors need TRITON_INTERPRET=1 (Triton's CPU interpreter, which
@@ -16,8 +16,7 @@ GPU or a working Triton.
 
 from __future__ import annotations
 
-import functools
-import importlib
+import importlib.util
 import os
 
 import torch
@@ -39,14 +38,9 @@ def kernel_mode() -> str:
     return _MODES[raw]
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
-    """None when Triton imports, else the reason (cached: an import is tried once per process)."""
-    try:
-        importlib.import_module("triton")
-    except Exception as exc:  # ImportError, or a broken install raising anything at import
-        return f"{type(exc).__name__}: {exc}"
-    return None
+# Whether Triton is installed, found without importing it (importing it is slow, and torch.compile traces the
+# dispatch below, which must stay free of imports). A broken install surfaces when a kernel module imports it.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def use_triton(*tensors: torch.Tensor, supported: bool = True) -> bool:
@@ -55,9 +49,8 @@ def use_triton(*tensors: torch.Tensor, supported: bool = True) -> bool:
     if mode == "reference":
         return False
     if mode == "triton":
-        err = _triton_import_error()
-        if err is not None:
-            raise RuntimeError(f"NANOCHAT_KERNELS=triton but triton does not import ({err})")
+        if not _HAS_TRITON:
+            raise RuntimeError("NANOCHAT_KERNELS=triton but triton is not installed")
         if not all(t.is_cuda for t in tensors) and not interpreting():
             devices = sorted({str(t.device) for t in tensors})
             raise RuntimeError(f"NANOCHAT_KERNELS=triton on {devices} tensors needs CUDA, or TRITON_INTERPRET=1 "
@@ -66,7 +59,7 @@ def use_triton(*tensors: torch.Tensor, supported: bool = True) -> bool:
             raise ValueError("NANOCHAT_KERNELS=triton but the Triton kernel does not support this shape: "
                              f"{[tuple(t.shape) for t in tensors]} (head dim must be one of {_HEAD_DIMS})")
         return True
-    return supported and all(t.is_cuda for t in tensors) and _triton_import_error() is None
+    return supported and all(t.is_cuda for t in tensors) and _HAS_TRITON
 
 
 def attention(q, k, v, causal: bool = True, scale: float | None = None):

@@ -15,6 +15,9 @@ the saved log-sum-exp. Assumptions and choices:
 - Backward in three kernels: delta = rowsum(dO * O), then dK/dV (one program per key block), then dQ (one program
   per query block). Recomputing QKᵀ twice costs ~20% more backward FLOPs than one fused kernel with atomic dQ
   updates but is deterministic and keeps each kernel simple.
+- Autograd through `torch.library.custom_op` + `register_autograd` (the custom-op form of an autograd.Function):
+  base_train runs the model under torch.compile, which then sees two opaque ops with known output shapes instead
+  of tracing into kernel launches. `flash_attention` checks shapes, dtypes, devices and strides before the op.
 """
 
 from __future__ import annotations
@@ -312,7 +315,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def _flash_forward(q, k, v, causal: bool, scale: float):
     B, T, H, D = q.shape
     group = H // k.shape[2]
-    o = torch.empty_like(q)
+    o = q.new_empty(q.shape)  # contiguous, as the fake implementation says
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     cfg = _config(_FWD_CONFIG, D)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -335,8 +338,7 @@ def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float):
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, H,
         HEAD_DIM=D, BLOCK_M=block_delta)
 
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     cfg = _config(_BWD_DKDV_CONFIG, D)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     _bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H_kv)](
@@ -347,7 +349,7 @@ def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float):
         T, H, H_kv, group, scale, scale * _LOG2E,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
 
-    dq = torch.empty_like(q)
+    dq = q.new_empty(q.shape)
     cfg = _config(_BWD_DQ_CONFIG, D)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     _bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
@@ -360,28 +362,56 @@ def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float):
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: validates at the boundary, saves (q, k, v, o, lse) for the recomputing backward."""
+# The kernels enter autograd and torch.compile as two custom ops: compile sees opaque calls with known output
+# shapes (no tracing into Triton launches, no graph breaks), and autograd pairs them through register_autograd.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
-        _check_inputs(q, k, v)
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = _flash_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        do = _unit_last(do.to(q.dtype))  # an upstream fp32 cast must not mix dtypes inside the dots
-        dq, dk, dv = _flash_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("nanochat_kernels::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_forward(q, k, v, causal, scale)
+
+
+@_flash_attn_fwd.register_fake
+def _flash_attn_fwd_fake(q, k, v, causal, scale):
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat_kernels::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_backward(do, q, k, v, o, lse, causal, scale)
+
+
+@_flash_attn_bwd.register_fake
+def _flash_attn_bwd_fake(do, q, k, v, o, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    do = _unit_last(do.to(q.dtype))  # an upstream fp32 cast must not mix dtypes inside the dots
+    dq, dk, dv = _flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     scale: float | None = None) -> torch.Tensor:
-    """q (B, T, H, D), k/v (B, T, H_kv, D) with H % H_kv == 0 -> (B, T, H, D); differentiable in q, k, v."""
+    """q (B, T, H, D), k/v (B, T, H_kv, D) with H % H_kv == 0 -> (B, T, H, D); differentiable in q, k, v.
+
+    Validates shapes, dtypes and devices here, at the boundary, and gives the kernels a unit stride along D."""
+    _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttention.apply(q, k, v, causal, scale)
+    out, _ = _flash_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), bool(causal), scale)
+    return out

@@ -148,6 +148,25 @@ def test_interp_attention_strided_views_and_scale():
 
 
 @interp
+@pytest.mark.slow
+def test_interp_attention_under_torch_compile():
+    """base_train compiles the model: the dispatch and the custom ops must trace in one graph, grads unchanged."""
+    (q, k, v, do), _ = _attention_case(1, 20, 4, 2, 64, torch.float32, True)
+
+    def loss_fn(q, k, v):
+        return (nanochat_kernels.attention(q, k, v) * do).sum()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager_loss = loss_fn(q, k, v)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v))
+    _assert_close("loss", loss, eager_loss.detach(), 1e-5, 1e-6)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, eager_grads):
+        _assert_close(name, got, want, 1e-6, 1e-6)
+
+
+@interp
 def test_interp_attention_rejects_bad_input():
     q = torch.randn(1, 8, 3, 64)
     with pytest.raises(ValueError, match="multiple of K/V heads"):
@@ -177,8 +196,53 @@ def test_interp_attention_dispatch(monkeypatch):
     _assert_close("out", triton_out, ref_out, 5e-5, 1e-4)
 
 
+def _tiny_gpt():
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))  # D=16
+    with torch.no_grad():  # zero-initialised projections would hide attention from the comparison
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@interp
+def test_interp_attention_in_gpt_training_step(monkeypatch):
+    """The model's loss and every parameter gradient are the same through the kernels as through the reference."""
+    pytest.importorskip("nanochat.gpt")
+    model = _tiny_gpt()
+    idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("NANOCHAT_KERNELS", mode)
+        model.zero_grad()
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        loss.backward()
+        results[mode] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    _assert_close("loss", results["triton"][0], results["reference"][0], 1e-5, 1e-5)
+    for got, want in zip(results["triton"][1], results["reference"][1]):
+        _assert_close("grad", got, want, 1e-5, 1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Decode attention
+
+
+@interp
+def test_interp_decode_in_gpt_kv_cache():
+    """Prefill, a multi-token chunk and single-token steps through the KV cache reproduce the full forward."""
+    pytest.importorskip("nanochat.gpt")
+    from nanochat.kv_cache import KVCache
+
+    model = _tiny_gpt().eval()
+    x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(2, 16, 2, 2, 16)
+        pieces = [model(x[:, :5], kv_cache=cache), model(x[:, 5:8], kv_cache=cache)]
+        pieces += [model(x[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]
+    _assert_close("logits", torch.cat(pieces, dim=1), full, 1e-4, 1e-4)
 
 
 def _decode_case(B, T_q, H, H_kv, D, T_max, dtype, device="cpu", seed=0):
