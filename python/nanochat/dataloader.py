@@ -175,7 +175,7 @@ class DataLoader:
         self.epoch = 0
         self._walk = (0, 0, 0, 0)           # next row group to visit: (epoch, shard, row group, counter)
         self._consumed_walk = self._walk     # the walk position after the last chunk the buffer took in
-        self._pending: list[Future | Chunk] = []
+        self._pending: list[Future | tuple] = []  # futures (threads) or positions to load inline (threads=0)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nanochat-data") if threads else None
         self._prefetch = max(2, 2 * threads)
         if state is not None:
@@ -343,4 +343,7 @@ class DataLoader:
         getattr(self, "_pending", []).clear()
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the executor's modules may already be torn down
+            pass
