@@ -348,6 +348,16 @@ def test_build_corpus_shape_and_determinism(tmp_path):
         offline_corpus.build_corpus(src, tmp_path / "c", ["nope"], config)
 
 
+def test_fortunes_documents(tmp_path):
+    folder = tmp_path / "fortunes/usr/share/games/fortunes"
+    folder.mkdir(parents=True)
+    (folder / "wisdom").write_text("Be _\bb_\bo_\bl_\bd.\n%\nSecond\tfortune.\n%\n" + "x" * 50 + "\n%\n")
+    (folder / "wisdom.dat").write_bytes(b"\x00\x01index")
+    docs = list(offline_corpus.docs_fortunes(tmp_path / "fortunes", chunk_chars=40))
+    assert docs == [("fortunes/fortunes/wisdom/001", "Be bold.\n%\nSecond    fortune.\n"),
+                    ("fortunes/fortunes/wisdom/002", "x" * 50 + "\n")]
+
+
 def test_offline_needs_apt(tmp_path, monkeypatch):
     monkeypatch.setattr(offline_corpus.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="apt-get"):
@@ -367,6 +377,11 @@ def test_cli_offline_refuses_to_mix_and_prints_notice(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PIPELINE DEMO" in printed and "NOT FineWeb" in printed
     assert len(split_shards("train", out)) >= 1 and "fineweb text" not in "".join(iter_texts("train", out))
+    before = {p.name: p.stat().st_mtime_ns for p in list_shards(out)}
+    args = ["offline", "--data-dir", str(out), "--src", str(src), "--packages", "python3.11-doc"]
+    assert dataset.main(args) == 0 and "already holds" in capsys.readouterr().out  # idempotent
+    assert {p.name: p.stat().st_mtime_ns for p in list_shards(out)} == before
+    assert dataset.main(args + ["--seed", "5"]) == 1  # a different build is not silently mixed in
 
 
 def test_cli_evals_delegates(monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -253,12 +254,20 @@ def _offline(args) -> int:
 
     out = Path(args.data_dir) if args.data_dir else data_dir()
     existing = list_shards(out)
+    packages = [p.strip() for p in args.packages.split(",") if p.strip()]
+    packages += [p for p in offline_corpus.OPTIONAL_PACKAGES if args.extra and p not in packages]
+    marker = out / "offline_corpus.json"
+    if existing and not args.force and marker.exists():  # already built: done, so recipes can call this every time
+        built = json.loads(marker.read_text())
+        if (built.get("packages"), built.get("seed")) == (packages, args.seed) and \
+                [p.name for p in existing] == sorted(built.get("shards", {})):
+            print(f"{out} already holds the offline demo corpus ({len(existing)} shards); --force rebuilds it")
+            print(offline_corpus.DEMO_NOTICE)
+            return 0
     if existing and not args.force:
         print(f"error: {out} already holds {len(existing)} shard(s) ({existing[0].name} ...); pass --force to "
               "replace them with the offline demo corpus", file=sys.stderr)
         return 1
-    packages = [p.strip() for p in args.packages.split(",") if p.strip()]
-    packages += [p for p in offline_corpus.OPTIONAL_PACKAGES if args.extra and p not in packages]
     print(offline_corpus.DEMO_NOTICE)
     config = offline_corpus.CorpusConfig(seed=args.seed, train_shard_chars=args.shard_chars)
     staging = out.parent / f".{out.name}.offline-build"  # old shards stay until the new ones are complete
