@@ -137,13 +137,17 @@ def _fetch_once(url: str, dest: Path, config: DownloadConfig) -> None:
 
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
     try:
-        with requests.get(url, stream=True, timeout=config.timeout_s) as response:
+        # identity encoding: Content-Length then counts the bytes we write
+        with requests.get(url, stream=True, timeout=config.timeout_s,
+                          headers={"Accept-Encoding": "identity"}) as response:
             if response.status_code != 200:
                 message = f"HTTP {response.status_code} for {url}"
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
                     raise PermanentError(message)
                 raise OSError(message)
             length = response.headers.get("Content-Length")
+            if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                length = None  # a mirror compressed it anyway: the length is of the compressed body
             with open(tmp, "wb") as f:
                 for chunk in response.iter_content(chunk_size=config.chunk_bytes):
                     f.write(chunk)
