@@ -46,6 +46,19 @@ class IdTokenizer:
         return "x" * len(ids)
 
 
+class NoStopModel(torch.nn.Module):
+    """The model with the stop tokens never sampled (logits -inf), so every run generates the same number of tokens."""
+
+    def __init__(self, inner, silenced: list[int]):
+        super().__init__()
+        self.inner, self.config, self.silenced = inner, inner.config, silenced
+
+    def forward(self, idx, kv_cache=None):
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.silenced] = float("-inf")
+        return logits
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -118,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     t_full = statistics.median(recompute_decode() for _ in range(args.repeats))
 
     # -- the engine end to end ---------------------------------------------------------------------------------
-    engine = Engine(model, tok, tools=True)
+    no_stop = NoStopModel(model, [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")])
+    engine = Engine(no_stop, tok, tools=True)
     ids = prompt[0].tolist()
 
     def engine_run():  # decode only: from the first token (after the prefill) to the last
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     batched = {}
     for batch in (1, 8, 16):
         def run(batch=batch):
-            sched = Scheduler(model, tok, batch_size=batch, max_len=128 + args.new_tokens, tools=False)
+            sched = Scheduler(no_stop, tok, batch_size=batch, max_len=128 + args.new_tokens, tools=False)
             reqs = [GenerationRequest(torch.randint(0, args.vocab_size - 9, (64,)).tolist(),
                                       SamplingParams(max_tokens=args.new_tokens, temperature=1.0, seed=i, stop=()))
                     for i in range(batch)]

@@ -3,9 +3,9 @@ anchor: what a server without batching would give at best), side by side in one 
 under the 16-stream load.
 
 The server is the real one (uvicorn on 127.0.0.1 in a thread, continuous batching in its worker thread) over a small
-random model and a tokenizer trained on a little real text; clients are asyncio + httpx streaming SSE. The random
-model's stop tokens are silenced (their lm_head rows zeroed) so replies run to max_tokens and every run does the
-same work. Target: 16 streams >= 4x one stream.
+random model and a tokenizer trained on a little real text, in a child process; clients are asyncio + httpx
+streaming SSE in this one. The model's stop tokens are never sampled (their logits are -inf), so replies run to
+max_tokens and every run does the same work. Target: 16 streams >= 4x one stream.
 
 Usage: python bench/serve_load.py [--depth 4 --max-tokens 64 --streams 16]
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import time
 
@@ -65,6 +66,44 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def build_app(args):
+    """The server under test: a random depth-`args.depth` GPT (stop tokens silenced) and a small real tokenizer."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = tiny_tokenizer(args.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=512)).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.05)
+    silenced = [tok.encode_special(name) for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
+    app = create_app(NoStopModel(model, silenced), tok, ServerConfig(batch_size=max(16, args.streams),
+                                                                      max_waiting=256))
+    return app, model, tok
+
+
+class NoStopModel(torch.nn.Module):
+    """The model with some token ids never sampled (their logits set to -inf), so every reply runs to max_tokens."""
+
+    def __init__(self, inner, silenced: list[int]):
+        super().__init__()
+        self.inner, self.config, self.silenced = inner, inner.config, silenced
+
+    def forward(self, idx, kv_cache=None):
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.silenced] = float("-inf")
+        return logits
+
+
+def serve(args, ready, stop) -> None:
+    """Child process: run the server until `stop` is set (clients live in the parent, so they do not share the
+    server's GIL)."""
+    app, model, tok = build_app(args)
+    with ServerThread(app) as server:
+        ready.put((server.url, model.num_params(), tok.vocab_size))
+        stop.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=4, help="model depth (width 64 x depth)")
@@ -75,29 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0 = torch's default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tok = tiny_tokenizer(args.vocab_size)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=tok.vocab_size, sequence_len=512)).eval()
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.normal_(0, 0.05)
-        for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
-            model.lm_head.weight[tok.encode_special(name)].zero_()
-            model.lm_head.weight[tok.encode_special(name)] -= 1.0  # never likely after RMSNorm: a large negative logit
-    info = system_info()
-    print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, threads {torch.get_num_threads()}, depth {args.depth} "
-          f"({model.num_params() / 1e6:.1f}M params), vocab {tok.vocab_size}, {args.max_tokens} tokens per reply")
-    app = create_app(model, tok, ServerConfig(batch_size=max(16, args.streams), max_waiting=256))
-    with ServerThread(app) as server:
-        asyncio.run(load(server.url, 1, 1, 8))  # warm-up
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=serve, args=(args, ready, stop), daemon=True)
+    child.start()
+    try:
+        url, num_params, vocab = ready.get(timeout=300)
+        info = system_info()
+        print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, server threads {args.threads}, depth {args.depth} "
+              f"({num_params / 1e6:.1f}M params), vocab {vocab}, {args.max_tokens} tokens per reply; "
+              f"server and clients in separate processes")
+        asyncio.run(load(url, 1, 1, 8))  # warm-up
         single, loaded, ttfts = [], [], []
         for _ in range(args.repeats):
-            single.append(asyncio.run(load(server.url, 1, args.requests, args.max_tokens))[0])
-            tps, ttft = asyncio.run(load(server.url, args.streams, args.requests, args.max_tokens))
+            single.append(asyncio.run(load(url, 1, args.requests, args.max_tokens))[0])
+            tps, ttft = asyncio.run(load(url, args.streams, args.requests, args.max_tokens))
             loaded.append(tps)
             ttfts += ttft
+    finally:
+        stop.set()
+        child.join(timeout=30)
     one, many = statistics.median(single), statistics.median(loaded)
     print(f"| {'ours':<32} | {'value':>8} | {'anchor':<22} | {'value':>8} | {'ratio':>6} | target |")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 24}|{'-' * 10}|{'-' * 8}|--------|")

@@ -133,6 +133,32 @@ class Metrics:
 # Replicas
 
 
+class EventRelay:
+    """Moves token events from worker threads onto the event loop with one wake-up per burst (a decode step emits
+    one event per row), not one `call_soon_threadsafe` per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, TokenEvent]] = []
+        self.scheduled = False
+
+    def push(self, queue: asyncio.Queue, event: TokenEvent) -> None:  # worker thread
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # event loop
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+
 class Replica:
     """One model + scheduler + worker thread."""
 
@@ -318,6 +344,7 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
     metrics = Metrics()
     created = int(time.time())
     ui_page = load_ui_page()
+    relays: dict[asyncio.AbstractEventLoop, EventRelay] = {}
     log = get_logger()
 
     @contextlib.asynccontextmanager
@@ -335,7 +362,7 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
                 "model": config.model_name, "system_fingerprint": None, "choices": choices}
         if include_usage:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     async def chat_completions(request: Request) -> Response:
         t0 = time.monotonic()
@@ -355,10 +382,14 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
         params = parsed.params
         params.max_tokens = min(params.max_tokens, context - len(prompt))
         loop = asyncio.get_running_loop()
+        if relays.get(loop) is None:
+            relays.clear()  # one event loop per app run; a new one (tests restarting the app) replaces the old
+            relays[loop] = EventRelay(loop)
+        relay = relays[loop]
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def on_event(ev: TokenEvent) -> None:  # worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            relay.push(queue, ev)
 
         req = GenerationRequest(prompt, params, n=parsed.n, on_event=on_event)
         replica = min(replicas, key=lambda r: r.load)
