@@ -134,13 +134,13 @@ def _open_parquet(path: Path):
 
 
 def read_row_group_texts(path: Path, row_group: int) -> list[str | None]:
+    pf = _open_parquet(path)
     try:
-        pf = _open_parquet(path)
         return pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
-    except CorruptShardError:
-        raise
     except Exception as e:
         raise CorruptShardError(f"corrupt parquet shard {path} (row group {row_group}): {e}") from e
+    finally:
+        pf.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,7 +186,9 @@ class DataLoader:
     def _row_groups_in(self, shard: int) -> int:
         if shard not in self._num_row_groups:
             try:
-                self._num_row_groups[shard] = _open_parquet(self.shards[shard]).num_row_groups
+                pf = _open_parquet(self.shards[shard])
+                self._num_row_groups[shard] = pf.num_row_groups
+                pf.close()
             except CorruptShardError as e:
                 if not self.skip_corrupt:
                     raise
