@@ -21,15 +21,18 @@ openai = pytest.importorskip("openai")
 
 
 class SlowModel(torch.nn.Module):
-    """Wraps a model and sleeps in every forward, so that requests stay in flight long enough to observe."""
+    """Wraps a model, sleeps in every forward and never samples the stop tokens, so that requests stay in flight
+    long enough to observe."""
 
-    def __init__(self, inner, delay_s: float):
+    def __init__(self, inner, delay_s: float, silenced: list[int]):
         super().__init__()
-        self.inner, self.config, self.delay_s = inner, inner.config, delay_s
+        self.inner, self.config, self.delay_s, self.silenced = inner, inner.config, delay_s, silenced
 
     def forward(self, idx, kv_cache=None):
         time.sleep(self.delay_s)
-        return self.inner(idx, kv_cache=kv_cache)
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.silenced] = float("-inf")
+        return logits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,7 +233,8 @@ def test_openai_client_raises_bad_request(client):
 
 @pytest.fixture
 def slow_server(model, tok):
-    app = create_app(SlowModel(model, 0.02), tok, ServerConfig(batch_size=2, max_waiting=2, retry_after_s=3))
+    silenced = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
+    app = create_app(SlowModel(model, 0.02, silenced), tok, ServerConfig(batch_size=2, max_waiting=2, retry_after_s=3))
     with ServerThread(app) as s:
         s.app = app
         yield s

@@ -31,19 +31,24 @@ def one_torch_thread():
 
 
 class SlowModel(torch.nn.Module):
-    def __init__(self, inner, delay_s: float):
+    """Sleeps in every forward and never samples the stop tokens, so a reply streams long enough to be stopped."""
+
+    def __init__(self, inner, delay_s: float, silenced: list[int]):
         super().__init__()
-        self.inner, self.config, self.delay_s = inner, inner.config, delay_s
+        self.inner, self.config, self.delay_s, self.silenced = inner, inner.config, delay_s, silenced
 
     def forward(self, idx, kv_cache=None):
         time.sleep(self.delay_s)
-        return self.inner(idx, kv_cache=kv_cache)
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.silenced] = float("-inf")
+        return logits
 
 
 @pytest.fixture(scope="module")
 def server():
     tok = tiny_tokenizer(512)
-    model = SlowModel(tiny_model(tok.vocab_size, sequence_len=512, seed=2), 0.01)
+    silenced = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
+    model = SlowModel(tiny_model(tok.vocab_size, sequence_len=512, seed=2), 0.01, silenced)
     app = create_app(model, tok, ServerConfig(batch_size=4))
     with ServerThread(app) as s:
         s.app = app
