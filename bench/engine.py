@@ -68,12 +68,22 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_bandwidth(mib: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (read + write)."""
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write) on `device`."""
     n = mib * 2 ** 20 // 4
-    src, dst = torch.ones(n), torch.empty(n)
+    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
     dst.copy_(src)
-    t = median_time(lambda: dst.copy_(src), repeats)
+    sync(device)
+
+    def copy():
+        dst.copy_(src)
+        sync(device)
+    t = median_time(copy, repeats)
     return 2 * n * 4 / t
 
 
@@ -87,43 +97,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared machine more threads mostly add noise; 0 = torch's default)")
 
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the H100 figure: --device cuda --depth 20 "
+                   "--vocab-size 65536 --context 1024)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="weight and KV-cache dtype (default: fp32 on CPU, bf16 on CUDA)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
     config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.context + args.new_tokens + 64)
-    model = GPT(config).eval()
+    with torch.device(device):
+        model = GPT(config).eval()
     with torch.no_grad():  # random weights everywhere (init_weights zeroes the output projections)
         for prm in model.parameters():
             prm.normal_(0, 0.05)
+    model.to(dtype=dtype)
     tok = IdTokenizer(args.vocab_size)
-    prompt = torch.randint(0, args.vocab_size - 9, (1, args.context))
+    prompt = torch.randint(0, args.vocab_size - 9, (1, args.context), device=device)
     info = system_info()
-    print(f"# torch {info['torch']}, {info['cpu_count']} CPUs, threads {torch.get_num_threads()}, "
+    card = ", ".join(info["gpus"]) if device.type == "cuda" else f"{info['cpu_count']} CPUs, threads {torch.get_num_threads()}"
+    print(f"# torch {info['torch']}, {card}, {str(dtype).removeprefix('torch.')}, "
           f"depth {args.depth} ({model.num_params() / 1e6:.1f}M params), vocab {args.vocab_size}, "
           f"context {args.context}")
 
     # -- cache vs recompute --------------------------------------------------------------------------------------
-    cache = KVCache(1, config.sequence_len, config.n_layer, config.n_kv_head, config.head_dim)
+    cache = KVCache(1, config.sequence_len, config.n_layer, config.n_kv_head, config.head_dim, device, dtype)
 
     @torch.no_grad()
     def cached_decode():
         cache.reset()
         model(prompt, kv_cache=cache)
+        sync(device)
         t0 = time.perf_counter()
-        nxt = torch.zeros(1, 1, dtype=torch.long)
+        nxt = torch.zeros(1, 1, dtype=torch.long, device=device)
         for _ in range(args.new_tokens):
             nxt = model(nxt, kv_cache=cache)[:, -1:].argmax(-1)
+        sync(device)
         return (time.perf_counter() - t0) / args.new_tokens
 
     @torch.no_grad()
     def recompute_decode():
         ids = prompt
         steps = max(4, args.new_tokens // 4)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             nxt = model(ids)[:, -1:].argmax(-1)
             ids = torch.cat([ids, nxt], dim=1)
+        sync(device)
         return (time.perf_counter() - t0) / steps
 
     cached_decode(), recompute_decode()  # warm-up
@@ -143,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     t_engine = statistics.median(engine_run() for _ in range(args.repeats))
 
     # -- bandwidth floor -------------------------------------------------------------------------------------------
-    bandwidth = measure_bandwidth()
-    weight_bytes = (model.num_params() - model.wte.weight.numel()) * 4 + config.n_embd * 4  # embedding: one row
-    kv_bytes = 2 * config.n_layer * (args.context + args.new_tokens // 2) * config.n_kv_head * config.head_dim * 4
+    bandwidth = measure_bandwidth(device)
+    size = torch.finfo(dtype).bits // 8
+    weight_bytes = (model.num_params() - model.wte.weight.numel() + config.n_embd) * size  # embedding: one row
+    kv_bytes = 2 * config.n_layer * (args.context + args.new_tokens // 2) * config.n_kv_head * config.head_dim * size
     floor_tps = bandwidth / (weight_bytes + kv_bytes)
 
     # -- batched decode (continuous-batching scheduler) ----------------------------------------------------------
