@@ -46,7 +46,6 @@ def train_cmd(env, tag, *extra, steps=STEPS):
     return [sys.executable, "-m", "nanochat.base_train", "--depth", "1", "--max-seq-len", "32",
             "--device-batch-size", "4", "--total-batch-size", "256", "--num-iterations", str(steps),
             "--eval-every", "8", "--eval-tokens", "1024", "--sample-every", "0", "--save-every", str(SAVE_EVERY),
-            "--matrix-lr", "0.05", "--embedding-lr", "0.3", "--unembedding-lr", "0.02",
             "--data-dir", str(env["data_dir"]), "--model-tag", tag, "--device", "cpu", "--loader-threads", "1",
             *extra]
 
@@ -73,7 +72,7 @@ def test_kill_and_resume_reproduces_the_loss_curve(env):
     losses, bpbs = curves(env, "full")
     assert [s for s, _ in losses] == list(range(STEPS))
     assert [s for s, _ in bpbs] == [0, 8, 16]
-    assert bpbs[-1][1] < 0.75 * bpbs[0][1], f"validation bpb did not fall: {bpbs}"
+    assert bpbs[-1][1] < 0.8 * bpbs[0][1], f"validation bpb did not fall: {bpbs}"
 
     # the same run, killed with SIGKILL as soon as its first checkpoint is on disk
     cmd = train_cmd(env, "killed")
