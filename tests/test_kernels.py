@@ -437,6 +437,28 @@ def test_interp_ns_training_loss_matches_reference(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Compiled mode without a GPU: every kernel through Triton's compiler and ptxas for sm_90
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(interpreting(), reason="interpreted kernels cannot be compiled")
+def test_kernels_compile_for_h100(monkeypatch):
+    """Catches what the interpreter cannot: compile-only errors and shared memory over an H100 block's limit."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its current default
+    from nanochat_kernels import resource_report
+
+    try:
+        reports = (resource_report.attention_reports(64) + resource_report.attention_reports(128, group=2)
+                   + resource_report.decode_reports() + resource_report.newton_schulz_reports())
+    except (FileNotFoundError, PermissionError) as exc:  # a triton build without its bundled ptxas
+        pytest.skip(f"no ptxas to compile with: {exc}")
+    assert len(reports) == 13
+    for r in reports:
+        assert 0 < r.shared <= resource_report.H100_SHARED_LIMIT, r
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at real shapes (bench/gpu_check.sh)
 
 
