@@ -324,3 +324,44 @@ def test_bad_parameters_raise_clear_errors():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="prompt"):
         GenerationRequest([], SamplingParams())
+
+
+class FailingModel(ScriptedModel):
+    """Raises on prompts longer than `max_prompt`, or on any decode step once `fail_decode` is set."""
+
+    def __init__(self, *args, max_prompt: int = 10**9, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_prompt, self.fail_decode = max_prompt, False
+
+    def forward(self, idx, kv_cache=None):
+        if idx.size(1) > self.max_prompt or (idx.size(1) == 1 and self.fail_decode):
+            raise RuntimeError("simulated out of memory")
+        return super().forward(idx, kv_cache)
+
+
+def test_model_failures_fail_requests_not_the_worker(tok):
+    import threading
+
+    loop_token = tok.encode("a")[0]
+    model = FailingModel(tok.vocab_size, {loop_token: loop_token}, default=loop_token, max_prompt=20)
+    sched = Scheduler(model, tok, batch_size=4, tools=False)
+    ok = GenerationRequest(prompt_of(tok, "a"), SamplingParams(max_tokens=5, temperature=0.0))
+    too_long = GenerationRequest(prompt_of(tok, "word " * 40), SamplingParams(max_tokens=5, temperature=0.0))
+    sched.submit(too_long)
+    sched.submit(ok)
+    stop = threading.Event()
+    worker = threading.Thread(target=sched.serve_forever, args=(stop,))
+    worker.start()
+    try:
+        assert ok.finished.wait(10) and too_long.finished.wait(10)
+        assert [ev.finish_reason for ev in too_long.events] == ["error"]
+        assert ok.events[-1].finish_reason == "length" and len(ok.events) == 5
+        model.fail_decode = True  # now a decode step fails: every request in flight ends with "error"
+        a = GenerationRequest(prompt_of(tok, "a"), SamplingParams(max_tokens=50, temperature=0.0))
+        sched.submit(a)
+        assert a.finished.wait(10) and a.events[-1].finish_reason == "error"
+        assert sched.num_active_rows == 0 and worker.is_alive()
+    finally:
+        stop.set()
+        sched.wake()
+        worker.join(10)

@@ -284,7 +284,8 @@ class Scheduler:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.special_text = {special(name): text for name, text in SPECIAL_TEXT.items()}
-        self.special_text.update({special(name): "" for name in TERMINAL_TOKENS})
+        for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"):
+            self.special_text[special(name)] = ""  # structure tokens never show up as text
         self.rows: list[_Row] = []
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.cond = threading.Condition()
@@ -379,7 +380,16 @@ class Scheduler:
                 self.requests_finished += 1
                 continue
             prefill_tokens += len(req.prompt)
-            emitted += self._prefill(req)
+            r0 = len(self.rows)
+            try:
+                emitted += self._prefill(req)
+            except Exception:  # e.g. out of memory on a long prompt: fail this request, keep the others going
+                get_logger().exception("prefill failed; failing the request")
+                del self.rows[r0:]
+                self.cache.reset(list(range(r0, min(r0 + req.n, self.batch_size))))
+                for s in range(req.n):
+                    req._emit(TokenEvent(s, None, 0, "", "error"))
+                self.requests_finished += 1
         return emitted
 
     def _prefill(self, req: GenerationRequest) -> int:
