@@ -92,7 +92,10 @@ impl Tokenizer {
         let mut seen = [false; 256];
         for (i, t) in vocab[..256].iter().enumerate() {
             if t.len() != 1 || seen[t[0] as usize] {
-                return Err(Error::Value(format!("rank {i} must be a single byte not seen before, got {t:?}")));
+                return Err(Error::Value(format!(
+                    "rank {i} must be a single byte not seen before (the first 256 ranks are the 256 bytes), got {:?}",
+                    String::from_utf8_lossy(t)
+                )));
             }
             seen[t[0] as usize] = true;
         }
@@ -127,7 +130,10 @@ impl Tokenizer {
             };
             match pair {
                 Some(p) => merges.push(p),
-                None => return Err(Error::Value(format!("rank {i} ({t:?}) is not two lower-ranked tokens joined"))),
+                None => {
+                    let shown = String::from_utf8_lossy(t);
+                    return Err(Error::Value(format!("rank {i} ({shown:?}) is not two lower-ranked tokens joined")));
+                }
             }
         }
         Self::build(vocab, merges, pattern, specials)
@@ -265,7 +271,7 @@ impl Trainer {
         Ok(Trainer { splitter: Splitter::new(pattern)?, pattern: pattern.to_string(), counter: train::PieceCounter::new() })
     }
 
-    pub fn add_batch(&mut self, docs: &[String]) -> Result<(), Error> {
+    pub fn add_batch<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<(), Error> {
         self.counter.add_batch(&self.splitter, docs)
     }
 
@@ -280,7 +286,12 @@ impl Trainer {
         if self.counter.docs == 0 {
             return Err(Error::Value("no text to train on: the iterator yielded no documents".into()));
         }
-        let merges = train::train_merges(self.counter.into_words(), vocab_size - 256 - specials.len(), progress);
+        let t = std::time::Instant::now();
+        let words = self.counter.into_words();
+        if progress {
+            eprintln!("rustbpe: merged piece counts ({} unique) in {:.2}s", words.len(), t.elapsed().as_secs_f64());
+        }
+        let merges = train::train_merges(words, vocab_size - 256 - specials.len(), progress);
         Tokenizer::from_merges(merges, &self.pattern, specials)
     }
 }

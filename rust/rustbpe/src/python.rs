@@ -13,6 +13,9 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::{check_vocab_size, serialize, Allowed, Error, Trainer};
 
+/// Text per training batch; small enough that pulling the next batch from Python overlaps counting this one.
+const BATCH_BYTES: usize = 4 << 20;
+
 fn py_err(e: Error) -> PyErr {
     match e {
         Error::Value(m) => PyValueError::new_err(m),
@@ -123,18 +126,16 @@ impl PyTokenizer {
             })?;
             let started = std::time::Instant::now();
             let mut last_report = started;
-            let (mut index, mut chars, mut done) = (0usize, 0i64, false);
-            while !done {
-                let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 20) as usize);
-                while batch.len() < buffer_size as usize {
+            let (mut index, mut chars) = (0usize, 0i64);
+            // One batch: up to buffer_size documents or BATCH_BYTES of text, copied out of Python under the GIL.
+            let mut pull = || -> PyResult<(Vec<String>, bool)> {
+                let mut batch: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16) as usize);
+                let mut bytes = 0usize;
+                while batch.len() < buffer_size as usize && bytes < BATCH_BYTES {
                     if max_chars.is_some_and(|m| chars >= m) {
-                        done = true;
-                        break;
+                        return Ok((batch, true));
                     }
-                    let Some(item) = iter.next() else {
-                        done = true;
-                        break;
-                    };
+                    let Some(item) = iter.next() else { return Ok((batch, true)) };
                     let item = item?;
                     let what = || format!("texts[{index}]");
                     let s = as_str(&item, &what)?;
@@ -146,10 +147,26 @@ impl PyTokenizer {
                         n = cap;
                     }
                     chars += n;
+                    bytes += text.len();
                     batch.push(text.to_owned());
                     index += 1;
                 }
-                py.allow_threads(|| trainer.add_batch(&batch)).map_err(py_err)?;
+                Ok((batch, false))
+            };
+            // Pipeline: while one batch is counted on the rayon threads (no GIL needed), the next is pulled.
+            let (mut batch, mut done) = pull()?;
+            loop {
+                let (counted, next) = std::thread::scope(|scope| {
+                    let worker = scope.spawn(|| trainer.add_batch(&batch));
+                    let next = if done { Ok((Vec::new(), true)) } else { pull() };
+                    let counted = py.allow_threads(|| worker.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                    (counted, next)
+                });
+                counted.map_err(py_err)?;
+                if done {
+                    break;
+                }
+                (batch, done) = next?;
                 if progress && last_report.elapsed().as_secs_f64() > 5.0 {
                     last_report = std::time::Instant::now();
                     let (docs, bytes, unique) = trainer.stats();
@@ -159,6 +176,14 @@ impl PyTokenizer {
                         started.elapsed().as_secs_f64()
                     );
                 }
+            }
+            if progress {
+                let (docs, bytes, unique) = trainer.stats();
+                eprintln!(
+                    "rustbpe: counted {docs} documents, {:.1} MB, ~{unique} unique pieces in {:.2}s",
+                    bytes as f64 / 1e6,
+                    started.elapsed().as_secs_f64()
+                );
             }
             let tok = py
                 .allow_threads(|| trainer.finish(vocab_size as usize, special_tokens, progress))
