@@ -66,7 +66,7 @@ def run(cmd, env, timeout=300):
     return proc
 
 
-def test_kill_and_resume_reproduces_the_loss_curve(env):
+def test_kill_and_resume_reproduces_the_loss_curve(env, capsys):
     full = run(train_cmd(env, "full"), env)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     losses, bpbs = curves(env, "full")
@@ -92,9 +92,11 @@ def test_kill_and_resume_reproduces_the_loss_curve(env):
     assert f"resumed from {ckpt_dir(env, 'killed')} at step {killed_at}" in resumed.stdout
     assert curves(env, "killed") == (losses, bpbs)  # bit for bit: every loss and every bpb
 
-    # --resume with nothing to resume starts from scratch (so restart loops can always pass it)
-    fresh = run(train_cmd(env, "fresh", "--resume", steps=2), env)
-    assert fresh.returncode == 0 and "starting from step 0" in fresh.stdout
+    # --resume with nothing to resume starts from scratch (so restart loops can always pass it); in-process
+    from nanochat.base_train import main
+
+    assert main(train_cmd(env, "fresh", "--resume", steps=2)[3:]) == 0
+    assert "starting from step 0" in capsys.readouterr().out
     assert curves(env, "fresh")[0] == losses[:2]
 
 
@@ -115,17 +117,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
 
 
 def test_bad_batch_geometry_is_rejected(env):
-    proc = run(train_cmd(env, "geom", "--total-batch-size", "100"), env)
-    assert proc.returncode != 0
-    assert "--total-batch-size 100 must be a multiple of" in proc.stderr
+    from nanochat.base_train import main
+
+    with pytest.raises(ValueError, match="--total-batch-size 100 must be a multiple of .* = 4 x 32 x 1 = 128"):
+        main(train_cmd(env, "geom", "--total-batch-size", "100")[3:])
 
 
 def test_base_eval_writes_results(env):
-    assert run(train_cmd(env, "ev", steps=2), env).returncode == 0
-    proc = run([sys.executable, "-m", "nanochat.base_eval", "--model-tag", "ev", "--eval", "bpb,samples",
-                "--eval-tokens", "512", "--device-batch-size", "4", "--data-dir", str(env["data_dir"]),
-                "--max-new-tokens", "4"], env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from nanochat import base_eval, base_train
+
+    assert base_train.main(train_cmd(env, "ev", steps=2)[3:]) == 0
+    assert base_eval.main(["--model-tag", "ev", "--eval", "bpb,samples", "--eval-tokens", "512",
+                           "--device-batch-size", "4", "--data-dir", str(env["data_dir"]),
+                           "--max-new-tokens", "4"]) == 0
     results = json.loads((ckpt_dir(env, "ev") / "base_eval_step_000002.json").read_text())
     assert results["step"] == 2 and set(results["bpb"]) == {"train", "val"}
     assert all(0 < v < 20 for v in results["bpb"].values())
