@@ -39,7 +39,8 @@ class Tokenizer:
     def merges(self) -> list[tuple[int, int]]:
         """The (left id, right id) pair that made token 256 + i, in merge order."""
     def encode_ordinary(self, text: str) -> list[int]:
-        """Never produces a special id: special-token text is encoded as ordinary bytes."""
+        """Never produces a special id: special-token text is encoded as ordinary bytes. Ids equal tiktoken's for
+        the same ranks (a byte string repeated at several ranks encodes as its lowest id)."""
     def encode(self, text: str, allowed_special: set[str] | str = ()) -> list[int]:
         """allowed_special: a set of special-token strings, or "all"; only those become special ids."""
     def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:

@@ -36,8 +36,9 @@ fn key(a: u32, b: u32) -> u64 {
 }
 
 impl Encoder {
-    /// `vocab[i]` is the bytes of rank i. Every single byte must be a token. Like a Python dict built from the
-    /// ranks, a repeated byte string maps to its last rank.
+    /// `vocab[i]` is the bytes of rank i. Every single byte must be a token. A byte string that appears at several
+    /// ranks (possible in principle after BPE training, not seen on real text) encodes as its lowest rank, the
+    /// convention of nanochat.tokenizer's tiktoken and HF exports.
     pub fn new(vocab: Vec<Vec<u8>>) -> Result<Encoder, Error> {
         if vocab.len() >= NO_RANK as usize {
             return Err(Error::Value(format!("too many tokens: {}", vocab.len())));
@@ -48,7 +49,7 @@ impl Encoder {
             if bytes.is_empty() {
                 return Err(Error::Value(format!("token {id} is empty")));
             }
-            whole.insert(bytes.clone().into_boxed_slice(), id as u32);
+            whole.entry(bytes.clone().into_boxed_slice()).or_insert(id as u32);
         }
         let mut byte_id = [NO_RANK; 256];
         for b in 0..256usize {
