@@ -308,17 +308,22 @@ def environment(device: str) -> dict:
                 else "gpu")
 
 
-def print_table(rows: list[dict], env: dict) -> None:
+def print_header(env: dict) -> None:
     print(f"# nanochat kernels bench  {env['date']}  commit {env['commit']}  {env['device']}  torch {env['torch']}"
           f"  triton {env['triton']}  mode: {env['mode']}")
-    header = f"{'bench':<24} {'shape':<44} {'unit':<8} {'ours':>9} {'anchor':>9} {'speedup':>8}  {'max err':>9}  anchor / note"
+    print("# speedup = anchor time / our time (>1: ours faster); rows print as they finish")
+    header = (f"{'bench':<24} {'shape':<60} {'unit':<8} {'ours':>9} {'anchor':>9} {'speedup':>8}  {'max err':>9}  "
+              f"anchor / note")
     print(header)
-    print("-" * len(header))
+    print("-" * len(header), flush=True)
+
+
+def print_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         note = r["anchor"] + (f"; {r['note']}" if r.get("note") else "")
-        print(f"{r['bench']:<24} {r['shape']:<44} {r['unit']:<8} {r['ours']:>9.4g} {r['anchor_value']:>9.4g} "
-              f"{r['ratio']:>7.2f}x  {r['max_err']:>9.2e}  {note}")
-    print("speedup = anchor time / our time (>1: ours faster)")
+        print(f"{r['bench']:<24} {r['shape']:<60} {r['unit']:<8} {r['ours']:>9.4g} {r['anchor_value']:>9.4g} "
+              f"{r['ratio']:>7.2f}x  {r['max_err']:>9.2e}  {note}", flush=True)
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
@@ -346,15 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     env = environment(device)
     peak = cfg.peak_gbps or (peak_gbps(env["device"]) if device == "cuda" else None)
+    print_header(env)
     rows: list[dict] = []
     if "attention" in cfg.only:
-        rows += bench_attention(cfg, device)
+        rows += print_rows(bench_attention(cfg, device))
     if "decode" in cfg.only:
-        rows += bench_decode(cfg, device, peak)
+        rows += print_rows(bench_decode(cfg, device, peak))
     if "ns" in cfg.only:
-        rows += bench_newton_schulz(cfg, device)
-        rows += bench_optimizer_step(cfg, device)
-    print_table(rows, env)
+        rows += print_rows(bench_newton_schulz(cfg, device))
+        rows += print_rows(bench_optimizer_step(cfg, device))
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps(dict(env=env, config=asdict(cfg), rows=rows), indent=2))
     return 0
