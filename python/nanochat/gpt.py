@@ -256,8 +256,9 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = logits.float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)  # (B, T, V)
+        # soft-cap in fp32: cap * tanh(logits / cap). In place where autograd allows (the division and the tanh),
+        # so eager mode holds two (B, T, V) fp32 tensors here instead of four; torch.compile fuses it anyway
+        logits = logits.float().div_(LOGIT_SOFTCAP).tanh_().mul(LOGIT_SOFTCAP)  # (B, T, V)
         if targets is None:
             return logits
         if loss_reduction not in ("mean", "none", "sum"):
