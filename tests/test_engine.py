@@ -101,6 +101,7 @@ def test_ragged_continuous_batch_matches_reference(model, tok):
         assert lens[:sched.num_active_rows] == [r.cache_len for r in sched.rows]
         assert all(n == 0 for n in lens[sched.num_active_rows:])
     assert not sched.has_work() and peak == 3
+    assert sched.requests_finished == len(requests)
     for req in requests:
         got = [ev.token for ev in req.events]
         assert got == reference(model, tok, req.prompt, req.params.max_tokens)

@@ -340,3 +340,62 @@ def test_load_32_streams_with_disconnects_and_garbage(server):
     assert sched.cache.cache_lens.abs().sum().item() == 0
     metrics = httpx.get(server.url + "/metrics").text
     assert 'code="5' not in metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replicas and the `nanochat serve` command
+
+
+def test_requests_spread_over_replicas(model, tok):
+    app = create_app([model, model], tok, ServerConfig(batch_size=2))
+    with ServerThread(app) as s:
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                body = {"messages": MESSAGES, "max_tokens": 8}
+                return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(6)))
+        responses = asyncio.run(main())
+        assert all(r.status_code == 200 for r in responses)
+        deadline = time.monotonic() + 5  # the worker counts a request just after its last event
+        while sum(r.scheduler.requests_finished for r in app.state.replicas) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        finished = [r.scheduler.requests_finished for r in app.state.replicas]
+        assert sum(finished) == 6 and min(finished) >= 1, finished
+
+
+@pytest.mark.slow
+def test_nanochat_serve_command_end_to_end(base_dir, model, tok, tmp_path):
+    """`python -m nanochat.serve` on a saved checkpoint: binds the port, answers /health and a completion."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.tokenizer import default_tokenizer_path
+
+    tok.save(default_tokenizer_path())
+    save_checkpoint(checkpoint_dir("sft", "d1"), 1, model.state_dict(), None, {"config": asdict(model.config), "step": 1})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.serve", "--port", str(port), "--device", "cpu",
+                             "--batch-size", "4"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+    assert "serving sft checkpoint" in (tmp_path / "serve.log").read_text()

@@ -109,6 +109,7 @@ class GenerationRequest:
         self.completion_tokens = 0
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
+        self.counted = False  # by the scheduler's requests_finished
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request; its rows are freed before the next decode step."""
@@ -377,7 +378,7 @@ class Scheduler:
             if req.cancelled:
                 for s in range(req.n):
                     req._emit(TokenEvent(s, None, 0, "", "cancelled"))
-                self.requests_finished += 1
+                self._count_finished(req)
                 continue
             prefill_tokens += len(req.prompt)
             r0 = len(self.rows)
@@ -389,7 +390,7 @@ class Scheduler:
                 self.cache.reset(list(range(r0, min(r0 + req.n, self.batch_size))))
                 for s in range(req.n):
                     req._emit(TokenEvent(s, None, 0, "", "error"))
-                self.requests_finished += 1
+                self._count_finished(req)
         return emitted
 
     def _prefill(self, req: GenerationRequest) -> int:
@@ -488,14 +489,19 @@ class Scheduler:
                 self.rows[i] = self.rows[last]
             self.rows.pop()
             self.cache.reset([last])
-            if row.request.finished.is_set():
-                self.requests_finished += 1
+            self._count_finished(row.request)
+
+    def _count_finished(self, req: GenerationRequest) -> None:
+        if req.finished.is_set() and not req.counted:
+            req.counted = True
+            self.requests_finished += 1
 
     def _fail_all(self, message: str) -> None:
         for row in self.rows:
             if not row.finished:
                 row.finished = True
                 row.request._emit(TokenEvent(row.sample, None, 0, "", "error"))
+            self._count_finished(row.request)
         self.rows.clear()
         self.cache.reset()
         get_logger().error("failed all active requests: %s", message)
