@@ -158,12 +158,12 @@ def _write_base_data(folder, texts):
 
 
 def _easy_gsm8k(n: int, seed: int) -> list[dict]:
-    """GSM8K-format problems a tiny model can learn: repeat a digit in the '#### N' answer format."""
+    """GSM8K-format problems a tiny model half-learns in SFT, leaving RL room: the successor of a digit."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        d = rng.randint(0, 4)
-        rows.append({"question": f"Say the number {d}.", "answer": f"The number is {d}.\n#### {d}"})
+        d = rng.randint(0, 8)
+        rows.append({"question": f"What number comes after {d}?", "answer": f"After {d} comes {d + 1}.\n#### {d + 1}"})
     return rows
 
 
@@ -195,16 +195,16 @@ def test_chain_base_mid_sft_rl_eval(tmp_path, monkeypatch, tokenizer):
 
     common = ["--device", "cpu"]
     assert base_train.main(["--depth", "2", "--max-seq-len", "128", "--device-batch-size", "8",
-                            "--total-batch-size", "-1", "--num-iterations", "60", "--eval-every", "-1",
+                            "--total-batch-size", "-1", "--num-iterations", "30", "--eval-every", "-1",
                             "--eval-tokens", "2048", "--sample-every", "-1", "--model-tag", "tiny",
                             "--data-dir", str(data_dir), "--embedding-lr", "0.3", *common]) == 0
     model, tk, _ = load_model("base", model_tag="tiny")
     core = evaluate_core(model, tk, "cpu", max_per_task=4, data_dir=store / "core")
     assert core["name"].startswith("CORE-offline") and len(core["tasks"]) == 14 and -2 < core["core"] < 2
 
-    assert mid_train.main(["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8",
-                           "--num-iterations", "60", "--eval-every", "-1", "--eval-tokens", "4096",
-                           "--spelling-size", "300", "--save-every", "30", *common]) == 0
+    mid_args = ["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8", "--num-iterations", "40",
+                "--eval-every", "-1", "--eval-tokens", "4096", "--spelling-size", "300", *common]
+    assert mid_train.main(mid_args + ["--save-every", "30"]) == 0
     mid = json.loads((checkpoint_dir("mid", "tiny") / "metrics.json").read_text())
     assert mid["val_loss"] < mid["initial_val_loss"] - 0.3, mid
 
@@ -212,28 +212,26 @@ def test_chain_base_mid_sft_rl_eval(tmp_path, monkeypatch, tokenizer):
     uninterrupted = load_model("mid", model_tag="tiny")[0].state_dict()
     import shutil
 
-    shutil.rmtree(checkpoint_dir("mid", "tiny") / "step_000060")
+    shutil.rmtree(checkpoint_dir("mid", "tiny") / "step_000040")
     (checkpoint_dir("mid", "tiny") / "latest").write_text("30\n")
-    assert mid_train.main(["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8",
-                           "--num-iterations", "60", "--eval-every", "-1", "--eval-tokens", "4096",
-                           "--spelling-size", "300", "--resume", *common]) == 0
+    assert mid_train.main(mid_args + ["--resume"]) == 0
     resumed = load_model("mid", model_tag="tiny")[0].state_dict()
     assert all(torch.allclose(uninterrupted[k], resumed[k], atol=1e-6) for k in uninterrupted)
 
     assert chat_sft.main(["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8",
-                          "--examples-per-step", "16", "--num-iterations", "50", "--eval-every", "-1",
+                          "--examples-per-step", "16", "--num-iterations", "30", "--eval-every", "-1",
                           "--init-lr-frac", "0.5", "--spelling-size", "400", "--smoltalk-limit", "200",
                           "--eval-conversations", "64", "--max-seq-len", "128", *common]) == 0
     sft = json.loads((checkpoint_dir("sft", "tiny") / "metrics.json").read_text())
-    assert sft["val_loss"] < sft["initial_val_loss"] - 0.05, sft
+    assert sft["val_loss"] < sft["initial_val_loss"] - 0.02, sft
 
-    assert chat_rl.main(["--source-tag", "tiny", "--model-tag", "tiny", "--examples-per-step", "8",
-                         "--num-samples", "8", "--max-new-tokens", "12", "--num-iterations", "12",
-                         "--eval-every", "-1", "--eval-examples", "24", "--eval-samples", "4",
+    assert chat_rl.main(["--source-tag", "tiny", "--model-tag", "tiny", "--examples-per-step", "6",
+                         "--num-samples", "8", "--max-new-tokens", "14", "--num-iterations", "10",
+                         "--eval-every", "-1", "--eval-examples", "18", "--eval-samples", "2",
                          "--init-lr-frac", "0.3", "--train-limit", "200", *common]) == 0
     rl = json.loads((checkpoint_dir("rl", "tiny") / "metrics.json").read_text())
     assert rl["eval"]["pass@1"] >= rl["initial_eval"]["pass@1"], rl
-    assert sum(rl["mean_rewards"][-4:]) > sum(rl["mean_rewards"][:4]), rl["mean_rewards"]
+    assert sum(rl["mean_rewards"][-3:]) > sum(rl["mean_rewards"][:3]), rl["mean_rewards"]
     print("\nchain metrics:", json.dumps({"core": core["core"], "mid": [mid["initial_val_loss"], mid["val_loss"]],
                                           "sft": [sft["initial_val_loss"], sft["val_loss"]],
                                           "rl": [rl["initial_eval"], rl["eval"], rl["mean_rewards"]]}))

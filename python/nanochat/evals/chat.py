@@ -58,10 +58,11 @@ def centered(accuracy: float, baseline: float) -> float:
 
 
 @torch.no_grad()
-def categorical_predictions(model, tokenizer, conversations: list[dict], device, batch_size: int = 8) -> list[str]:
-    """The predicted letter of each conversation (argmax over its `letters`)."""
+def categorical_scores(model, tokenizer, conversations: list[dict], device, batch_size: int = 8) -> list[torch.Tensor]:
+    """Per conversation, the logits of its answer letters at the first assistant position (one batched forward
+    per `batch_size` conversations, right-padded; causal attention keeps padding out of the scored position)."""
     max_len = model.config.sequence_len
-    preds: list[str] = []
+    scores: list[torch.Tensor] = []
     for lo in range(0, len(conversations), batch_size):
         chunk = conversations[lo:lo + batch_size]
         prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in chunk]  # crop from the left if needed
@@ -71,10 +72,14 @@ def categorical_predictions(model, tokenizer, conversations: list[dict], device,
             idx[i, :len(p)] = torch.tensor(p)
         logits = model(idx.to(device))  # (B, T, V)
         for i, (conv, p) in enumerate(zip(chunk, prompts)):
-            letters = conv["letters"]
-            scores = logits[i, len(p) - 1, letter_ids(tokenizer, letters)]
-            preds.append(letters[int(scores.argmax())])
-    return preds
+            scores.append(logits[i, len(p) - 1, letter_ids(tokenizer, conv["letters"])].float().cpu())
+    return scores
+
+
+def categorical_predictions(model, tokenizer, conversations: list[dict], device, batch_size: int = 8) -> list[str]:
+    """The predicted letter of each conversation (argmax over its `letters`)."""
+    scores = categorical_scores(model, tokenizer, conversations, device, batch_size)
+    return [conv["letters"][int(s.argmax())] for conv, s in zip(conversations, scores)]
 
 
 def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, max_problems: int | None = None):

@@ -83,7 +83,8 @@ def sft_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict:
                     SpellingBee(size=s.spelling // 2, split="train")])
     elif split == "val":
         tasks = (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
-                 + [SpellingBee(size=max(1, s.spelling // 20), split="test")])
+                 + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
+                    SpellingBee(size=max(1, s.spelling // 20), split="test")])
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     mixture = TaskMixture(tasks, seed=seed)
