@@ -142,3 +142,36 @@ def test_model_forward_matches_the_models_own_loss():
         ref = model(idx[:, :-1], targets=idx[:, 1:], loss_reduction="none")
         assert torch.allclose(losses[1:], ref, atol=1e-5)
         assert torch.equal(preds[1:], model(idx[:, :-1])[0].argmax(-1))
+
+
+def test_bundle_download_from_a_local_server(tmp_path, monkeypatch):
+    """download_bundle fetches, unpacks and reuses the DCLM bundle; core.yaml and the baselines CSV are honoured."""
+    import http.server
+    import threading
+    import zipfile
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    bundle_zip = tmp_path / "serve" / "eval_bundle.zip"
+    bundle_zip.parent.mkdir()
+    with zipfile.ZipFile(bundle_zip, "w") as z:
+        z.writestr("eval_bundle/eval_data/world_knowledge/arc_easy.jsonl",
+                   "\n".join(json.dumps(e) for e in MC_EXAMPLES))
+        z.writestr("eval_bundle/core.yaml", "icl_tasks:\n- label: arc_easy\n  dataset_uri: world_knowledge/arc_easy.jsonl"
+                                            "\n  num_fewshot: [1]\n  icl_task_type: multiple_choice\n"
+                                            "  continuation_delimiter: \"\\nAnswer: \"\n")
+        z.writestr("eval_bundle/eval_meta_data.csv", "Eval Task,Random baseline\narc_easy,25\n")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(bundle_zip.parent), **k)  # noqa
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
+        dest = core.download_bundle(url)
+        assert (dest / "eval_data" / "world_knowledge" / "arc_easy.jsonl").exists()
+        name, loaded, _ = core.load_core_data()  # the default location now holds the bundle
+        (task, examples), = loaded
+        assert name == "CORE-partial (1/22 tasks)" and task.num_fewshot == 1 and task.delimiter == "\nAnswer: "
+        assert task.baseline == pytest.approx(0.25) and len(examples) == 4
+        with pytest.raises(RuntimeError, match="could not download"):
+            core.download_bundle(url.replace("eval_bundle.zip", "missing.zip"), dest=tmp_path / "other", retries=1)
+    finally:
+        server.shutdown()

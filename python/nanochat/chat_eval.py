@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                                num_samples=args.num_samples, max_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k or None, batch_size=args.batch_size,
                                log=print0)
+        if "HumanEval" in task_names:  # which sandbox layers held on this machine (see nanochat/sandbox.py)
+            from nanochat.sandbox import available_protections
+
+            report["sandbox_protections"] = available_protections()
         report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")},
                        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})

@@ -195,4 +195,7 @@ def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems:
                          "seconds": round(time.time() - t0, 2)}
         log(f"{name}: {correct}/{total} = {100 * accuracy:.2f}%" + (f" (pass@{k})" if k else ""))
     chatcore = sum(r["centered"] for r in results.values()) / len(results) if results else None
-    return {"tasks": results, "chatcore": chatcore}
+    # "summary" first: flat name -> number, the keys the report's summary table looks for
+    summary = {name: r["accuracy"] for name, r in results.items()}
+    summary["ChatCORE"] = chatcore
+    return {"summary": summary, "tasks": results, "chatcore": chatcore}

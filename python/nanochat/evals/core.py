@@ -320,7 +320,8 @@ def load_core_data(data_dir: str | os.PathLike | None = None, download: bool | N
                 loaded.append((task, _read_jsonl(path)))
             else:
                 missing.append(task.label)
-        name = "CORE" if not missing else f"CORE-partial ({len(loaded)}/{len(CORE_TASKS)} tasks)"
+        complete = {t.label for t in CORE_TASKS} <= {t.label for t, _ in loaded}
+        name = "CORE" if complete else f"CORE-partial ({len(loaded)}/{len(CORE_TASKS)} tasks)"
     else:
         for task in CORE_TASKS:
             path = root / f"{task.label}.jsonl"
