@@ -4,7 +4,8 @@
 - one dial: --depth derives width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and,
   with the default --target-param-data-ratio 20, the horizon (tokens = 20 x parameters); --num-iterations or
   --target-flops override the horizon
-- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide
+- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide;
+  batch and eval sizes default to nanochat's on CUDA and to laptop sizes on CPU (no accumulation)
 - each step logs loss, lr multiplier, tokens/s, MFU (peak bf16 FLOPs of known GPUs; n/a on CPU) and ETA; a
   JSON-lines log (train_log.jsonl) next to the checkpoints records step, loss, lr, tok/s and val_bpb
 - validation bits per byte every --eval-every steps and at the end; greedy samples every --sample-every steps
@@ -67,9 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth")
     p.add_argument("--n-kv-head", type=int, default=None, help="K/V heads for GQA (default: as many as query heads)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward/backward")
-    p.add_argument("--total-batch-size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank (no accumulation)")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help="sequences per rank per forward/backward (default: 32 on CUDA, 4 on CPU)")
+    p.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
+                        "(default: 524288 on CUDA, -1 on CPU)")
     g = p.add_argument_group("horizon (first one set wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
     g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
@@ -87,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (<= 0: only at the end)")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (0: none)")
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help="validation tokens per evaluation, 0: none (default: 20 x 524288 on CUDA, 65536 on CPU)")
     g.add_argument("--sample-every", type=int, default=2000, help="steps between sample generations (<= 0: never)")
     g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
     g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
@@ -187,6 +191,12 @@ def train(args: argparse.Namespace, rt) -> int:
         for p in model.parameters():
             dist.broadcast(p.data, src=0)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    if args.device_batch_size is None:  # CUDA: nanochat's d20 speedrun sizes; CPU: what fits a laptop's memory
+        args.device_batch_size = 32 if device.type == "cuda" else 4
+    if args.total_batch_size is None:
+        args.total_batch_size = 524288 if device.type == "cuda" else -1
+    if args.eval_tokens is None:
+        args.eval_tokens = 20 * 524288 if device.type == "cuda" else 65536
     tokens_per_micro = args.device_batch_size * args.max_seq_len  # per rank
     world_tokens = tokens_per_micro * world_size
     total_batch = args.total_batch_size if args.total_batch_size > 0 else world_tokens
