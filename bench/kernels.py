@@ -328,9 +328,11 @@ def print_rows(rows: list[dict]) -> list[dict]:
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes in the Triton interpreter even with CUDA")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per figure (median); default 20 GPU, 2 smoke")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first; default 5 GPU, 1 smoke")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny CPU shapes in the Triton interpreter, even when CUDA is present")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed runs per figure, the median is reported (default 20 on GPU, 2 smoke)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5 on GPU, 1 smoke)")
     parser.add_argument("--only", nargs="+", choices=["attention", "decode", "ns"], default=None,
                         help="benchmarks to run (default: all)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM peak in GB/s for %% of peak "
@@ -338,9 +340,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--json", dest="json_path", default=None, help="also write rows and environment to this file")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
-    return BenchConfig(smoke=smoke, device="cpu" if smoke else "cuda", reps=args.reps or (2 if smoke else 20), warmup=args.warmup or (1 if smoke else 5),
-                       only=args.only or ["attention", "decode", "ns"], peak_gbps=args.peak_gbps,
-                       json_path=args.json_path)
+    return BenchConfig(smoke=smoke, device="cpu" if smoke else "cuda", reps=args.reps or (2 if smoke else 20),
+                       warmup=args.warmup or (1 if smoke else 5), only=args.only or ["attention", "decode", "ns"],
+                       peak_gbps=args.peak_gbps, json_path=args.json_path)
 
 
 def main(argv: list[str] | None = None) -> int:
