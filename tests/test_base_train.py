@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 STEPS = 16
 SAVE_EVERY = 4
 
@@ -66,6 +64,7 @@ def run(cmd, env, timeout=300):
     return proc
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_loss_curve(env, capsys):
     full = run(train_cmd(env, "full"), env)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
@@ -100,6 +99,7 @@ def test_kill_and_resume_reproduces_the_loss_curve(env, capsys):
     assert curves(env, "fresh")[0] == losses[:2]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
     first = run(train_cmd(env, "nan", steps=SAVE_EVERY), env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -116,6 +116,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
     assert all(loss is not None for _, loss in losses[:-1]) and losses[-1][1] is None
 
 
+@pytest.mark.slow
 def test_bad_batch_geometry_is_rejected(env):
     from nanochat.base_train import main
 
@@ -123,6 +124,7 @@ def test_bad_batch_geometry_is_rejected(env):
         main(train_cmd(env, "geom", "--total-batch-size", "100")[3:])
 
 
+@pytest.mark.slow
 def test_base_eval_writes_results(env):
     from nanochat import base_eval, base_train
 
@@ -136,6 +138,7 @@ def test_base_eval_writes_results(env):
     assert len(results["samples"]) >= 3 and all(isinstance(s, str) for s in results["samples"])
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_run_resumes_exactly(env):
     """gloo on CPU: per-rank optimizer shards and loader states are saved, and a resume reproduces the curve."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -157,3 +160,44 @@ def test_two_process_torchrun_run_resumes_exactly(env):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at step {SAVE_EVERY}" in resumed.stdout
     assert curves(env, "ddp") == curve
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_horizon_precedence():
+    import argparse
+
+    from nanochat.base_train import horizon
+
+    args = argparse.Namespace(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0)
+    assert horizon(args, num_params=1000, flops_per_token=6e3, total_batch=100) == (200, "20 tokens per parameter")
+    args.target_flops = 6e3 * 100 * 50
+    assert horizon(args, 1000, 6e3, 100) == (50, "--target-flops")
+    args.num_iterations = 7
+    assert horizon(args, 1000, 6e3, 100) == (7, "--num-iterations")
+    with pytest.raises(ValueError, match="--num-iterations"):
+        horizon(argparse.Namespace(num_iterations=0, target_flops=0, target_param_data_ratio=0), 1, 1.0, 1)
+
+
+def test_peak_flops_table(monkeypatch):
+    import torch
+
+    from nanochat import base_train
+
+    assert base_train.peak_flops(torch.device("cpu")) is None
+    for name, expected in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                           ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, _n=name: _n)
+        assert base_train.peak_flops(torch.device("cuda", 0)) == expected
+
+
+def test_truncate_log_keeps_earlier_steps_and_drops_torn_lines(tmp_path):
+    from nanochat.base_train import read_log, truncate_log
+
+    path = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(6)] + ['{"step": 6, "lo']
+    path.write_text("\n".join(lines))
+    truncate_log(path, 4)
+    assert [e["step"] for e in read_log(path)] == [0, 1, 2, 3]
