@@ -79,7 +79,7 @@ def test_kill_and_resume_reproduces_the_loss_curve(env, capsys):
     latest = ckpt_dir(env, "killed") / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed:\n{out[-3000:]}"
