@@ -366,3 +366,17 @@ def test_model_failures_fail_requests_not_the_worker(tok):
         stop.set()
         sched.wake()
         worker.join(10)
+
+
+def test_cancelled_waiting_requests_do_not_hold_the_queue(model, tok):
+    sched = Scheduler(model, tok, batch_size=1, max_waiting=2, tools=False)
+    reqs = [GenerationRequest(prompt_of(tok, "q"), SamplingParams(max_tokens=3, temperature=0.0)) for _ in range(3)]
+    assert sched.submit(reqs[0]) and sched.submit(reqs[1])
+    assert not sched.submit(reqs[2])  # full
+    reqs[0].cancel()
+    assert sched.submit(reqs[2])  # the cancelled one no longer counts
+    while sched.has_work():
+        sched.step()
+    assert [ev.finish_reason for ev in reqs[0].events] == ["cancelled"]
+    assert reqs[1].finished.is_set() and reqs[2].finished.is_set()
+    assert sched.requests_finished == 3

@@ -289,6 +289,7 @@ class Scheduler:
             self.special_text[special(name)] = ""  # structure tokens never show up as text
         self.rows: list[_Row] = []
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self.purged: list[GenerationRequest] = []  # cancelled while waiting, final events not yet sent
         self.cond = threading.Condition()
         # counters (read by the server's /metrics; written only by the worker thread)
         self.tokens_generated = 0
@@ -315,17 +316,27 @@ class Scheduler:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         with self.cond:
             if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-                return False
+                self._purge_cancelled_waiting()
+                if len(self.waiting) >= self.max_waiting:
+                    return False
             self.waiting.append(request)
             self.cond.notify()
         return True
+
+    def _purge_cancelled_waiting(self) -> None:
+        """Drop cancelled requests still in the queue (caller holds self.cond); the worker sends their final
+        events when it next admits, so here they only stop counting against the queue bound."""
+        cancelled = [r for r in self.waiting if r.cancelled]
+        if cancelled:
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+            self.purged.extend(cancelled)
 
     def wake(self) -> None:
         with self.cond:
             self.cond.notify()
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.purged)
 
     def serve_forever(self, stop: threading.Event, idle_wait_s: float = 0.5) -> None:
         """The worker loop: step while there is work, sleep on the condition otherwise."""
@@ -365,6 +376,12 @@ class Scheduler:
 
     def _admit(self) -> int:
         emitted, prefill_tokens = 0, 0
+        with self.cond:
+            purged, self.purged = self.purged, []
+        for req in purged:
+            for s in range(req.n):
+                req._emit(TokenEvent(s, None, 0, "", "cancelled"))
+            self._count_finished(req)
         while True:
             with self.cond:
                 if not self.waiting:
