@@ -29,7 +29,11 @@ def _imports(prompt: str) -> str:
 
 def build_program(row: dict, completion: str) -> str:
     code = extract_program(completion)
-    if f"def {row['entry_point']}" not in code:  # a bare body continues the prompt
+    if f"def {row['entry_point']}" in code:
+        # a whole function: keep the prompt first for its helpers (its docstring-only stub is valid Python and is
+        # redefined by the completion)
+        code = row["prompt"] + "\n" + code
+    else:  # a bare body continues the prompt
         code = row["prompt"] + code
     return f"{_imports(row['prompt'])}\n\n{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
 
