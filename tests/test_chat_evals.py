@@ -153,7 +153,11 @@ def test_two_ranks_match_one_process(model, tokenizer, tmp_path):
              for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = dict(queue.get(timeout=180) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():  # a hung rank must not outlive the test
+                p.terminate()
     assert results[0] == results[1] == single
