@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed run (tokens)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared machine more threads mostly add noise; 0 = torch's default)")
+                   help="torch CPU threads (default 1: on a shared machine more threads mostly add noise; "
+                        "0 = torch's default)")
 
     p.add_argument("--device", default="cpu", help="cpu or cuda (the H100 figure: --device cuda --depth 20 "
                    "--vocab-size 65536 --context 1024)")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
-    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.context + args.new_tokens + 64)
+    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size,
+                                  sequence_len=args.context + args.new_tokens + 64)
     with torch.device(device):
         model = GPT(config).eval()
     with torch.no_grad():  # random weights everywhere (init_weights zeroes the output projections)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = IdTokenizer(args.vocab_size)
     prompt = torch.randint(0, args.vocab_size - 9, (1, args.context), device=device)
     info = system_info()
-    card = ", ".join(info["gpus"]) if device.type == "cuda" else f"{info['cpu_count']} CPUs, threads {torch.get_num_threads()}"
+    card = (", ".join(info["gpus"]) if device.type == "cuda"
+            else f"{info['cpu_count']} CPUs, threads {torch.get_num_threads()}")
     print(f"# torch {info['torch']}, {card}, {str(dtype).removeprefix('torch.')}, "
           f"depth {args.depth} ({model.num_params() / 1e6:.1f}M params), vocab {args.vocab_size}, "
           f"context {args.context}")

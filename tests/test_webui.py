@@ -17,7 +17,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no system chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason=f"no system chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 
 

@@ -34,7 +34,8 @@ class ChatSession:
         self.context = engine.model.config.sequence_len
         S = tokenizer.encode_special
         self.bos, self.assistant_end = S("<|bos|>"), S("<|assistant_end|>")
-        self.user_start, self.user_end, self.assistant_start = S("<|user_start|>"), S("<|user_end|>"), S("<|assistant_start|>")
+        self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
+        self.assistant_start = S("<|assistant_start|>")
         self.tokens = [self.bos]
         self.turns = 0
 

@@ -581,7 +581,8 @@ class Engine:
         if seen:
             yield column, masks
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    def generate_batch(self, tokens: list[int], num_samples: int = 1,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """All samples to completion: (prompt + generated ids, mask) per sample, terminal tokens left out."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]

@@ -104,7 +104,8 @@ class _Evaluator:
             if isinstance(op, ast.Pow):
                 if abs(b) > lim.max_exponent:
                     raise CalculatorError(f"exponent {b} too large (limit {lim.max_exponent})")
-                if isinstance(a, int) and isinstance(b, int) and b > 0 and (abs(a).bit_length() - 1) * b > lim.max_int_bits:
+                both_int = isinstance(a, int) and isinstance(b, int)
+                if both_int and b > 0 and (abs(a).bit_length() - 1) * b > lim.max_int_bits:
                     raise CalculatorError(f"integer too large (more than {lim.max_int_bits} bits)")
                 if a == 0 and b < 0:
                     raise CalculatorError("division by zero")
@@ -121,12 +122,14 @@ class _Evaluator:
             if len(a) + len(b) > lim.max_str_len:
                 raise CalculatorError(f"string too long (more than {lim.max_str_len} characters)")
             return a + b
-        if isinstance(op, ast.Mult) and ((isinstance(a, str) and isinstance(b, int)) or (isinstance(a, int) and isinstance(b, str))):
+        str_times_int = (isinstance(a, str) and isinstance(b, int)) or (isinstance(a, int) and isinstance(b, str))
+        if isinstance(op, ast.Mult) and str_times_int:
             s, k = (a, b) if isinstance(a, str) else (b, a)
             if len(s) * max(k, 0) > lim.max_str_len:
                 raise CalculatorError(f"string too long (more than {lim.max_str_len} characters)")
             return s * k
-        raise CalculatorError(f"unsupported operand types for {type(op).__name__}: {type(a).__name__} and {type(b).__name__}")
+        raise CalculatorError(f"unsupported operand types for {type(op).__name__}: "
+                              f"{type(a).__name__} and {type(b).__name__}")
 
     def call(self, node: ast.Call):
         if node.keywords:
@@ -146,7 +149,8 @@ class _Evaluator:
             args = [self.visit(a) for a in node.args]
             if node.func.attr in ("count", "find", "index") and any(not isinstance(a, int) for a in args[1:]):
                 raise CalculatorError(f".{node.func.attr}() start/end must be integers")
-            if node.func.attr in ("count", "replace", "startswith", "endswith", "find", "index") and not isinstance(args[0], str):
+            needs_str = ("count", "replace", "startswith", "endswith", "find", "index")
+            if node.func.attr in needs_str and not isinstance(args[0], str):
                 raise CalculatorError(f".{node.func.attr}() needs a string argument")
             if node.func.attr == "replace":
                 if not all(isinstance(a, str) for a in args[:2]) or (len(args) == 3 and not isinstance(args[2], int)):
@@ -154,7 +158,8 @@ class _Evaluator:
                 worst = len(target) + (target.count(args[0]) if args[0] else len(target) + 1) * len(args[1])
                 if worst > self.limits.max_str_len:
                     raise CalculatorError(f"string too long (more than {self.limits.max_str_len} characters)")
-            if node.func.attr in ("strip", "split") and args and not (isinstance(args[0], str) or (node.func.attr == "split" and args[0] is None)):
+            sep_ok = args and (isinstance(args[0], str) or (node.func.attr == "split" and args[0] is None))
+            if node.func.attr in ("strip", "split") and args and not sep_ok:
                 raise CalculatorError(f".{node.func.attr}() needs a string argument")
             if node.func.attr == "split" and len(args) == 2 and not isinstance(args[1], int):
                 raise CalculatorError(".split() maxsplit must be an integer")
@@ -162,7 +167,8 @@ class _Evaluator:
                 return self.check(getattr(target, node.func.attr)(*args))
             except ValueError as e:  # "".split(""), .index() not found
                 raise CalculatorError(str(e)) from None
-        raise CalculatorError("only len() and the string methods " + ", ".join(sorted(STRING_METHODS)) + " may be called")
+        raise CalculatorError("only len() and the string methods " + ", ".join(sorted(STRING_METHODS))
+                              + " may be called")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ class Metrics:
                     "# HELP nanochat_client_disconnects_total Requests cancelled because the client went away.",
                     "# TYPE nanochat_client_disconnects_total counter",
                     f"nanochat_client_disconnects_total {self.disconnects}"]
-            out += ["# HELP nanochat_queue_depth Requests waiting for a batch row.", "# TYPE nanochat_queue_depth gauge",
+            out += ["# HELP nanochat_queue_depth Requests waiting for a batch row.",
+                    "# TYPE nanochat_queue_depth gauge",
                     f"nanochat_queue_depth {sum(r.scheduler.num_waiting for r in replicas)}",
                     "# HELP nanochat_active_rows Batch rows decoding now.", "# TYPE nanochat_active_rows gauge",
                     f"nanochat_active_rows {sum(r.scheduler.num_active_rows for r in replicas)}",
