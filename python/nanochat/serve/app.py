@@ -484,6 +484,8 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
             watcher.cancel()
             cancel()
             finish(req.completion_tokens)
+        if "error" in reasons:  # the model failed (logged by the worker); not the client's fault
+            return error_response(500, "generation failed on the server; see its log")
         body = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
                 "system_fingerprint": None,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
