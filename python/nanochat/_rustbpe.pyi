@@ -16,11 +16,16 @@ class Tokenizer:
         vocab_size: int,
         pattern: str = "nanochat",          # a built-in name or any regex (fancy-regex syntax)
         special_tokens: list[str] = [],     # appended after the merges; they take the last ids
-        max_chars: int | None = None,       # stop reading the iterator after this many characters
+        max_chars: int | None = None,       # stop reading the iterator once this many characters were read
         doc_cap: int | None = None,         # truncate each document to this many characters
-        buffer_size: int = 8192,            # documents pulled from Python per batch (GIL held only then)
+        buffer_size: int = 8192,            # documents pulled from Python per batch (at most ~4 MB; GIL held only then)
         progress: bool = False,             # print progress to stderr on long runs
-    ) -> Tokenizer: ...
+    ) -> Tokenizer:
+        """vocab_size counts the specials. Merges equal PyPI rustbpe 0.1.0's (highest count, ties to the smallest
+        pair). Raises ValueError for vocab_size < 256 + len(special_tokens), a pattern that does not compile, an
+        empty iterator, or a str with a lone surrogate (naming texts[i]); TypeError for a non-str item (naming its
+        index and type). If the text runs out of pairs to merge, the vocabulary is smaller than asked (specials
+        still take the last ids); check .vocab_size."""
     @staticmethod
     def from_ranks(mergeable_ranks: list[bytes], pattern: str, special_tokens: list[str]) -> Tokenizer:
         """Rank i is the token whose bytes are mergeable_ranks[i] (first 256 must be the single bytes in the
