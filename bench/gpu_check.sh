@@ -4,11 +4,15 @@
 # when `nanochat_kernels` does not import, a temporary folder maps it to kernels/. Without CUDA it runs the CPU
 # smoke path instead (interpreter parity tests of the dispatch, bench in smoke mode), so it can be checked anywhere.
 #
-#   bash bench/gpu_check.sh [OUT_DIR]      # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
+#   bash bench/gpu_check.sh [OUT_DIR]          # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
+#   bash bench/gpu_check.sh --sweep [OUT_DIR]  # tuning aid instead: time candidate block sizes of each kernel
 #
-# Budget: fits one 10-minute device command (tests <= 240 s, bench <= 300 s, both capped by `timeout`).
+# Budget: fits one 10-minute device command (tests <= 240 s, bench <= 300 s; the sweep <= 420 s; all capped by
+# `timeout`).
 set -uo pipefail
 
+MODE=check
+if [ "${1:-}" = "--sweep" ]; then MODE=sweep; shift; fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT_DIR="${1:-${OUT:-$(mktemp -d)}}"
@@ -37,6 +41,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 status=0
+if [ "$MODE" = "sweep" ]; then
+    [ "$HAS_CUDA" = "1" ] || echo "== no CUDA: the sweep runs in smoke mode (interpreter; configs have no effect)"
+    timeout 420 "$PY" bench/kernels.py --sweep --json "$OUT_DIR/sweep.json" 2>&1 | tee "$OUT_DIR/sweep.txt" || status=1
+    if [ "$status" -ne 0 ]; then echo "gpu_check --sweep: FAILED"; else echo "gpu_check --sweep: OK"; fi
+    exit "$status"
+fi
 if [ "$HAS_CUDA" = "1" ]; then
     echo "== parity tests, bf16 at real shapes (pytest -m gpu)"
     timeout 240 "$PY" -m pytest tests/test_kernels.py -m gpu -q -p no:cacheprovider -o addopts="" -rfEs 2>&1 \

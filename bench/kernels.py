@@ -50,6 +50,7 @@ class BenchConfig:
     only: list[str] = field(default_factory=lambda: ["attention", "decode", "ns"])
     peak_gbps: float | None = None  # None: from the device name
     json_path: str | None = None
+    sweep: bool = False
 
 
 # HBM peaks (GB/s) from the vendors' data sheets, for "% of peak".
@@ -292,6 +293,93 @@ def _dt(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sweep (--sweep): time candidate launch configurations, one kernel at a time, the others at their defaults
+
+
+def _attention_candidates() -> list[tuple[str, str, dict]]:
+    """(kernel, table name, config) for D=128; all compile for sm_90 without spills (resource_report)."""
+    def c(bm, bn, warps, stages):
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return ([("fwd", "_FWD_CONFIG", x) for x in (c(128, 64, 8, 3), c(128, 128, 8, 2), c(64, 64, 4, 3),
+                                                  c(64, 32, 4, 4))]
+            + [("bwd dK/dV", "_BWD_DKDV_CONFIG", x) for x in (c(32, 128, 8, 3), c(32, 64, 4, 3), c(16, 128, 8, 3))]
+            + [("bwd dQ", "_BWD_DQ_CONFIG", x) for x in (c(128, 32, 8, 3), c(128, 64, 8, 2), c(64, 64, 4, 3),
+                                                         c(64, 32, 4, 3))])
+
+
+def sweep(cfg: BenchConfig, device: str) -> list[dict]:
+    """Each candidate replaces one kernel's configuration in its module for the timing, then is put back."""
+    from nanochat_kernels import flash_attention as fa
+    from nanochat_kernels import flash_decoding as fd
+    from nanochat_kernels import newton_schulz_triton as ns
+
+    B, H, T, D, dtype = (1, 2, 64, 128, torch.float32) if cfg.smoke else (8, 10, 2048, 128, torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    flops_fwd = 4 * B * H * T * T * D / 2
+    rows = []
+    for kernel, table_name, candidate in _attention_candidates():
+        table = getattr(fa, table_name)
+        default = table[128]
+        table[128] = candidate
+        try:
+            if kernel == "fwd":
+                with torch.no_grad():
+                    seconds = time_fn(lambda: fa.flash_attention(q, k, v), cfg)
+                flops = flops_fwd
+            else:
+                out = fa.flash_attention(q, k, v)
+                seconds = time_fn(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), cfg)
+                flops = 2.5 * flops_fwd
+        finally:
+            table[128] = default
+        rows.append(dict(kernel=f"attention {kernel}", config=candidate, ms=seconds * 1e3,
+                         value=flops / seconds / 1e12, unit="TFLOP/s (whole fwd or bwd)",
+                         default=candidate == default))
+
+    caches = [torch.randn(b, 2048 if not cfg.smoke else 128, 10, 128, device=device, dtype=dtype, generator=g)
+              for b in (1, 32) for _ in range(2)]
+    defaults = (fd._BLOCK_N, fd._NUM_WARPS, fd._NUM_STAGES)
+    for block_n, warps, stages in ((64, 4, 3), (32, 4, 4), (128, 8, 2), (64, 8, 3)):
+        fd._BLOCK_N, fd._NUM_WARPS, fd._NUM_STAGES = block_n, warps, stages
+        try:
+            for i, b in enumerate((1, 32)):
+                kc, vc = caches[2 * i], caches[2 * i + 1]
+                qd = torch.randn(b, 1, 10, 128, device=device, dtype=dtype, generator=g)
+                lens = torch.full((b,), kc.shape[1], device=device, dtype=torch.int32)
+                with torch.no_grad():
+                    seconds = graph_time(lambda: fd.flash_decode(qd, kc, vc, lens), cfg)
+                rows.append(dict(kernel=f"decode B={b}", config=dict(BLOCK_N=block_n, num_warps=warps,
+                                                                     num_stages=stages),
+                                 ms=seconds * 1e3, value=2 * kc.numel() * kc.element_size() / seconds / 1e9,
+                                 unit="GB/s (L2-warm: one cache)", default=(block_n, warps, stages) == defaults))
+        finally:
+            fd._BLOCK_N, fd._NUM_WARPS, fd._NUM_STAGES = defaults
+
+    G = torch.randn(*((20, 1280, 5120) if not cfg.smoke else (2, 32, 64)), device=device, generator=g)
+    defaults = (ns._BLOCK, ns._BLOCK_K, ns._NUM_WARPS, ns._NUM_STAGES)
+    for candidate in ((128, 64, 8, 3), (128, 32, 8, 4), (128, 64, 8, 4), (64, 64, 4, 3)):
+        ns._BLOCK, ns._BLOCK_K, ns._NUM_WARPS, ns._NUM_STAGES = candidate
+        try:
+            seconds = time_fn(lambda: ns.newton_schulz_triton(G), cfg)
+        finally:
+            ns._BLOCK, ns._BLOCK_K, ns._NUM_WARPS, ns._NUM_STAGES = defaults
+        rows.append(dict(kernel=f"newton-schulz {'x'.join(map(str, G.shape))}",
+                         config=dict(zip(("BLOCK", "BLOCK_K", "num_warps", "num_stages"), candidate)),
+                         ms=seconds * 1e3, value=seconds * 1e3, unit="ms", default=candidate == defaults))
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    print(f"{'kernel':<28} {'ms':>9} {'value':>10}  unit / config (* = current default)")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{r['kernel']:<28} {r['ms']:>9.3f} {r['value']:>10.4g}  {r['unit']}  {mark} {r['config']}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -342,12 +430,14 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         help="benchmarks to run (default: all)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM peak in GB/s for %% of peak "
                         "(default: from the device name)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the comparison, time candidate block sizes of each kernel (tuning aid)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write rows and environment to this file")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     return BenchConfig(smoke=smoke, device="cpu" if smoke else "cuda", reps=args.reps or (2 if smoke else 20),
                        warmup=args.warmup or (1 if smoke else 5), only=args.only or ["attention", "decode", "ns"],
-                       peak_gbps=args.peak_gbps, json_path=args.json_path)
+                       peak_gbps=args.peak_gbps, json_path=args.json_path, sweep=args.sweep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     peak = cfg.peak_gbps or (peak_gbps(env["device"]) if device == "cuda" else None)
     print_header(env)
+    if cfg.sweep:
+        rows = sweep(cfg, device)
+        print_sweep(rows)
+        if cfg.json_path:
+            Path(cfg.json_path).write_text(json.dumps(dict(env=env, config=asdict(cfg), sweep=rows), indent=2))
+        return 0
     rows: list[dict] = []
     if "attention" in cfg.only:
         rows += print_rows(bench_attention(cfg, device))
