@@ -73,7 +73,7 @@ def render_mc(question: str, choices: list[str], letters: str = LETTERS) -> str:
         raise ValueError(f"multiple choice needs 2..{len(letters)} choices, got {len(choices)}")
     lines = [f"Multiple Choice question: {question.strip()}"]
     lines += [f"- {choice.strip()}={letters[i]}" for i, choice in enumerate(choices)]
-    lines.append(f"\nRespond only with the letter of the correct answer.")
+    lines.append("\nRespond only with the letter of the correct answer.")
     return "\n".join(lines)
 
 
@@ -116,9 +116,7 @@ class Task:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            r = self._range()[index]
-            view = _TaskView(self, r)
-            return view
+            return _TaskView(self, self._range()[index])
         r = self._range()
         if not -len(r) <= index < len(r):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(r)}")
@@ -175,9 +173,6 @@ class TaskMixture(Task):
     def get_example(self, index: int) -> dict:
         t, i = self.index[index]
         return self.tasks[t][i]
-
-    def source(self, index: int) -> Task:
-        return self.tasks[self.index[self._range()[index]][0]]
 
 
 class TaskSequence(Task):
