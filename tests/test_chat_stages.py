@@ -16,7 +16,7 @@ tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tok
 from nanochat.chat_rl import group_advantages, policy_rows  # noqa: E402
 from nanochat.chat_sft import ConversationBatches, conversation_rows  # noqa: E402
 from nanochat.mid_train import PackedConversations  # noqa: E402
-from nanochat.tasks import ListTask, SpellingBee  # noqa: E402
+from nanochat.tasks import SpellingBee  # noqa: E402
 from nanochat.tasks.identity import Identity  # noqa: E402
 from nanochat.tasks.spelling import SimpleSpelling  # noqa: E402
 

@@ -159,7 +159,7 @@ def score_example(task: CoreTask, example: dict, fewshot: list[dict], encode: Ca
         seqs, spans = crop_left(seqs, spans, max_len)
     outputs = forward(seqs)
     if task.task_type == "language_modeling":
-        (losses, preds), (a, b) = outputs[0], spans[0]
+        (_, preds), (a, b) = outputs[0], spans[0]
         return bool(torch.equal(preds[a:b].cpu(), torch.tensor(seqs[0][a:b])))
     mean_losses = [float(losses[a:b].mean()) for (losses, _), (a, b) in zip(outputs, spans)]
     pred = min(range(len(mean_losses)), key=lambda i: mean_losses[i])
