@@ -10,6 +10,8 @@ Prints one markdown table (paste it into bench/RESULTS.md):
 
 Notable choices: thread counts are pinned with RAYON_NUM_THREADS / RAYON_RS_NUM_THREADS; medians, because the
 machine these numbers come from is shared and noisy; ratios are "anchor time / our time" (higher is better for us).
+Training also reports process CPU seconds (all threads, user + sys), which a busy machine disturbs less than wall
+time (the ours row's CPU also includes writing its tokenizer file).
 
     python bench/tokenizer.py ../shared/data/corpus --runs 3
 """
@@ -85,7 +87,8 @@ def train_worker(which: str, cfg: Config, out: str) -> None:
     texts = read_texts(cfg.corpus, cfg.max_docs)
     from nanochat import _rustbpe
     regex = _rustbpe.PATTERNS.get(cfg.pattern, cfg.pattern)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss_before, cpu0 = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     if which == "ours":
         tok = _rustbpe.Tokenizer.train_from_iterator(iter(texts), cfg.vocab_size, pattern=cfg.pattern,
@@ -113,8 +116,9 @@ def train_worker(which: str, cfg: Config, out: str) -> None:
         ranks = []
     else:
         raise SystemExit(f"unknown trainer {which}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out).write_text(json.dumps({"wall": wall, "peak_rss_mb": peak, "rss_before_mb": rss_before,
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime - cpu0  # cpu includes saving/ranks
+    Path(out).write_text(json.dumps({"wall": wall, "cpu": cpu, "peak_rss_mb": peak, "rss_before_mb": rss_before,
                                      "ranks": [r.hex() for r in ranks]}))
 
 
@@ -226,20 +230,24 @@ def main(argv: list[str] | None = None) -> int:
           f"pattern {cfg.pattern}, {cfg.threads} threads; medians of {cfg.runs} runs; "
           f"load average at the end {load[0]:.1f} on {os.cpu_count()} cores (shared machine: noisy)\n")
     anchor = train.get("rustbpe")
-    print("| trainer | wall s (median) | runs (s) | peak RSS MB | speed-up vs PyPI rustbpe | RSS vs rustbpe |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| trainer | wall s (median) | runs (s) | CPU s (median) | peak RSS MB | wall speed-up vs PyPI rustbpe | "
+          "CPU ratio | RSS vs rustbpe |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, runs in train.items():
         wall = statistics.median(r["wall"] for r in runs)
+        cpu = statistics.median(r["cpu"] for r in runs)
         rss = statistics.median(r["peak_rss_mb"] for r in runs)
         if anchor:
             a_wall = statistics.median(r["wall"] for r in anchor)
+            a_cpu = statistics.median(r["cpu"] for r in anchor)
             a_rss = statistics.median(r["peak_rss_mb"] for r in anchor)
-            ratio, rss_ratio = f"{a_wall / wall:.2f}x", f"{rss / a_rss:.2f}"
+            ratio, cpu_ratio, rss_ratio = f"{a_wall / wall:.2f}x", f"{a_cpu / cpu:.2f}x", f"{rss / a_rss:.2f}"
         else:
-            ratio = rss_ratio = "-"
+            ratio = cpu_ratio = rss_ratio = "-"
         label = {"ours": "ours (nanochat rustbpe)", "rustbpe": "PyPI rustbpe 0.1.0", "hf": "HF tokenizers BpeTrainer"}
         walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
-        print(f"| {label.get(name, name)} | {wall:.2f} | {walls} | {rss:.0f} | {ratio} | {rss_ratio} |")
+        print(f"| {label.get(name, name)} | {wall:.2f} | {walls} | {cpu:.2f} | {rss:.0f} | {ratio} | {cpu_ratio} | "
+              f"{rss_ratio} |")
     if anchor:
         same = train["ours"][0]["ranks"] == anchor[0]["ranks"]
         print(f"\nMerges identical to PyPI rustbpe: {'yes' if same else 'NO'} ({len(anchor[0]['ranks'])} ranks)")

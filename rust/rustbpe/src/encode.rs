@@ -26,11 +26,22 @@ pub struct Encoder {
     /// Token bytes by id (non-special ids only).
     pub vocab: Vec<Vec<u8>>,
     byte_id: [u32; 256],
-    /// Whole-token lookup: tokens up to 15 bytes keyed inline as a u128 (no pointer chase or memcmp; those were
-    /// a third of single-document encode time with boxed keys), longer ones by their bytes.
+    /// Whole-token lookup, the hot path (96% of pieces of English text are whole tokens): tokens up to 7 bytes
+    /// (85% of pieces) keyed inline as a u64, up to 15 bytes as a u128, longer ones by their bytes. Inline keys
+    /// avoid a pointer chase and memcmp (perf: ~12% of samples with boxed keys) and small entries keep more of the
+    /// table in cache; the probe's cache miss is still the largest single cost of encoding.
+    whole_tiny: FastMap<u64, u32>,
     whole_short: FastMap<u128, u32>,
     whole_long: FastMap<Box<[u8]>, u32>,
     pair: FastMap<u64, u32>,
+}
+
+#[inline(always)]
+fn tiny_key(b: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf[..b.len()].copy_from_slice(b);
+    buf[7] = b.len() as u8;
+    u64::from_le_bytes(buf)
 }
 
 #[inline(always)]
@@ -57,16 +68,18 @@ impl Encoder {
         let mut enc = Encoder {
             vocab: Vec::new(),
             byte_id: [NO_RANK; 256],
+            whole_tiny: FastMap::default(),
             whole_short: FastMap::default(),
             whole_long: FastMap::default(),
             pair: FastMap::default(),
         };
-        enc.whole_short.reserve(vocab.len());
         for (id, bytes) in vocab.iter().enumerate() {
             if bytes.is_empty() {
                 return Err(Error::Value(format!("token {id} is empty")));
             }
-            if bytes.len() < 16 {
+            if bytes.len() < 8 {
+                enc.whole_tiny.entry(tiny_key(bytes)).or_insert(id as u32);
+            } else if bytes.len() < 16 {
                 enc.whole_short.entry(short_key(bytes)).or_insert(id as u32);
             } else {
                 enc.whole_long.entry(bytes.clone().into_boxed_slice()).or_insert(id as u32);
@@ -100,7 +113,9 @@ impl Encoder {
     /// Id of a whole byte string if it is a token.
     #[inline(always)]
     pub fn token_id(&self, bytes: &[u8]) -> Option<u32> {
-        if bytes.len() < 16 {
+        if bytes.len() < 8 {
+            self.whole_tiny.get(&tiny_key(bytes)).copied()
+        } else if bytes.len() < 16 {
             self.whole_short.get(&short_key(bytes)).copied()
         } else {
             self.whole_long.get(bytes).copied()

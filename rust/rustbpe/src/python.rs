@@ -231,9 +231,10 @@ impl PyTokenizer {
 
     /// Pickling: (Tokenizer._from_bytes, (saved bytes,)).
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
-        let py = slf.py();
-        let data = serialize::to_bytes(&slf.get().inner);
-        Ok((slf.get_type().getattr("_from_bytes")?, (PyBytes::new(py, &data),)))
+        guard(|| {
+            let data = serialize::to_bytes(&slf.get().inner);
+            Ok((slf.get_type().getattr("_from_bytes")?, (PyBytes::new(slf.py(), &data),)))
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -337,8 +338,10 @@ impl PyTokenizer {
     }
 
     fn id_to_bytes<'py>(&self, py: Python<'py>, id: i64) -> PyResult<Bound<'py, PyBytes>> {
-        let id = u32::try_from(id).map_err(|_| PyValueError::new_err(format!("token id {id} is out of range")))?;
-        Ok(PyBytes::new(py, self.inner.id_to_bytes(id).map_err(py_err)?))
+        guard(|| {
+            let id = u32::try_from(id).map_err(|_| PyValueError::new_err(format!("token id {id} is out of range")))?;
+            Ok(PyBytes::new(py, self.inner.id_to_bytes(id).map_err(py_err)?))
+        })
     }
 
     fn token_bytes(&self) -> Vec<u32> {
