@@ -263,7 +263,7 @@ def train(args: argparse.Namespace, rt) -> int:
                             world_size=world_size, data_dir=args.data_dir, threads=args.loader_threads)
         model.eval()
         try:
-            bpb = evaluate_bpb(model, loader, max(1, eval_steps), token_bytes)
+            bpb = evaluate_bpb(train_model, loader, max(1, eval_steps), token_bytes)  # compiled on GPU
         finally:
             loader.close()
             model.train()
