@@ -21,8 +21,10 @@ def test_report_has_every_section_table_and_plot(base_dir):
     report.mark_start()
     (base_dir / "tokenizer").mkdir()
     (base_dir / "tokenizer" / "tok_train.json").write_text(json.dumps({"vocab_size": 512, "seconds": 1.5}))
-    _write_stage(base_dir, "base", [5.0, 4.0, 3.0], {"bpb": {"val": 2.5}, "core": {"CORE": 0.11}})
-    _write_stage(base_dir, "sft", [2.0, 1.5], {"results": {"ARC-Easy": 0.31, "GSM8K": 0.02}, "ChatCORE": 0.05})
+    _write_stage(base_dir, "base", [5.0, 4.0, 3.0], {"bpb": {"train": 2.4, "val": 2.5},
+                                                    "core": {"name": "CORE-offline (14/22 tasks)", "core": 0.11}})
+    _write_stage(base_dir, "sft", [2.0, 1.5], {"summary": {"ARC-Easy": 0.31, "GSM8K": 0.02, "ChatCORE": 0.05},
+                                          "tasks": {"ARC-Easy": {"accuracy": 0.31, "n": 40}}, "chatcore": 0.05})
     path = report.write_report()
     text = path.read_text()
     for title in ["# nanochat report card", "## Summary", "## Tokenizer", "## Base model (pretraining)",
@@ -36,5 +38,7 @@ def test_report_has_every_section_table_and_plot(base_dir):
     assert rows["ChatCORE"] == ["-", "-", "0.0500", "-"]
     assert "train loss: first 5.0000, last 3.0000 over 3 logged steps" in text
     assert "Midtraining\n\nnot run" in text
+    assert "CORE here is CORE-offline (14/22 tasks)" in text
+    assert "| val bpb | 2.5000 |" in text and "| n |" not in text
     assert (base_dir / "report" / "base_curves.png").stat().st_size > 1000
     assert "![base curves](base_curves.png)" in text

@@ -26,7 +26,7 @@ STAGE_TITLES = {"base": "Base model (pretraining)", "mid": "Midtraining", "sft":
                 "rl": "Reinforcement learning (GSM8K)"}
 # Columns of the summary table: (label, metric keys to look for in a stage's eval results, in order of preference).
 SUMMARY_METRICS = [
-    ("CORE", ("CORE", "CORE-offline", "core")),
+    ("CORE", ("CORE",)),
     ("ARC-E", ("ARC-Easy", "ARC-E", "arc_easy")),
     ("ARC-C", ("ARC-Challenge", "ARC-C", "arc_challenge")),
     ("MMLU", ("MMLU", "mmlu")),
@@ -73,14 +73,26 @@ def _newest_dir(parent: Path) -> Path | None:
     return max(dirs, key=lambda d: d.stat().st_mtime) if dirs else None
 
 
-def _flatten_metrics(obj, out: dict, prefix: str = "") -> None:
-    """Collect numeric leaves of nested eval results as {"key": value}; a leaf named like the parent wins."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.setdefault(str(k), float(v))
-            elif isinstance(v, dict):
-                _flatten_metrics(v, out, f"{prefix}{k}.")
+def _eval_metrics(data: dict) -> dict:
+    """The headline numbers of one eval/metrics file, by the names the stages write:
+    chat-eval's flat "summary"; base-eval's "bpb" per split and "core" (named CORE, CORE-partial or CORE-offline);
+    otherwise (a stage's metrics.json) its top-level numbers."""
+    out: dict = {}
+    if isinstance(data.get("summary"), dict):
+        out.update({k: float(v) for k, v in data["summary"].items() if _is_number(v)})
+    if isinstance(data.get("bpb"), dict):
+        out.update({f"{split} bpb": float(v) for split, v in data["bpb"].items() if _is_number(v)})
+    core = data.get("core")
+    if isinstance(core, dict) and _is_number(core.get("core")):
+        out["CORE"] = float(core["core"])
+        out["CORE name"] = core.get("name", "CORE")
+    if not out:
+        out.update({k: float(v) for k, v in data.items() if _is_number(v)})
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _read_stage(root: Path, stage: str) -> StageRun:
@@ -102,8 +114,9 @@ def _read_stage(root: Path, stage: str) -> StageRun:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            run.eval_files.append(path)
-            _flatten_metrics(data, run.evals)
+            if isinstance(data, dict):
+                run.eval_files.append(path)
+                run.evals.update(_eval_metrics(data))
     return run
 
 
@@ -223,7 +236,7 @@ def _stage_section(run: StageRun, plots: list[Path], out_dir: Path) -> list[str]
         lines.append(f"- throughput: median {speeds[len(speeds) // 2]:,.0f} tokens/s")
     if run.evals:
         lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(run.evals.items())]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in run.evals.items()]
     for p in plots:
         lines += ["", f"![{run.stage} curves]({p.relative_to(out_dir)})"]
     return lines + [""]
@@ -234,7 +247,12 @@ def _summary_table(runs: list[StageRun]) -> list[str]:
              "|---" * (len(runs) + 1) + "|"]
     for label, keys in SUMMARY_METRICS:
         lines.append(f"| {label} | " + " | ".join(_fmt(_metric(r, keys)) for r in runs) + " |")
-    return lines + ["", "`-` means the metric was not measured at that stage.", ""]
+    notes = sorted({r.evals["CORE name"] for r in runs if "CORE name" in r.evals})
+    lines += ["", "`-` means the metric was not measured at that stage."]
+    if notes and notes != ["CORE"]:
+        lines.append(f"CORE here is {', '.join(notes)}: the subset of the DCLM tasks available offline, not "
+                     "comparable to published CORE.")
+    return lines + [""]
 
 
 def write_report(root: Path | None = None, out_dir: Path | None = None,
