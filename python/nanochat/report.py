@@ -23,7 +23,7 @@ from nanochat.common import atomic_write, base_dir, git_commit, system_info
 
 STAGES = ["base", "mid", "sft", "rl"]
 STAGE_TITLES = {"base": "Base model (pretraining)", "mid": "Midtraining", "sft": "Supervised finetuning",
-                "rl": "Reinforcement learning (GSM8K)"}
+                "rl": "Reinforcement learning"}
 # Columns of the summary table: (label, metric keys to look for in a stage's eval results, in order of preference).
 SUMMARY_METRICS = [
     ("CORE", ("CORE",)),
@@ -224,6 +224,9 @@ def _stage_section(run: StageRun, plots: list[Path], out_dir: Path) -> list[str]
         lines.append("- model: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     if "step" in run.meta:
         lines.append(f"- steps: {run.meta['step']}")
+    task = (run.meta.get("args") or {}).get("task")
+    if task:
+        lines.append(f"- rewarded task: {task}")
     losses = [r["loss"] for r in run.log if isinstance(r.get("loss"), (int, float))]
     if losses:
         lines.append(f"- train loss: first {losses[0]:.4f}, last {losses[-1]:.4f} over {len(losses)} logged steps")
