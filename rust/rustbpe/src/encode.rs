@@ -91,10 +91,21 @@ impl Encoder {
                 None => return Err(Error::Value(format!("byte {b} (0x{b:02x}) has no token; every single byte needs one"))),
             }
         }
+        // Only split points where both sides have the length of some token: trying every split of every token
+        // hashes O(len^2) bytes per token, which was quadratic for a vocabulary trained on one long run of a letter
+        // (tokens of 2^k bytes); this keeps ordinary vocabularies (lengths 1..~40) unchanged.
+        let mut has_len = vec![false; vocab.iter().map(|t| t.len()).max().unwrap_or(0) + 1];
+        for t in &vocab {
+            has_len[t.len()] = true;
+        }
+        let lens: Vec<usize> = (1..has_len.len()).filter(|&l| has_len[l]).collect();
         let mut pair: FastMap<u64, u32> = FastMap::default();
         for bytes in &vocab {
             let Some(id) = enc.token_id(bytes) else { continue };
-            for k in 1..bytes.len() {
+            for &k in lens.iter().take_while(|&&k| k < bytes.len()) {
+                if !has_len[bytes.len() - k] {
+                    continue;
+                }
                 if let (Some(l), Some(r)) = (enc.token_id(&bytes[..k]), enc.token_id(&bytes[k..])) {
                     pair.insert(key(l, r), id);
                 }
