@@ -20,21 +20,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, save_checkpoint
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.checkpoint import checkpoint_dir, latest_step
+from nanochat.common import print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
+                               save_stage_checkpoint)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -123,33 +122,6 @@ def horizon(args, num_params: int, flops_per_token: float, total_batch: int) -> 
     raise ValueError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill
-            continue
-    return entries
-
-
-def truncate_log(path: Path, before_step: int) -> None:
-    """Keep the entries of steps < before_step (a resumed run rewrites the rest)."""
-    kept = [e for e in read_log(path) if e.get("step", 0) < before_step]
-    with atomic_write(path, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in kept)
-
-
-def all_gather_objects(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -217,40 +189,9 @@ def train(args: argparse.Namespace, rt) -> int:
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                       ns_coeffs=args.ns_coeffs)
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    log_path = ckpt_dir / "train_log.jsonl"
-
-    # -- resume ----------------------------------------------------------------------------------------------
-    start_step, data_state = 0, None
     loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
-    resume_step = latest_step(ckpt_dir) if args.resume else None
-    if args.resume and resume_step is None:
-        print0(f"--resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
-    if resume_step is not None:
-        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
-                                                       rank=rank)
-        if meta["config"] != asdict(config):
-            raise ValueError(f"checkpoint {ckpt_dir} was trained with config {meta['config']}, this run asks for "
-                             f"{asdict(config)}; use another --model-tag or the same flags")
-        if meta.get("world_size", 1) != world_size:
-            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has "
-                             f"{world_size}; resume with the same number of processes")
-        if meta.get("num_iterations") != num_iterations:
-            print0(f"warning: the checkpoint's run had {meta.get('num_iterations')} steps, this one "
-                   f"{num_iterations}; the lr schedule changes")
-        model.load_state_dict(model_state)
-        fresh_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(opt_state["optimizer"])
-        for group, lr in zip(optimizer.param_groups, fresh_lrs):  # the lr flags of this invocation win
-            group["initial_lr"] = lr
-        torch.set_rng_state(opt_state["rng"]["cpu"].cpu())
-        if device.type == "cuda" and opt_state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(opt_state["rng"]["cuda"].cpu(), device)
-        data_state = meta["data_states"][rank]
-        loop.update(meta.get("loop_state", {}))
-        start_step = resume_step
-        if master:
-            truncate_log(log_path, start_step)
-        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
+                              else (0, None))
 
     # -- data, compile, logging --------------------------------------------------------------------------------
     train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
@@ -278,33 +219,13 @@ def train(args: argparse.Namespace, rt) -> int:
         except ImportError as e:
             raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
         wandb_run = wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
-    log_file = None
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "a")
-
-    def log(entry: dict) -> None:
-        if master:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-            if wandb_run is not None:
-                wandb_run.log(entry, step=entry["step"])
+    log = TrainLog(ckpt_dir, master, wandb_run)
 
     def save(step: int) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise FloatingPointError(f"non-finite weights before step {step}; not saving them over the last good "
-                                     f"checkpoint (step {latest_step(ckpt_dir)}) in {ckpt_dir}")
-        data_states = all_gather_objects(train_loader.state_dict(), world_size)
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
-               else None}
-        meta = {"config": asdict(config), "step": step, "data_state": data_states[0], "data_states": data_states,
-                "metrics": {"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
-                            "smooth_loss": loop["smooth_loss"]},
-                "loop_state": loop, "num_iterations": num_iterations, "world_size": world_size,
-                "commit": git_commit(), "args": vars(args), "system": system_info()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizer": optimizer.state_dict(), "rng": rng},
-                        meta, rank=rank, keep_last=args.keep_last)
-        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                              metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+                                       "smooth_loss": loop["smooth_loss"]},
+                              loop_state=loop, loader=train_loader, rng=rng_state(device))
 
     # -- the loop ----------------------------------------------------------------------------------------------
     model.train()
@@ -333,17 +254,7 @@ def train(args: argparse.Namespace, rt) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(grad_accum):
-                x, y = next(train_loader)
-                loss = train_model(x, y)
-                loss_sum += loss.detach()
-                (loss / grad_accum).backward()
-            loss_step = loss_sum / grad_accum
-            if world_size > 1:
-                dist.all_reduce(loss_step)
-                loss_step /= world_size
-            loss_value = float(loss_step.item())
+            loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size)
             if not math.isfinite(loss_value):
                 print0(f"error: loss is {loss_value} at step {step}; stopping before the optimizer step. The newest "
                        f"checkpoint in {ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from "
@@ -380,10 +291,7 @@ def train(args: argparse.Namespace, rt) -> int:
             log({"step": step - 1, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
     finally:
         train_loader.close()
-        if log_file is not None:
-            log_file.close()
-        if wandb_run is not None:
-            wandb_run.finish()
+        log.close()
 
     print0(f"done: {num_iterations} steps, validation bpb {loop['val_bpb']}, min {loop['min_val_bpb']}; "
            f"checkpoints in {ckpt_dir}")
@@ -391,18 +299,7 @@ def train(args: argparse.Namespace, rt) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `torchrun ... -m nanochat.base_train -- --depth 4`
-        argv = argv[1:]
-    args = parse_args(argv)
-    rt = init_runtime(args.device)
-    try:
-        return train(args, rt)
-    except FloatingPointError as e:
-        print0(f"error: {e}")
-        return 1
-    finally:
-        shutdown_runtime()
+    return run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,18 @@ A simplified GRPO (on-policy, no KL term, no ratio clipping, as in nanochat), fr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.checkpoint import checkpoint_dir, load_model
+from nanochat.common import print0
 from nanochat.evals.chat import generate_samples
+from nanochat.training import TrainLog, resume_stage, run_main, save_stage_checkpoint, write_stage_metrics
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -154,7 +153,6 @@ def train(args: argparse.Namespace, rt) -> int:
     config = model.config
     model_tag = args.model_tag or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("rl", model_tag)
-    log_path, metrics_path = ckpt_dir / "train_log.jsonl", ckpt_dir / "metrics.json"
     train_task, test_task = build_tasks(args.task, args.train_limit)
     if args.examples_per_step % world:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
@@ -171,44 +169,14 @@ def train(args: argparse.Namespace, rt) -> int:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, loop = 0, {"eval": None, "initial_eval": None}
-    resume_step = latest_step(ckpt_dir) if args.resume else None
-    if resume_step is not None:
-        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
-                                                       rank=rank)
-        if meta.get("world_size", 1) != world:
-            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has {world}")
-        model.load_state_dict(model_state)
-        fresh = [g["initial_lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(opt_state["optimizer"])
-        for g, lr in zip(optimizer.param_groups, fresh):
-            g["initial_lr"] = lr
-        loop.update(meta.get("loop_state", {}))
-        start_step = resume_step
-        if master and log_path.is_file():
-            kept = [e for e in map(json.loads, filter(None, log_path.read_text().splitlines()))
-                    if e.get("step", 0) < start_step]
-            with atomic_write(log_path, "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in kept)
-        print0(f"resumed from {ckpt_dir} at step {start_step}")
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a") if master else None
+    loop = {"eval": None, "initial_eval": None}
+    start_step, _ = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume else (0, None)
+    log = TrainLog(ckpt_dir, master)
 
-    def log(entry: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-
-    def save(step: int) -> None:
-        meta = {"config": asdict(config), "step": step, "data_state": {"step": step},
-                "metrics": {"eval": loop["eval"], "initial_eval": loop["initial_eval"]}, "loop_state": loop,
-                "num_iterations": num_iterations, "world_size": world,
-                "source": {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")},
-                "commit": git_commit(), "args": vars(args), "system": system_info()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizer": optimizer.state_dict()}, meta, rank=rank,
-                        keep_last=args.keep_last)
-        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+    def save(step: int) -> None:  # no loader and no RNG state: problems and samples are seeded by the step
+        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                              metrics={"eval": loop["eval"], "initial_eval": loop["initial_eval"]},
+                              loop_state=loop, source_meta=source_meta)
 
     step, t_start, rewards_seen = start_step, time.time(), []
     try:
@@ -276,28 +244,16 @@ def train(args: argparse.Namespace, rt) -> int:
                  "pg_objective": pg_objective, "dt": dt})
             step += 1
     finally:
-        if log_file is not None:
-            log_file.close()
-    if master:
-        metrics = {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
-                   "initial_eval": loop["initial_eval"], "eval": loop["eval"], "mean_rewards": rewards_seen,
-                   "seconds": round(time.time() - t_start, 1), "commit": git_commit()}
-        with atomic_write(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        log.close()
+    write_stage_metrics(ckpt_dir, {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
+                                   "initial_eval": loop["initial_eval"], "eval": loop["eval"],
+                                   "mean_rewards": rewards_seen}, master, t_start)
     print0(f"done: {loop['initial_eval']} -> {loop['eval']}; checkpoints in {ckpt_dir}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    args = parse_args(argv)
-    rt = init_runtime(args.device)
-    try:
-        return train(args, rt)
-    finally:
-        shutdown_runtime()
+    return run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,17 @@ SmolTalk, identity, spelling), one conversation per row.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.checkpoint import checkpoint_dir, load_model
+from nanochat.common import print0
+from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save_stage_checkpoint,
+                               write_stage_metrics)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -153,7 +153,6 @@ def train(args: argparse.Namespace, rt) -> int:
     max_len = args.max_seq_len or config.sequence_len
     model_tag = args.model_tag or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("sft", model_tag)
-    log_path, metrics_path = ckpt_dir / "train_log.jsonl", ckpt_dir / "metrics.json"
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
@@ -173,54 +172,18 @@ def train(args: argparse.Namespace, rt) -> int:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, data_state, loop = 0, None, {"val_loss": None, "initial_val_loss": None}
-    resume_step = latest_step(ckpt_dir) if args.resume else None
-    if resume_step is not None:
-        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
-                                                       rank=rank)
-        if meta.get("world_size", 1) != world:
-            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has {world}")
-        model.load_state_dict(model_state)
-        fresh = [g["initial_lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(opt_state["optimizer"])
-        for g, lr in zip(optimizer.param_groups, fresh):
-            g["initial_lr"] = lr
-        torch.set_rng_state(opt_state["rng"]["cpu"].cpu())
-        data_state = meta["data_states"][rank]
-        loop.update(meta.get("loop_state", {}))
-        start_step = resume_step
-        if master and log_path.is_file():
-            kept = [e for e in map(json.loads, filter(None, log_path.read_text().splitlines()))
-                    if e.get("step", 0) < start_step]
-            with atomic_write(log_path, "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in kept)
-        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    loop = {"val_loss": None, "initial_val_loss": None}
+    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
+                              else (0, None))
     model.train()
     batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, device, rank, world,
                                   data_state)
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a") if master else None
-
-    def log(entry: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+    log = TrainLog(ckpt_dir, master)
 
     def save(step: int) -> None:
-        states = [batches.state_dict()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, batches.state_dict())
-        meta = {"config": asdict(config), "step": step, "data_state": states[0], "data_states": states,
-                "metrics": {"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
-                "loop_state": loop, "num_iterations": num_iterations, "world_size": world,
-                "source": {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")},
-                "commit": git_commit(), "args": vars(args), "system": system_info()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(),
-                        {"optimizer": optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, meta,
-                        rank=rank, keep_last=args.keep_last)
-        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                              metrics={"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
+                              loop_state=loop, loader=batches, rng=rng_state(), source_meta=source_meta)
 
     step, t_start = start_step, time.time()
     try:
@@ -266,8 +229,7 @@ def train(args: argparse.Namespace, rt) -> int:
             log({"step": step, "loss": loss_value, "lr": lrm, "num_targets": int(num_targets), "dt": dt})
             step += 1
     finally:
-        if log_file is not None:
-            log_file.close()
+        log.close()
 
     metrics = {"stage": "sft", "model_tag": model_tag, "steps": num_iterations,
                "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
@@ -281,25 +243,14 @@ def train(args: argparse.Namespace, rt) -> int:
             metrics["arc_easy_accuracy"] = report["tasks"]["ARC-Easy"]["accuracy"]
         except FileNotFoundError as e:
             print0(f"skipping the ARC-Easy check: {e}")
-    if master:
-        metrics.update(seconds=round(time.time() - t_start, 1), commit=git_commit())
-        with atomic_write(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+    write_stage_metrics(ckpt_dir, metrics, master, t_start)
     print0(f"done: held-out assistant loss {loop['initial_val_loss']:.4f} -> {loop['val_loss']:.4f}; "
            f"checkpoints in {ckpt_dir}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    args = parse_args(argv)
-    rt = init_runtime(args.device)
-    try:
-        return train(args, rt)
-    finally:
-        shutdown_runtime()
+    return run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,19 @@ with tool calls, identity, spelling) so the model learns the chat format, the sp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
+from nanochat.common import print0
 from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
+                               save_stage_checkpoint, write_stage_metrics)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -149,18 +149,6 @@ def validation_loss(model, loader, steps: int, device) -> float:
 # Training
 
 
-def _read_log(path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def train(args: argparse.Namespace, rt) -> int:
     from nanochat.tasks.mixtures import MixtureSizes, mid_mixture
 
@@ -174,7 +162,6 @@ def train(args: argparse.Namespace, rt) -> int:
         raise ValueError(f"--max-seq-len {seq_len} exceeds the model's context of {config.sequence_len}")
     model_tag = args.model_tag or (source_meta.get("args", {}) or {}).get("model_tag") or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("mid", model_tag)
-    log_path, metrics_path = ckpt_dir / "train_log.jsonl", ckpt_dir / "metrics.json"
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=args.mmlu_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
@@ -197,56 +184,21 @@ def train(args: argparse.Namespace, rt) -> int:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, data_state, loop = 0, None, {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0}
-    resume_step = latest_step(ckpt_dir) if args.resume else None
-    if resume_step is not None:
-        model_state, opt_state, meta = load_checkpoint(ckpt_dir, resume_step, device=device, load_optimizer=True,
-                                                       rank=rank)
-        if meta.get("world_size", 1) != world:
-            raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has {world}")
-        model.load_state_dict(model_state)
-        fresh = [g["initial_lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(opt_state["optimizer"])
-        for g, lr in zip(optimizer.param_groups, fresh):
-            g["initial_lr"] = lr
-        torch.set_rng_state(opt_state["rng"]["cpu"].cpu())
-        data_state = meta["data_states"][rank]
-        loop.update(meta.get("loop_state", {}))
-        start_step = resume_step
-        if master:
-            kept = [e for e in _read_log(log_path) if e.get("step", 0) < start_step]
-            with atomic_write(log_path, "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in kept)
-        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    loop = {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0}
+    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
+                              else (0, None))
     model.train()
     loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, device, rank, world,
                                  data_state)
     eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world))
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "a") if master else None
-
-    def log(entry: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+    log = TrainLog(ckpt_dir, master)
 
     def save(step: int) -> None:
-        states = [loader.state_dict()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, loader.state_dict())
-        meta = {"config": asdict(config), "step": step, "data_state": states[0], "data_states": states,
-                "metrics": {"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
-                "loop_state": loop, "num_iterations": num_iterations, "world_size": world,
-                "source": {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")},
-                "commit": git_commit(), "args": vars(args), "system": system_info()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(),
-                        {"optimizer": optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state()}}, meta,
-                        rank=rank, keep_last=args.keep_last)
-        print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                              metrics={"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
+                              loop_state=loop, loader=loader, rng=rng_state(), source_meta=source_meta)
 
     step, t_start = start_step, time.time()
     try:
@@ -265,17 +217,7 @@ def train(args: argparse.Namespace, rt) -> int:
             if last:
                 break
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(grad_accum):
-                x, y = next(loader)
-                loss = train_model(x, y)
-                loss_sum += loss.detach()
-                (loss / grad_accum).backward()
-            loss_step = loss_sum / grad_accum
-            if world > 1:
-                dist.all_reduce(loss_step)
-                loss_step /= world
-            loss_value = float(loss_step)
+            loss_value = accumulate_gradients(train_model, loader, grad_accum, device, world)
             if not math.isfinite(loss_value):
                 print0(f"error: loss is {loss_value} at step {step}; stopping (last good checkpoint: "
                        f"{latest_step(ckpt_dir)})")
@@ -294,30 +236,18 @@ def train(args: argparse.Namespace, rt) -> int:
             log({"step": step, "loss": loss_value, "lr": lrm, "tok_per_s": total_batch / dt, "dt": dt})
             step += 1
     finally:
-        if log_file is not None:
-            log_file.close()
-    if master:
-        metrics = {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
-                   "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
-                   "train_conversations": len(train_task), "skipped_sources": train_task.skipped,
-                   "seconds": round(time.time() - t_start, 1), "commit": git_commit()}
-        with atomic_write(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        log.close()
+    write_stage_metrics(ckpt_dir, {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
+                                   "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
+                                   "train_conversations": len(train_task), "skipped_sources": train_task.skipped},
+                        master, t_start)
     print0(f"done: validation loss {loop['initial_val_loss']:.4f} -> {loop['val_loss']:.4f}; "
            f"checkpoints in {ckpt_dir}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    args = parse_args(argv)
-    rt = init_runtime(args.device)
-    try:
-        return train(args, rt)
-    finally:
-        shutdown_runtime()
+    return run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

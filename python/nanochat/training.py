@@ -1,0 +1,220 @@
+"""The plumbing the training stages share (base_train, mid_train, chat_sft, chat_rl); the stages keep their data,
+objectives and loop.
+
+- `run_main`: the `main(argv)` of every stage: drops the leading "--" that `torchrun ... -m nanochat.X -- ...`
+  passes, parses, starts the runtime and always shuts it down; a FloatingPointError (non-finite weights at a save)
+  becomes a message and exit status 1
+- `accumulate_gradients`: the backward passes of one optimizer step of base_train and mid_train (packed rows,
+  every token learned), returning the step's loss averaged over micro-batches and ranks
+- `TrainLog`: train_log.jsonl beside the checkpoints, one JSON object per line, appended and flushed by the master
+  rank only (other ranks hold a no-op log); optionally mirrored to a wandb run
+- `save_stage_checkpoint`: refuses non-finite weights (the last good checkpoint stays the newest), gathers every
+  rank's data-loader state, and writes weights, each rank's optimizer shard (plus the RNG state the stage asks for)
+  and a meta.json whose keys, in order, are: config, step, data_state, [data_states], metrics, loop_state,
+  num_iterations, world_size, [source], commit, args, system
+- `resume_stage`: the inverse: newest checkpoint into model and optimizer (this run's lr flags win over the saved
+  initial lrs), RNG, loop state; checks config and process count; truncates train_log.jsonl to the resumed step so
+  the log of a resumed run reads like an uninterrupted one
+- `write_stage_metrics`: metrics.json (final numbers for the report), atomically, by the master rank
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+
+TRAIN_LOG = "train_log.jsonl"
+METRICS = "metrics.json"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_main(train, parse_args, argv: list[str] | None) -> int:
+    """`train(args, runtime) -> exit status` under an initialised runtime, with args from argv (sys.argv[1:])."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m nanochat.base_train -- --depth 4`
+        argv = argv[1:]
+    args = parse_args(argv)
+    rt = init_runtime(args.device)
+    try:
+        return train(args, rt)
+    except FloatingPointError as e:
+        print0(f"error: {e}")
+        return 1
+    finally:
+        shutdown_runtime()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step's gradients
+
+
+def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int) -> float:
+    """Backward through `grad_accum` micro-batches of `loader` (each loss / grad_accum) -> the step's mean loss over
+    micro-batches and ranks (for logging; the optimizer averages the gradients over ranks itself)."""
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        x, y = next(loader)
+        loss = model(x, y)
+        loss_sum += loss.detach()
+        (loss / grad_accum).backward()
+    loss_step = loss_sum / grad_accum
+    if world_size > 1:
+        dist.all_reduce(loss_step)
+        loss_step /= world_size
+    return float(loss_step.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The JSON-lines training log
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return entries
+
+
+def truncate_log(path: Path, before_step: int) -> None:
+    """Keep the entries of steps < before_step (a resumed run rewrites the rest)."""
+    kept = [e for e in read_log(path) if e.get("step", 0) < before_step]
+    with atomic_write(path, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in kept)
+
+
+class TrainLog:
+    """`log = TrainLog(ckpt_dir, rt.is_master)`; `log({"step": 3, "loss": 2.5})`; `log.close()` at the end."""
+
+    def __init__(self, ckpt_dir: Path, master: bool, wandb_run=None):
+        self.file, self.wandb_run = None, wandb_run
+        if master:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(ckpt_dir / TRAIN_LOG, "a")
+
+    def __call__(self, entry: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+            if self.wandb_run is not None:
+                self.wandb_run.log(entry, step=entry["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def write_stage_metrics(ckpt_dir: Path, metrics: dict, master: bool, t_start: float) -> None:
+    """metrics.json with the run's wall time and commit added last (master rank only)."""
+    if master:
+        metrics.update(seconds=round(time.time() - t_start, 1), commit=git_commit())
+        with atomic_write(ckpt_dir / METRICS, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints of a training run
+
+
+def all_gather_objects(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG state: the CPU generator, and the CUDA one of `device` when a device is given (None on
+    CPU). mid_train and chat_sft record only the CPU generator; chat_rl none (its sampling is seeded by step)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device is not None:
+        state["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return state
+
+
+def save_stage_checkpoint(ckpt_dir: Path, step: int, model, optimizer, rt, args, *, num_iterations: int,
+                          metrics: dict, loop_state: dict, loader=None, rng: dict | None = None,
+                          source_meta: dict | None = None) -> None:
+    """Checkpoint `step` (collective: every rank calls it).
+
+    loader: the stage's data loader (state_dict()); without one (chat_rl) the data position is the step itself.
+    source_meta: the meta of the checkpoint the stage started from; recorded with args.source and args.source_tag.
+    """
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise FloatingPointError(f"non-finite weights before step {step}; not saving them over the last good "
+                                 f"checkpoint (step {latest_step(ckpt_dir)}) in {ckpt_dir}")
+    meta = {"config": asdict(model.config), "step": step}
+    if loader is not None:
+        data_states = all_gather_objects(loader.state_dict(), rt.world_size)
+        meta.update(data_state=data_states[0], data_states=data_states)
+    else:
+        meta["data_state"] = {"step": step}
+    meta.update(metrics=metrics, loop_state=loop_state, num_iterations=num_iterations, world_size=rt.world_size)
+    if source_meta is not None:
+        meta["source"] = {"stage": args.source, "tag": args.source_tag, "step": source_meta.get("step")}
+    meta.update(commit=git_commit(), args=vars(args), system=system_info())
+    optimizer_state = {"optimizer": optimizer.state_dict()}
+    if rng is not None:
+        optimizer_state["rng"] = rng
+    save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer_state, meta, rank=rt.rank,
+                    keep_last=args.keep_last)
+    print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
+
+
+def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int,
+                 loop_state: dict) -> tuple[int, dict | None]:
+    """Load the newest checkpoint of `ckpt_dir` into model, optimizer, RNG and `loop_state` (in place), and cut
+    train_log.jsonl back to its step -> (step to start from, this rank's data-loader state or None).
+
+    No checkpoint yet is not an error (restart loops can always pass --resume): the run starts from step 0.
+    """
+    step = latest_step(ckpt_dir)
+    if step is None:
+        print0(f"--resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
+        return 0, None
+    model_state, opt_state, meta = load_checkpoint(ckpt_dir, step, device=rt.device, load_optimizer=True,
+                                                   rank=rt.rank)
+    config = asdict(model.config)
+    if meta["config"] != config:
+        raise ValueError(f"checkpoint {ckpt_dir} was trained with config {meta['config']}, this run asks for "
+                         f"{config}; use another --model-tag or the same flags")
+    if meta.get("world_size", 1) != rt.world_size:
+        raise ValueError(f"checkpoint was written by {meta.get('world_size')} process(es), this run has "
+                         f"{rt.world_size}; resume with the same number of processes")
+    if meta.get("num_iterations") != num_iterations:
+        print0(f"warning: the checkpoint's run had {meta.get('num_iterations')} steps, this one "
+               f"{num_iterations}; the lr schedule changes")
+    model.load_state_dict(model_state)
+    fresh_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(opt_state["optimizer"])
+    for group, lr in zip(optimizer.param_groups, fresh_lrs):  # the lr flags of this invocation win
+        group["initial_lr"] = lr
+    rng = opt_state.get("rng")
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"].cpu())
+        if rt.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), rt.device)
+    loop_state.update(meta.get("loop_state", {}))
+    if rt.is_master:
+        truncate_log(ckpt_dir / TRAIN_LOG, step)
+    print0(f"resumed from {ckpt_dir} at step {step}")
+    data_states = meta.get("data_states")
+    return step, None if data_states is None else data_states[rt.rank]
