@@ -6,4 +6,4 @@ bash runs/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 cargo test --release --manifest-path rust/rustbpe/Cargo.toml
-python -m pytest -q "$@"
+python -m pytest -q --durations=20 "$@"

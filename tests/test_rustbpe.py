@@ -104,11 +104,13 @@ def test_merges_identical_to_pypi_rustbpe_with_ties():
 
 
 def test_training_is_deterministic_and_specials_take_last_ids(real_texts):
-    a = R.Tokenizer.train_from_iterator(real_texts, 700, special_tokens=SPECIALS)
-    b = R.Tokenizer.train_from_iterator(iter(real_texts[::-1]), 700, special_tokens=SPECIALS, buffer_size=7)
+    # 340 is within reach of the synthetic fallback corpus too (it has merges for ~350 ids), so this holds with
+    # and without ../shared/data
+    a = R.Tokenizer.train_from_iterator(real_texts, 340, special_tokens=SPECIALS)
+    b = R.Tokenizer.train_from_iterator(iter(real_texts[::-1]), 340, special_tokens=SPECIALS, buffer_size=7)
     assert a.mergeable_ranks() == b.mergeable_ranks()
-    assert a.vocab_size == 700 and len(a.mergeable_ranks()) == 691
-    assert a.special_tokens() == {s: 691 + j for j, s in enumerate(SPECIALS)}
+    assert a.vocab_size == 340 and len(a.mergeable_ranks()) == 331
+    assert a.special_tokens() == {s: 331 + j for j, s in enumerate(SPECIALS)}
 
 
 def test_custom_regex_falls_back_to_the_regex_engine(real_texts):
