@@ -37,9 +37,9 @@ stage tok-eval  nanochat tok-eval
 stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$BATCH" \
                     --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 32768 --sample-every 200 \
                     --save-every 100 --keep-last 2 --resume
-stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --max-per-task "$CORE_PER_TASK"
+stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --eval-tokens 65536 --max-per-task "$CORE_PER_TASK"
 stage mid       nanochat mid-train --device cpu --device-batch-size "$BATCH" --max-seq-len "$SEQ_LEN" \
-                    --num-iterations "$MID_STEPS" --eval-every 50 --save-every 50 --resume
+                    --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 --save-every 50 --resume
 stage sft       nanochat chat-sft --device cpu --num-iterations "$SFT_STEPS" --examples-per-step 16 \
                     --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume
 stage rl        nanochat chat-rl --device cpu --task "$RL_TASK" --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \

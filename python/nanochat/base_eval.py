@@ -32,9 +32,11 @@ def parse_args(argv):
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint folder (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per bpb batch")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help="sequences per rank per bpb batch (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="bpb sequence length in tokens (default: model's)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per split for bpb")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="tokens per split for bpb (default: 20 x 524,288 on CUDA, 65,536 on CPU)")
     p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per sample prompt")
     p.add_argument("--max-per-task", type=int, default=None, help="CORE: examples per task (default: all)")
@@ -67,6 +69,12 @@ def evaluate(args, rt) -> int:
 
     if "bpb" in args.evals:
         from nanochat.dataloader import DataLoader
+
+        on_cuda = rt.device.type == "cuda"  # nanochat's sizes on GPUs; laptop sizes on CPU (like base_train)
+        if args.device_batch_size is None:
+            args.device_batch_size = 32 if on_cuda else 8
+        if args.eval_tokens is None:
+            args.eval_tokens = 20 * 524288 if on_cuda else 65536
 
         seq_len = args.max_seq_len or model.config.sequence_len
         token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int32, device=rt.device)
