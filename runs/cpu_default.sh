@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 . runs/lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+export HF_HUB_OFFLINE=1  # everything comes from local files built above; never wait on the hub
 
 DEPTH=${DEPTH:-4}
 VOCAB=${VOCAB:-8192}

