@@ -29,6 +29,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import print0
 from nanochat.evals.chat import generate_samples
+from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
 from nanochat.training import TrainLog, resume_stage, run_main, save_stage_checkpoint, write_stage_metrics
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,9 +39,7 @@ from nanochat.training import TrainLog, resume_stage, run_main, save_stage_check
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-rl", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="sft", choices=["mid", "sft", "rl"], help="stage of the starting checkpoint")
-    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
-    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    add_source_args(p, "rl", ["sft", "mid", "rl"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
     p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling"], help="rewarded task")
     p.add_argument("--train-limit", type=int, default=None, help="max training problems")
@@ -53,19 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the problems (sets the horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--init-lr-frac", type=float, default=0.05, help="multiplier on all the lrs above")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    add_optimizer_args(g, init_lr_frac=0.05)
     g.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (<= 0: ends only)")
     g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per evaluation")
     g.add_argument("--eval-samples", type=int, default=4, help="k of pass@k")
-    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     return p.parse_args(argv)

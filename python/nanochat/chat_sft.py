@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import print0
+from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
 from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save_stage_checkpoint,
                                write_stage_metrics)
 
@@ -37,9 +38,7 @@ from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-sft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="mid", choices=["base", "mid", "sft"], help="stage of the starting checkpoint")
-    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
-    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    add_source_args(p, "sft", ["mid", "base", "sft"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/sft (default: d<depth>)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per conversation (default: model context)")
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per rank per forward/backward")
@@ -47,11 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture (sets the horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--init-lr-frac", type=float, default=0.02, help="multiplier on all the lrs above")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    add_optimizer_args(g, init_lr_frac=0.02)
     g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
     g = p.add_argument_group("data (caps make small runs fast)")
     g.add_argument("--smoltalk-limit", type=int, default=10000, help="max SmolTalk conversations")
@@ -63,9 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-conversations", type=int, default=256, help="held-out conversations per evaluation")
     g.add_argument("--eval-mc-problems", type=int, default=0, help="ARC-Easy test questions at the end (0: skip)")
-    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     return p.parse_args(argv)

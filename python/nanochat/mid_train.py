@@ -28,6 +28,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
 from nanochat.common import print0
 from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
 from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
                                save_stage_checkpoint, write_stage_metrics)
 
@@ -38,9 +39,7 @@ from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat mid-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default="base", choices=["base", "mid"], help="stage of the starting checkpoint")
-    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
-    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    add_source_args(p, "mid", ["base", "mid"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/mid (default: the source's)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the model's context)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per forward/backward")
@@ -48,11 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens per optimizer step over all ranks (-1: one micro-batch per rank)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--init-lr-frac", type=float, default=1.0, help="multiplier on all the lrs above")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    add_optimizer_args(g, init_lr_frac=1.0)
     g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear decay to 0")
     g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
     g = p.add_argument_group("data (caps make small runs fast)")
@@ -64,9 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288 // 8, help="validation tokens per evaluation")
-    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

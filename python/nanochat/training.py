@@ -59,6 +59,28 @@ def run_main(train, parse_args, argv: list[str] | None) -> int:
 # One optimizer step's gradients
 
 
+def add_source_args(p, stage: str, sources: list[str]) -> None:
+    """--source/--source-tag/--source-step: the checkpoint a finetuning stage starts from (default: sources[0])."""
+    p.add_argument("--source", default=sources[0], choices=sources, help="stage of the starting checkpoint")
+    p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
+    p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+
+
+def add_optimizer_args(g, init_lr_frac: float) -> None:
+    """The MuonAdamW learning rates (nanochat's base values) and the stage's multiplier on all of them."""
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="multiplier on all the lrs above")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+
+
+def add_checkpoint_args(g) -> None:
+    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+
+
 def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int) -> float:
     """Backward through `grad_accum` micro-batches of `loader` (each loss / grad_accum) -> the step's mean loss over
     micro-batches and ranks (for logging; the optimizer averages the gradients over ranks itself)."""
