@@ -4,8 +4,14 @@ Notable choices:
 - Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop
   only parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is.
   Tokens cross from the worker to the loop by `loop.call_soon_threadsafe` into a per-request asyncio.Queue.
-- A new request goes to the replica with the fewest active + waiting requests; when every replica's waiting queue
-  is full the answer is 429 with Retry-After.
+- A new request goes to the live replica with the fewest active + waiting requests; when every replica's waiting
+  queue is full the answer is 429 with Retry-After. A replica whose worker thread has died takes no requests; with
+  none alive the answer is 503 with Retry-After, and /health says which replica is down (HTTP 503 when none is up).
+- Every wait for the worker has a deadline: the first token within `first_token_timeout_s`, each later event within
+  `step_timeout_s`, so a request's total wait is bounded by its own n * max_tokens; the handler also notices within
+  `WORKER_POLL_S` that its worker died. A deadline missed answers 504 (or an error event mid-stream).
+- The worker thread selects its replica's CUDA device first: the Triton wrappers launch on their inputs' device anyway
+  (kernels/_common.on_device), but torch's own current-device state must also match the replica.
 - A client that goes away (stream closed, or the socket of a non-streaming call) cancels its request; the scheduler
   frees its rows before the next decode step.
 - Every bad request is a 4xx with an OpenAI-style error object {"error": {"message", "type", "param", "code"}}:
@@ -56,6 +62,19 @@ class ServerConfig:
     default_max_tokens: int = 1024  # when the request sets none (clipped to the context left)
     retry_after_s: int = 1
     tools: bool = True
+    first_token_timeout_s: float = 600.0  # queue wait + prefill: the longest a request waits for its first event
+    step_timeout_s: float = 120.0  # the longest between two events of a running request (a decode step, a tool call)
+
+
+WORKER_POLL_S = 0.25  # how often a waiting handler checks that its replica's worker is still alive
+
+
+class ReplicaDown(Exception):
+    """The replica's worker thread is not running: nothing will ever answer the request."""
+
+
+class GenerationTimeout(Exception):
+    """The worker is alive but sent nothing within the request's deadline."""
 
 
 class BadRequest(Exception):
@@ -169,13 +188,32 @@ class Replica:
         self.context = self.scheduler.max_len
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
+        self.error: str | None = None  # why the worker thread died, when it did
 
     def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
             self.stop_event.clear()
-            self.thread = threading.Thread(target=self.scheduler.serve_forever, args=(self.stop_event,),
-                                           name="nanochat-replica", daemon=True)
+            self.error = None
+            self.thread = threading.Thread(target=self._work, name=f"nanochat-replica-{self.scheduler.device}",
+                                           daemon=True)
             self.thread.start()
+
+    def _work(self) -> None:
+        """The worker thread: select the replica's device (a thread starts on cuda:0), then serve until stopped.
+        `serve_forever` survives model errors; whatever still ends it is recorded for /health."""
+        try:
+            if self.scheduler.device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(self.scheduler.device)
+            self.scheduler.serve_forever(self.stop_event)
+        except BaseException as e:
+            self.error = f"{type(e).__name__}: {e}"
+            get_logger().exception("replica worker on %s died", self.scheduler.device)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and not self.stop_event.is_set()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -259,7 +297,10 @@ class ParsedRequest:
     include_usage: bool
 
 
-def parse_request(payload, config: ServerConfig, context: int, vocab_size: int) -> ParsedRequest:
+def parse_request(payload, config: ServerConfig, context: int, vocab_size: int,
+                  batch_rows: int | None = None) -> ParsedRequest:
+    """Validate a chat completion body against the server's limits: `context` tokens and `batch_rows` decode rows
+    per replica (a request's n samples decode side by side, so n cannot exceed them)."""
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
     messages = parse_messages(payload.get("messages"), config)
@@ -271,7 +312,7 @@ def parse_request(payload, config: ServerConfig, context: int, vocab_size: int) 
     temperature = _number(payload, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(payload, "top_p", 0.0, 1.0, None)
     top_k = _integer(payload, "top_k", 0, vocab_size, None)
-    n = _integer(payload, "n", 1, config.max_n, 1)
+    n = _integer(payload, "n", 1, min(config.max_n, batch_rows or config.max_n), 1)
     seed = _integer(payload, "seed", -(2 ** 63), 2 ** 63 - 1, None)
     stop = payload.get("stop")
     if stop is None:
@@ -324,6 +365,24 @@ def decode_json(body: bytes):
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
 
 
+async def next_event(queue: asyncio.Queue, replica: Replica, timeout_s: float) -> TokenEvent:
+    """The next event of a request, waiting at most `timeout_s` and checking every WORKER_POLL_S that the worker
+    that should send it is alive (raises ReplicaDown / GenerationTimeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not replica.alive:
+            if not queue.empty():  # it may have sent the final events before it went
+                return queue.get_nowait()
+            raise ReplicaDown(replica.error or "the replica's worker is not running")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GenerationTimeout(f"no progress from the model in {timeout_s:g} s")
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=min(left, WORKER_POLL_S))
+        except asyncio.TimeoutError:
+            continue
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The app
 
@@ -341,6 +400,7 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
     models = models if isinstance(models, (list, tuple)) else [models]
     replicas = [Replica(m, tokenizer, config) for m in models]
     context = min(r.context for r in replicas)
+    batch_rows = min(r.scheduler.batch_size for r in replicas)
     vocab_size = tokenizer.get_vocab_size()
     metrics = Metrics()
     created = int(time.time())
@@ -369,7 +429,7 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
         t0 = time.monotonic()
         try:
             payload = decode_json(await read_body(request, config.max_body_bytes))
-            parsed = parse_request(payload, config, context, vocab_size)
+            parsed = parse_request(payload, config, context, vocab_size, batch_rows)
             try:
                 prompt = tokenizer.render_for_completion({"messages": parsed.messages})
             except ValueError as e:
@@ -393,8 +453,18 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
             relay.push(queue, ev)
 
         req = GenerationRequest(prompt, params, n=parsed.n, on_event=on_event)
-        replica = min(replicas, key=lambda r: r.load)
-        if not replica.scheduler.submit(req):
+        live = [r for r in replicas if r.alive]
+        if not live:
+            metrics.request(503)
+            return error_response(503, "no model replica is running; retry later", code="replica_down",
+                                  headers={"Retry-After": str(config.retry_after_s)})
+        replica = min(live, key=lambda r: r.load)
+        try:
+            accepted = replica.scheduler.submit(req)
+        except ValueError as e:  # a limit of the engine the parser above does not know: still the request's fault
+            metrics.request(400)
+            return error_response(400, str(e))
+        if not accepted:
             metrics.request(429)
             return error_response(429, "the server is busy; retry later", code="queue_full",
                                   headers={"Retry-After": str(config.retry_after_s)})
@@ -415,6 +485,10 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
 
         received = [0]  # final events seen by this handler (the worker sets req.finished a moment later)
 
+        def wait_event():
+            started = req.first_token_at is not None
+            return next_event(queue, replica, config.step_timeout_s if started else config.first_token_timeout_s)
+
         def cancel() -> None:
             if received[0] < parsed.n and not req.cancelled:
                 req.cancel()
@@ -431,7 +505,14 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
                                            "finish_reason": None}], None, parsed.include_usage)
                     remaining = parsed.n
                     while remaining:
-                        batch = [await queue.get()]
+                        try:
+                            batch = [await wait_event()]
+                        except (ReplicaDown, GenerationTimeout) as e:  # the status line is sent: say it in-band
+                            log.error("stream %s ended early: %s", cid, e)
+                            error = {"message": str(e), "type": "server_error", "param": None,
+                                     "code": "replica_down" if isinstance(e, ReplicaDown) else "timeout"}
+                            yield f"data: {json.dumps({'error': error})}\n\n"
+                            return
                         while not queue.empty():
                             batch.append(queue.get_nowait())
                         texts: dict[int, str] = {}
@@ -474,12 +555,19 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
         try:
             remaining = parsed.n
             while remaining:
-                ev = await queue.get()
+                ev = await wait_event()
                 texts[ev.sample] += ev.text
                 if ev.finish_reason is not None:
                     reasons[ev.sample] = FINISH[ev.finish_reason]
                     remaining -= 1
                     received[0] += 1
+        except ReplicaDown as e:
+            log.error("request %s: replica down: %s", cid, e)
+            return error_response(503, "the model replica stopped; retry later", code="replica_down",
+                                  headers={"Retry-After": str(config.retry_after_s)})
+        except GenerationTimeout as e:
+            log.error("request %s: %s", cid, e)
+            return error_response(504, f"generation timed out: {e}", code="timeout")
         finally:
             watcher.cancel()
             cancel()
@@ -498,8 +586,13 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
             {"id": config.model_name, "object": "model", "created": created, "owned_by": "nanochat"}]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "replicas": len(replicas),
-                             "workers_alive": sum(bool(r.thread and r.thread.is_alive()) for r in replicas)})
+        alive = [r.alive for r in replicas]
+        status = "ok" if all(alive) else "degraded" if any(alive) else "unhealthy"
+        down = [{"replica": i, "device": str(r.scheduler.device), "error": r.error}
+                for i, r in enumerate(replicas) if not alive[i]]
+        headers = None if any(alive) else {"Retry-After": str(config.retry_after_s)}
+        return JSONResponse({"status": status, "replicas": len(replicas), "workers_alive": sum(alive), "down": down},
+                            status_code=200 if any(alive) else 503, headers=headers)
 
     async def metrics_page(request: Request) -> Response:
         return PlainTextResponse(metrics.render(replicas), media_type="text/plain; version=0.0.4")
