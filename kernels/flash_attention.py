@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, on_device
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -322,15 +322,21 @@ def _flash_forward(q, k, v, causal: bool, scale: float):
     cfg = _config(_FWD_CONFIG, D)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     grid = (triton.cdiv(T, block_m), B * H)
-    _fwd_kernel[grid](q, k, v, o, lse,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                      T, H, group, scale * _LOG2E,
-                      HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
+    with on_device(q):
+        _fwd_kernel[grid](q, k, v, o, lse,
+                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                          v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                          T, H, group, scale * _LOG2E,
+                          HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
     return o, lse
 
 
 def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float):
+    with on_device(q):  # autograd may run the backward on a thread whose current device is another GPU
+        return _flash_backward_launches(do, q, k, v, o, lse, causal, scale)
+
+
+def _flash_backward_launches(do, q, k, v, o, lse, causal: bool, scale: float):
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     group = H // H_kv

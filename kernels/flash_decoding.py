@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, on_device
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -223,12 +223,13 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty_like(q)
     rows_per_query = H // k_cache.shape[2]
     chunk = max(1, _MAX_ROWS // rows_per_query)
-    if T_q <= chunk:
-        _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits)
-        return out
-    # Slices along T_q: slice [t0, t1) behaves like a chunk of t1 - t0 queries over a cache of length
-    # cache_lens - (T_q - t1); slice outputs are views of `out`, written in place.
-    for t0 in range(0, T_q, chunk):
-        t1 = min(T_q, t0 + chunk)
-        _decode_chunk(q[:, t0:t1], k_cache, v_cache, cache_lens - (T_q - t1), out[:, t0:t1], scale, num_splits)
+    with on_device(q):
+        if T_q <= chunk:
+            _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits)
+            return out
+        # Slices along T_q: slice [t0, t1) behaves like a chunk of t1 - t0 queries over a cache of length
+        # cache_lens - (T_q - t1); slice outputs are views of `out`, written in place.
+        for t0 in range(0, T_q, chunk):
+            t1 = min(T_q, t0 + chunk)
+            _decode_chunk(q[:, t0:t1], k_cache, v_cache, cache_lens - (T_q - t1), out[:, t0:t1], scale, num_splits)
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import interpreting, on_device
 from .reference import coefficient_schedule
 
 # UNTUNED (no GPU lent when written): 128x128 output tiles with 64-deep K steps, 8 warps and 3 stages is the
@@ -93,11 +93,12 @@ def sym_gram(Y: torch.Tensor, Z: torch.Tensor | None = None, alpha: float = 1.0,
     launch = {} if interpreting() else dict(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     tile_i, tile_j = _tile_pairs(triton.cdiv(M, block), Y.device)
     zz = out if Z is None else Z
-    _sym_gram_kernel[(tile_i.numel(), batch)](
-        Y, zz, out, tile_i, tile_j, M, K,
-        Y.stride(0), Y.stride(1), Y.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), float(alpha), float(beta),
-        HAS_Z=Z is not None, BLOCK=block, BLOCK_K=block_k, **launch)
+    with on_device(Y):
+        _sym_gram_kernel[(tile_i.numel(), batch)](
+            Y, zz, out, tile_i, tile_j, M, K,
+            Y.stride(0), Y.stride(1), Y.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), float(alpha), float(beta),
+            HAS_Z=Z is not None, BLOCK=block, BLOCK_K=block_k, **launch)
     return out
 
 
