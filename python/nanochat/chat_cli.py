@@ -139,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nanochat.common import autodetect_device
+    from nanochat.common import UserError, autodetect_device
     from nanochat.engine import Engine, load_chat_model
 
     if not 0.0 <= args.temperature <= 2.0:
-        raise SystemExit(f"--temperature must be in [0, 2], got {args.temperature}")
+        raise UserError(f"--temperature must be in [0, 2], got {args.temperature}")
     if args.top_k < 0 or args.max_tokens < 1:
-        raise SystemExit(f"--top-k must be >= 0 and --max-tokens >= 1, got {args.top_k} and {args.max_tokens}")
+        raise UserError(f"--top-k must be >= 0 and --max-tokens >= 1, got {args.top_k} and {args.max_tokens}")
     device = autodetect_device(args.device)
     model, tokenizer, meta, stage = load_chat_model(args.source, device, args.model_tag, args.step)
     print(f"loaded {stage} checkpoint, step {meta.get('step')}", file=sys.stderr)

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import atomic_write, base_dir
+from nanochat.common import CorruptInputError, MissingInputError, atomic_write, base_dir
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -153,21 +156,32 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", load_optimi
     if step is None:
         step = latest_step(ckpt_dir)
         if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+            raise MissingInputError(f"no complete checkpoint in {ckpt_dir}")
     folder = _step_dir(ckpt_dir, step)
     if step not in list_steps(ckpt_dir):
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {ckpt_dir} "
+        raise MissingInputError(f"no complete checkpoint for step {step} in {ckpt_dir} "
                                 f"(available: {list_steps(ckpt_dir)})")
-    model_state = load_file(str(folder / "model.safetensors"), device=str(device))
+    try:
+        model_state = load_file(str(folder / "model.safetensors"), device=str(device))
+        meta = json.loads((folder / "meta.json").read_text())
+    except (SafetensorError, OSError, ValueError) as e:  # truncated, overwritten, not UTF-8 / JSON
+        raise CorruptInputError(f"checkpoint {folder} is unreadable ({type(e).__name__}: {e}); delete it or "
+                                f"load another step with --step") from e
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # saved from a compiled model
-    meta = json.loads((folder / "meta.json").read_text())
     optimizer_state = None
     if load_optimizer:
         path = folder / f"optim_rank{rank}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder} has no optimizer state for rank {rank} ({path.name}); "
+            raise MissingInputError(f"checkpoint {folder} has no optimizer state for rank {rank} ({path.name}); "
                                     f"was it saved with fewer processes?")
-        optimizer_state = torch.load(path, map_location=device, weights_only=True)
+        try:
+            optimizer_state = torch.load(path, map_location=device, weights_only=True)
+        except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            raise CorruptInputError(f"optimizer state {path} is unreadable ({type(e).__name__}: {e})") from e
+        except RuntimeError as e:  # torch reports a truncated zip archive as a RuntimeError
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            raise CorruptInputError(f"optimizer state {path} is unreadable ({e})") from e
     return model_state, optimizer_state, meta
 
 
@@ -182,7 +196,7 @@ def _newest_tag(stage_dir: Path) -> str:
                 if mtime > best_time:
                     best, best_time = tag_dir.name, mtime
     if best is None:
-        raise FileNotFoundError(f"no checkpoints under {stage_dir}; train one first "
+        raise MissingInputError(f"no checkpoints under {stage_dir}; train one first "
                                 f"(e.g. `nanochat base-train` for stage 'base')")
     return best
 
@@ -197,10 +211,16 @@ def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int
         model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
     model_state, _, meta = load_checkpoint(checkpoint_dir(stage, model_tag), step=step, device=device)
     meta["model_tag"] = model_tag
-    config = GPTConfig(**meta["config"])
-    with torch.device(device):
-        model = GPT(config)
-    model.load_state_dict(model_state, strict=True)
+    try:
+        config = GPTConfig(**meta["config"])
+        with torch.device(device):
+            model = GPT(config)
+        model.load_state_dict(model_state, strict=True)
+    except (KeyError, TypeError, RuntimeError) as e:  # meta.json and the weights disagree (missing keys, shapes)
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise CorruptInputError(f"checkpoint {checkpoint_dir(stage, model_tag)} (step {meta.get('step')}) does "
+                                f"not match its own config: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.vocab_size > config.vocab_size:

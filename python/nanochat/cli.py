@@ -2,6 +2,10 @@
 
 Stages are imported lazily so `nanochat --help` is instant and a missing optional dependency of one stage never
 breaks another.
+
+Expected user mistakes (nanochat.common.UserError: no checkpoint, tokenizer or data yet, a corrupt file, a flag value
+out of range) end with one line on stderr and exit status 2, as argparse's own errors do; any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -43,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanochat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
+    from nanochat.common import UserError  # after the stage: `nanochat --help` must not import torch
+
+    try:
+        result = module.main(rest)
+    except UserError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"nanochat {name}: error: {message}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -5,6 +5,7 @@
 - distributed: initialised from torchrun's environment (NCCL on CUDA, gloo on CPU); one process otherwise
 - logging: rank 0 prints, every rank may warn
 - atomic file writes: write to a temporary name in the same folder, fsync, rename
+- user mistakes: `UserError` (and its kinds below) is what `nanochat` reports as one line and exit status 2
 """
 
 from __future__ import annotations
@@ -55,6 +56,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# User mistakes
+
+
+class UserError(Exception):
+    """A mistake the user can fix: no checkpoint, tokenizer or data yet, a corrupt file, a flag value out of range.
+
+    Raised where the condition is detected; `nanochat` (cli.main) prints the message as one line on stderr and exits
+    with status 2. Every other exception is a bug and keeps its traceback."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A checkpoint, tokenizer or data file that is not there yet (still a FileNotFoundError to callers that skip
+    over missing things)."""
+
+
+class CorruptInputError(UserError, ValueError):
+    """A file that is there but cannot be read: a truncated checkpoint, shard or tokenizer."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Logging
 
 _LOGGER_NAME = "nanochat"
@@ -101,7 +122,7 @@ def autodetect_device(requested: str | None = None) -> torch.device:
     """'cuda' when available, else 'cpu'; `requested` ("cpu", "cuda") overrides."""
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested} requested but CUDA is not available")
+            raise UserError(f"--device {requested} requested but CUDA is not available")
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.common import get_logger
+from nanochat.common import CorruptInputError, get_logger
 from nanochat.dataset import split_shards
 
 STATE_VERSION = 1
@@ -120,8 +120,8 @@ class Chunk:
     docs: list[tuple[int, np.ndarray, int]]  # (row, BOS + ids cropped to a row as int32, length before cropping)
 
 
-class CorruptShardError(RuntimeError):
-    pass
+class CorruptShardError(CorruptInputError, RuntimeError):
+    """A pretraining shard that cannot be read (the message names the file); a user error, not a bug."""
 
 
 def _open_parquet(path: Path):

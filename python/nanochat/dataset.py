@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import base_dir, get_logger
+from nanochat.common import CorruptInputError, MissingInputError, base_dir, get_logger
 
 HF_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 VAL_SHARD_INDEX = 1822  # the last shard of fineweb-edu-100b-shuffle is the validation split
@@ -58,7 +58,7 @@ def split_shards(split: str, data_dir: str | os.PathLike | None = None) -> list[
     shards = list_shards(data_dir)
     if len(shards) < 2:
         where = Path(data_dir) if data_dir is not None else _default_data_dir()
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"need at least 2 parquet shards (train + the last one for validation) in {where}, found {len(shards)}; "
             "run `nanochat data download -n N` (FineWeb-Edu) or `nanochat data offline` (demo corpus)")
     return shards[:-1] if split == "train" else shards[-1:]
@@ -68,16 +68,13 @@ def iter_texts(split: str = "train", data_dir: str | os.PathLike | None = None, 
                doc_cap: int | None = None) -> Iterator[str]:
     """Documents of a split in shard and row order, each cut to doc_cap characters; stops once max_chars
     characters (after cutting) have been yielded. For tokenizer training."""
-    import pyarrow.parquet as pq
-
     for name, value in (("max_chars", max_chars), ("doc_cap", doc_cap)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be a positive number of characters or None, got {value}")
     total = 0
     for path in split_shards(split, data_dir):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+        for texts in _row_group_texts(path):
+            for text in texts:
                 if text is None:
                     continue
                 if doc_cap is not None:
@@ -86,6 +83,19 @@ def iter_texts(split: str = "train", data_dir: str | os.PathLike | None = None, 
                 total += len(text)
                 if max_chars is not None and total >= max_chars:
                     return
+
+
+def _row_group_texts(path: Path) -> Iterator[list]:
+    """The 'text' column of each row group of a shard; an unreadable shard is a CorruptInputError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        raise CorruptInputError(f"corrupt or truncated parquet shard {path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import get_logger
+from nanochat.common import MissingInputError, get_logger
 from nanochat.kv_cache import KVCache
 from nanochat.tools import evaluate
 
@@ -615,5 +615,5 @@ def load_chat_model(source: str | None = None, device="cpu", model_tag: str | No
                 return (*load_model(stage, device=device, model_tag=model_tag, step=step), stage)
             except FileNotFoundError:
                 continue
-    raise FileNotFoundError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
+    raise MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
                             f"train one (`nanochat chat-sft`) or name one with --source base")

