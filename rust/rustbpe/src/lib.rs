@@ -4,10 +4,12 @@
 //! - `train`: parallel piece counting and the incremental merge loop (merges identical to PyPI rustbpe 0.1.0).
 //! - `encode`: tiktoken-identical encoding with id-pair lookups.
 //! - `serialize`: the one-file save format.
+//! - `pools`: a bounded cache of rayon pools for callers that choose a thread count.
 //! - `python` (cargo feature "python"): the pyo3 binding `nanochat._rustbpe`; nothing else touches Python.
 
 pub mod encode;
 pub mod hash;
+pub mod pools;
 pub mod pretokenize;
 pub mod serialize;
 pub mod train;

@@ -2,19 +2,21 @@
 //! the work, and turns every error into a Python exception: `Error::Value` -> ValueError, `Error::Io` -> OSError,
 //! anything else and any Rust panic (caught here with catch_unwind) -> RuntimeError. See _rustbpe.pyi.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 
+use crate::pools::PoolCache;
 use crate::{check_vocab_size, serialize, Allowed, Error, Trainer};
 
 /// Text per training batch; small enough that pulling the next batch from Python overlaps counting this one.
 const BATCH_BYTES: usize = 4 << 20;
+/// Thread pools kept for `encode_batch(num_threads=k)` with distinct k (least recently used evicted).
+const MAX_POOLS: usize = 4;
 
 fn py_err(e: Error) -> PyErr {
     match e {
@@ -61,27 +63,14 @@ fn ids_u32(ids: Vec<i64>) -> PyResult<Vec<u32>> {
         .collect()
 }
 
-/// One rayon pool per requested thread count (0 = the global pool, all cores).
+/// Runs `f` on a pool of `num_threads` threads (0 = the global pool, all cores). Pools come from a bounded cache
+/// (crate::pools): a caller cycling through thread counts cannot pile up threads.
 fn with_pool<T: Send>(num_threads: usize, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
     if num_threads == 0 {
         return Ok(f());
     }
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let pool = {
-        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-        match pools.get(&num_threads) {
-            Some(p) => p.clone(),
-            None => {
-                let p = rayon::ThreadPoolBuilder::new()
-                    .num_threads(num_threads)
-                    .build()
-                    .map_err(|e| Error::Runtime(format!("cannot start {num_threads} threads: {e}")))?;
-                let p = Arc::new(p);
-                pools.insert(num_threads, p.clone());
-                p
-            }
-        }
-    };
+    static POOLS: OnceLock<PoolCache> = OnceLock::new();
+    let pool = POOLS.get_or_init(|| PoolCache::for_this_machine(MAX_POOLS)).get(num_threads)?;
     Ok(pool.install(f))
 }
 
