@@ -12,7 +12,8 @@ Kernel-enforced layers (they hold whatever the program does in Python):
   for threads, no execve), signals to any other process or process group (kill/tgkill only to its own pid), ptrace,
   process_vm_readv/writev, pidfd_*, mount/unshare/setns/chroot, setuid and friends, prctl, bpf, perf_event_open,
   io_uring, keyctl, userfaultfd, chmod/chown/utime/xattr changes (which Landlock does not cover), file locks and
-  F_SETOWN (SIGIO to other processes), ioctls other than a few terminal queries, and prlimit on other processes.
+  F_SETOWN (SIGIO to other processes), ioctls other than a few terminal queries, and setting any rlimit (a child
+  left as root could raise its own) or reading another process's.
 - "landlock": filesystem rules (PyPI `landlockpy`): read-only access to the standard library and system libraries
   (/usr, /lib, /lib64, the stdlib dirs, /etc/ld.so.cache, /etc/localtime, /dev/null and the random devices),
   read-write access to the scratch dir only. It stops writing, creating, removing, renaming, truncating or linking
@@ -265,7 +266,8 @@ if pyseccomp is not None:
         pid = os.getpid()
         for name in ("kill", "tgkill"):  # signals to itself only (raise(), os.kill(os.getpid(), ...))
             f.add_rule(sc.ALLOW, name, sc.Arg(0, sc.EQ, pid))
-        f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))  # its own limits only (and never above the hard one)
+        # read its own limits only: a child left as root could otherwise raise its hard limits
+        f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0), sc.Arg(2, sc.EQ, 0))
         # clone: threads only (CLONE_THREAD set, no namespace flags); clone3 reports ENOSYS so glibc falls back to it
         CLONE_THREAD, NS_FLAGS = 0x00010000, 0x7E020000
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD | NS_FLAGS, CLONE_THREAD))
