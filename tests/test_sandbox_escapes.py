@@ -137,12 +137,17 @@ def test_write_outside_scratch(mode, open_dir):
         attempt("rename in", lambda: os.rename(T, "stolen"))
         attempt("unlink", lambda: os.unlink(T))
         attempt("truncate", lambda: os.truncate(T, 0))
-        attempt("chmod", lambda: os.chmod(T, 0o600))
+        # chmod and utime may report success (a no-op under the syscall filter): what counts is the file's state
+        attempt("chmod", lambda: (os.chmod(T, 0o600), os.stat(T).st_mode & 0o777 == 0o600 or 1 / 0))
+        attempt("fchmod", lambda: (os.fchmod(os.open(T, os.O_RDONLY), 0o600), os.stat(T).st_mode & 0o777 == 0o600
+                                   or 1 / 0))
+        attempt("utime", lambda: (os.utime(T, (0, 0)), os.stat(T).st_mtime == 0 or 1 / 0))
         attempt("/dev/shm", lambda: open(SHM, "w").write("pwned"))
     """)
     try:
         assert_held(r)
         assert target.read_text() == "original" and (target.stat().st_mode & 0o777) == 0o666
+        assert target.stat().st_mtime > 0
         assert sorted(p.name for p in open_dir.iterdir()) == ["victim.txt"]
         assert not os.path.exists(shm)
         assert "SandboxViolation" not in r.stdout  # the kernel refused, not the (disarmed) audit hook

@@ -89,7 +89,8 @@ def _eval_metrics(data: dict) -> dict:
     if not out:
         out.update({k: float(v) for k, v in data.items() if _is_number(v)})
     if isinstance(data.get("sandbox"), dict):  # chat-eval with HumanEval: how the model-written code was confined
-        out["HumanEval sandbox"] = f"{data['sandbox'].get('mode')} ({', '.join(data['sandbox'].get('protections', []))})"
+        sandbox = data["sandbox"]
+        out["HumanEval sandbox"] = f"{sandbox.get('mode')} ({', '.join(sandbox.get('protections', []))})"
     return out
 
 

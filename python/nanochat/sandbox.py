@@ -11,9 +11,11 @@ Kernel-enforced layers (they hold whatever the program does in Python):
   creating sockets (only `socketpair(AF_UNIX)`, which reaches nothing outside the process), fork and exec (clone only
   for threads, no execve), signals to any other process or process group (kill/tgkill only to its own pid), ptrace,
   process_vm_readv/writev, pidfd_*, mount/unshare/setns/chroot, setuid and friends, prctl, bpf, perf_event_open,
-  io_uring, keyctl, userfaultfd, chmod/chown/utime/xattr changes (which Landlock does not cover), file locks and
-  F_SETOWN (SIGIO to other processes), ioctls other than a few terminal queries, and setting any rlimit (a child
-  left as root could raise its own) or reading another process's.
+  io_uring, keyctl, userfaultfd, chown and xattrs (which Landlock does not cover), F_SETOWN/F_SETSIG
+  (SIGIO aimed at other processes), ioctls other than a few terminal queries, and setting any rlimit (a child
+  left as root could raise its own) or reading another process's. chmod and utime (also beyond Landlock's reach)
+  return success without doing anything: shutil.copy still works in the scratch dir, and no mode or timestamp
+  outside it changes.
 - "landlock": filesystem rules (PyPI `landlockpy`): read-only access to the standard library and system libraries
   (/usr, /lib, /lib64, the stdlib dirs, /etc/ld.so.cache, /etc/localtime, /dev/null and the random devices),
   read-write access to the scratch dir only. It stops writing, creating, removing, renaming, truncating or linking
@@ -49,6 +51,7 @@ namespace alone does not count: it guards only the network.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -118,6 +121,7 @@ SECCOMP_ALLOW = [
     "readlink", "readlinkat", "getcwd", "chdir", "fchdir", "getdents", "getdents64", "mkdir", "mkdirat", "rmdir",
     "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
     "truncate", "ftruncate", "fallocate", "fsync", "fdatasync", "fadvise64", "sendfile", "copy_file_range", "umask",
+    "flock",
     "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait",
     "epoll_pwait", "eventfd2",
     # memory
@@ -135,11 +139,21 @@ SECCOMP_ALLOW = [
     "sendto", "recvfrom", "sendmsg", "recvmsg", "shutdown", "getsockopt", "setsockopt", "getsockname",
     "getpeername",
 ]
+# Answered without running, with this errno (0: success). Mode and timestamp changes, which Landlock does not confine
+# to the scratch dir, do nothing; extended attributes look unsupported (what shutil.copy2 tolerates); clone3 looks
+# absent, so glibc creates threads with clone, whose flags the filter can check.
+SECCOMP_FAKE = {**{name: 0 for name in ("chmod", "fchmod", "fchmodat", "utime", "utimes", "utimensat", "futimesat")},
+                **{f"{prefix}{op}xattr": errno.EOPNOTSUPP for prefix in ("", "l", "f")
+                   for op in ("get", "set", "list", "remove")},
+                "clone3": errno.ENOSYS}
 # ioctl: terminal queries that io.open and friends make (isatty, window size), blocking mode, close-on-exec.
 SECCOMP_IOCTLS = [termios.TCGETS, termios.TIOCGWINSZ, termios.FIONREAD, termios.FIONBIO, termios.FIOCLEX,
                   termios.FIONCLEX]
-# fcntl: descriptor flags only (no locks, no F_SETOWN/F_SETSIG, which aim SIGIO at other processes).
-SECCOMP_FCNTLS = [fcntl.F_DUPFD, fcntl.F_DUPFD_CLOEXEC, fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL, fcntl.F_SETFL]
+# fcntl: descriptor flags and record locks (sqlite, dbm; only on files Landlock lets it open), never
+# F_SETOWN/F_SETSIG, which would aim SIGIO at other processes.
+SECCOMP_FCNTLS = [fcntl.F_DUPFD, fcntl.F_DUPFD_CLOEXEC, fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL, fcntl.F_SETFL,
+                  fcntl.F_GETLK, fcntl.F_SETLK, fcntl.F_SETLKW, fcntl.F_OFD_GETLK, fcntl.F_OFD_SETLK,
+                  fcntl.F_OFD_SETLKW]
 
 # Files and directories the program may read (Landlock); everything else outside the scratch dir is invisible.
 SYSTEM_READ_ONLY = ["/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime", "/dev/urandom",
@@ -263,15 +277,17 @@ if pyseccomp is not None:
         for name in cfg["seccomp_allow"]:
             if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:  # names this architecture lacks are skipped
                 f.add_rule(sc.ALLOW, name)
+        for name, err in cfg["seccomp_fake"].items():
+            if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
+                f.add_rule(sc.ERRNO(err), name)
         pid = os.getpid()
         for name in ("kill", "tgkill"):  # signals to itself only (raise(), os.kill(os.getpid(), ...))
             f.add_rule(sc.ALLOW, name, sc.Arg(0, sc.EQ, pid))
         # read its own limits only: a child left as root could otherwise raise its hard limits
         f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0), sc.Arg(2, sc.EQ, 0))
-        # clone: threads only (CLONE_THREAD set, no namespace flags); clone3 reports ENOSYS so glibc falls back to it
+        # clone: threads only (CLONE_THREAD set, no namespace flags)
         CLONE_THREAD, NS_FLAGS = 0x00010000, 0x7E020000
         f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD | NS_FLAGS, CLONE_THREAD))
-        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
         f.add_rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, 1))  # AF_UNIX
         for cmd in cfg["seccomp_ioctls"]:
             f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, cmd))
@@ -404,8 +420,8 @@ def _run(scratch: str, env: dict, limits: SandboxLimits, stdin_text: str | None,
            "max_processes": int(limits.max_processes), "preload": PRELOAD, "audit": bool(limits.audit),
            "namespaces": bool(limits.namespaces), "drop_uid": bool(limits.drop_uid),
            "kernel_barrier": bool(limits.kernel_barrier), "nonce_fd": nonce_r,
-           "read_only": _read_only_paths(), "seccomp_allow": SECCOMP_ALLOW, "seccomp_ioctls": SECCOMP_IOCTLS,
-           "seccomp_fcntls": SECCOMP_FCNTLS, "require_isolation": require_isolation}
+           "read_only": _read_only_paths(), "seccomp_allow": SECCOMP_ALLOW, "seccomp_fake": SECCOMP_FAKE,
+           "seccomp_ioctls": SECCOMP_IOCTLS, "seccomp_fcntls": SECCOMP_FCNTLS, "require_isolation": require_isolation}
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(cfg)], cwd=scratch, env=env,
