@@ -177,9 +177,9 @@ def test_environment_secrets_stay_in_the_parent():
     attack_body = DISARM + textwrap.dedent("""
         ppid = os.getppid()
         print(dict(os.environ))
-        attempt("own environ", lambda: open("/proc/self/environ", "rb").read())
-        attempt("parent environ", lambda: open(f"/proc/{ppid}/environ", "rb").read())
-        attempt("relative parent environ", lambda: (os.chdir("/proc"), open(f"{ppid}/environ", "rb").read()))
+        attempt("own environ", lambda: print(open("/proc/self/environ", "rb").read()))
+        attempt("parent environ", lambda: print(open(f"/proc/{ppid}/environ", "rb").read()))
+        attempt("relative parent environ", lambda: (os.chdir("/proc"), print(open(f"{ppid}/environ", "rb").read())))
         print("done")
     """)
     env = {**os.environ, "NANOCHAT_TEST_SECRET": "hunter2-" + secrets.token_hex(4)}
@@ -187,6 +187,7 @@ def test_environment_secrets_stay_in_the_parent():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "done" in out.stdout and env["NANOCHAT_TEST_SECRET"] not in out.stdout + out.stderr, out.stdout
+    assert "ESCAPED" not in out.stdout, out.stdout
 
 
 def test_no_socket_reaches_the_host(mode):
