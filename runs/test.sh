@@ -25,8 +25,8 @@ if [ "$#" = 0 ] && [ "$(id -u)" = 0 ] && id nanochat-ci >/dev/null 2>&1; then
             d=$(dirname "$d")
         done
     done
-    # ... and without user namespaces (refused by a seccomp filter around pytest, as on machines that disable them),
-    # so the sandbox gets no network namespace either: only seccomp, Landlock and the rlimits are left.
+    # User namespaces are refused too (a seccomp filter around pytest, as on machines that disable them), so the
+    # sandbox gets no network namespace either: only seccomp, Landlock and the rlimits are left.
     no_userns='import errno, os, sys, pyseccomp as sc
 f = sc.SyscallFilter(sc.ALLOW)
 f.add_rule(sc.ERRNO(errno.EPERM), "unshare", sc.Arg(0, sc.MASKED_EQ, 0x10000000, 0x10000000))
