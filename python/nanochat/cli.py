@@ -23,6 +23,7 @@ COMMANDS = {
     "chat": ("nanochat.chat_cli", "talk to a chat model in the terminal"),
     "serve": ("nanochat.serve", "OpenAI-compatible server with a web UI"),
     "report": ("nanochat.report", "write report.md from the stages' results"),
+    "export": ("nanochat.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
 }
 
 
