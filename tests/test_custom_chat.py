@@ -97,11 +97,21 @@ def test_weights_holdout_and_mixing(tmp_path):
     builtin_train = TaskMixture([CustomChat(ChatData(tmp_path / "b", 1.0, convs[:4]), "train")])
     builtin_train.skipped = ["x"]
     builtin_val = TaskMixture([CustomChat(ChatData(tmp_path / "b", 1.0, convs[:4]), "train")])
-    mixed_train, mixed_val = with_custom_data(builtin_train, builtin_val, [data, small], seed=1)
+    built = []
+
+    def builtin(split):
+        built.append(split)
+        return builtin_train if split == "train" else builtin_val
+
+    mixed_train, mixed_val = with_custom_data(builtin, [data, small], seed=1)
     assert len(mixed_train) == 4 + 86 + 3 and len(mixed_val) == 4 + 2 and mixed_train.skipped == ["x"]
-    only_train, only_val = with_custom_data(builtin_train, builtin_val, [small], data_only=True)
+    assert with_custom_data(builtin, []) == (builtin_train, builtin_val)
+    built.clear()
+    only_train, only_val = with_custom_data(builtin, [small], data_only=True)
     assert len(only_train) == 3 and len(only_val) == 3  # nothing held out of a small file: val = its train rows
-    assert with_custom_data(builtin_train, builtin_val, []) == (builtin_train, builtin_val)
+    assert built == []  # the built-in mixture is not even built
+    with pytest.raises(ChatDataError, match="--data-only needs"):
+        with_custom_data(builtin, [], data_only=True)
 
 
 def test_parse_data_arg_keeps_colons_in_names(tmp_path):

@@ -151,9 +151,9 @@ def train(args: argparse.Namespace, rt) -> int:
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
-    train_task = sft_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
-    val_task = sft_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
-    train_task, val_task = with_custom_data(train_task, val_task, args.data, args.data_only, args.seed)
+    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
+        lambda split: sft_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
+        args.seed)
     val_convs = [val_task[i] for i in range(rank, min(args.eval_conversations, len(val_task)), world)]
     per_micro = args.device_batch_size * world
     if args.examples_per_step % per_micro:

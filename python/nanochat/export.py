@@ -113,7 +113,8 @@ def model_card(config: dict, info: dict, metrics: dict, num_params: int, has_hf_
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if numbers:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in numbers.items()]
+        lines += [f"| {k} | {v:,.0f} |" if float(v).is_integer() else f"| {k} | {v:.4f} |"
+                  for k, v in numbers.items()]
     else:
         lines.append("No evaluation results were found beside this checkpoint (run `nanochat base-eval` or "
                      "`nanochat chat-eval` before exporting to have them here).")

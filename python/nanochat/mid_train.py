@@ -160,9 +160,9 @@ def train(args: argparse.Namespace, rt) -> int:
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=args.mmlu_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
-    train_task = mid_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
-    val_task = mid_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
-    train_task, val_task = with_custom_data(train_task, val_task, args.data, args.data_only, args.seed)
+    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
+        lambda split: mid_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
+        args.seed)
     tokens_per_micro = args.device_batch_size * seq_len
     total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
     if total_batch % (tokens_per_micro * world):

@@ -27,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from nanochat.tasks.base import Task, TaskMixture
 
@@ -152,19 +153,21 @@ class CustomChat(Task):
         return self._name
 
 
-def with_custom_data(train: TaskMixture, val: TaskMixture, data: list[ChatData], data_only: bool = False,
+def with_custom_data(builtin: Callable[[str], TaskMixture], data: list[ChatData], data_only: bool = False,
                      seed: int = 42) -> tuple[TaskMixture, TaskMixture]:
-    """The stage's (train, val) mixtures with the --data files added (or alone, with data_only)."""
+    """The stage's (train, val) mixtures, builtin("train") and builtin("val"), with the --data files added; with
+    data_only the files alone (the built-in mixture is then never built)."""
     if not data:
         if data_only:
             raise ChatDataError("--data-only needs at least one --data FILE")
-        return train, val
+        return builtin("train"), builtin("val")
     extra_train = [CustomChat(d, "train") for d in data]
     extra_val = [t for t in (CustomChat(d, "val") for d in data) if len(t)]
     if data_only:
         # files under 20 conversations hold nothing out: their validation loss is measured on training rows
         train_tasks, val_tasks, skipped = extra_train, extra_val or extra_train, []
     else:
+        train, val = builtin("train"), builtin("val")
         train_tasks, val_tasks, skipped = train.tasks + extra_train, val.tasks + extra_val, train.skipped
     mixed_train, mixed_val = TaskMixture(train_tasks, seed=seed), TaskMixture(val_tasks, seed=seed)
     mixed_train.skipped = mixed_val.skipped = skipped
