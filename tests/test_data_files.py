@@ -172,3 +172,45 @@ def test_tok_train_and_base_train_run_on_the_shards(tmp_path, base_dir):
     assert base_train.main(argv) == 0
     log = [json.loads(x) for x in (base_dir / "checkpoints/base/mine/train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == [0, 1, 2]
+
+
+def test_unreadable_files_are_skipped_or_stop_with_strict(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("one document\n")
+    (src / "b.txt").write_text("another document\n")
+    (src / "broken.parquet").write_bytes(b"PAR1 not really")
+    (src / "broken.txt.gz").write_bytes(b"not gzip at all")
+    pq.write_table(pa.table({"body": ["no text column"]}), src / "other.parquet")
+    out = tmp_path / "o"
+    assert build(src, "--out", out) == 0
+    report = capsys.readouterr().out
+    assert "skipped files (unreadable): 2: " in report and "broken.parquet" in report and "broken.txt.gz" in report
+    assert "skipped files (no 'text' column): 1: " in report
+    assert build(src, "--out", out, "--force", "--strict") == 2
+    assert "broken.parquet: unreadable (not a readable parquet file" in capsys.readouterr().err
+
+
+def test_progress_on_a_terminal_and_for_large_inputs():
+    import io
+
+    from nanochat.data_files import PROGRESS_MIN_BYTES, Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = Progress(1000, tty)
+    progress.update(1000, 1, 5)
+    progress.close()
+    assert "\r[" in tty.getvalue() and "100.0%" in tty.getvalue()
+    quiet = io.StringIO()  # a pipe and a small input: nothing
+    Progress(1000, quiet).update(1000, 1, 5)
+    assert quiet.getvalue() == ""
+    pipe = io.StringIO()  # a pipe and a large input: a line per tenth
+    step = PROGRESS_MIN_BYTES // 10
+    progress = Progress(20 * step, pipe)
+    for _ in range(20):
+        progress.update(step, 1, 1)
+    assert pipe.getvalue().count("\n") == 11 and "\r" not in pipe.getvalue()

@@ -193,7 +193,7 @@ def docs_of_parquet(data: bytes | Path, where: str, field_name: str, stats: Buil
     try:
         pf = pq.ParquetFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
-        raise InputError(f"{where}: not a readable parquet file ({e})") from e
+        raise InputError(f"not a readable parquet file: {e}") from e
     if field_name not in pf.schema_arrow.names:
         stats.skipped_files[f"no {field_name!r} column"].append(where)
         return None
@@ -213,10 +213,10 @@ def read_documents(path: Path, where: str, args, stats: BuildStats) -> list[str]
         stats.skipped_files[f"unknown extension {suffix or '(none)'}"].append(where)
         return None
     try:
-        if kind == "parquet" and not gzipped:
-            return docs_of_parquet(path, where, args.field, stats)
-        data = read_bytes(path, gzipped)
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        data = path if kind == "parquet" and not gzipped else read_bytes(path, gzipped)
+        if kind == "parquet":
+            return docs_of_parquet(data, where, args.field, stats)
+    except (OSError, EOFError, zlib.error, InputError) as e:  # gzip.BadGzipFile is an OSError
         if args.strict:
             raise InputError(f"{where}: unreadable ({e})") from e
         stats.skipped_files["unreadable"].append(f"{where} ({e})")
@@ -224,8 +224,6 @@ def read_documents(path: Path, where: str, args, stats: BuildStats) -> list[str]
     if not data.strip():
         stats.skipped_files["empty"].append(where)
         return None
-    if kind == "parquet":
-        return docs_of_parquet(data, where, args.field, stats)
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         stats.skipped_files["binary"].append(where)
         return None
@@ -345,6 +343,8 @@ def build(paths: list[str], out: Path, args, log=print) -> BuildStats:
     for path in files:
         where = str(path)
         new = read_documents(path, where, args, stats)
+        if new == []:  # readable, but every record or piece was blank (or, in JSONL, reported above)
+            stats.skipped_files["no text"].append(where)
         stats.files += 1
         size = path.stat().st_size
         stats.input_bytes += size
@@ -455,14 +455,3 @@ def run(args) -> int:
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nanochat data")
-    args = add_parser(parser.add_subparsers(dest="command", required=True)).parse_args(
-        list(sys.argv[1:] if argv is None else argv))
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
