@@ -22,7 +22,9 @@ def shard_texts(folder: Path) -> list[list[str]]:
 
 
 def build(*argv) -> int:
-    return dataset.main(["from-files", *map(str, argv)])
+    from nanochat import cli
+
+    return cli.main(["data", "from-files", *map(str, argv)])
 
 
 @pytest.fixture

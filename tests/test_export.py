@@ -169,8 +169,8 @@ def test_corrupted_safetensors_is_rejected(exported, tmp_path):
 
 
 def test_commands_accept_model_dir(exported, base_dir, capsys):
-    """chat and base-eval load the folder with --model (a fresh NANOCHAT_BASE_DIR: no checkpoints, no tokenizer)."""
-    from nanochat import base_eval, chat_cli
+    """chat, base-eval and chat-eval load the folder with --model (a fresh NANOCHAT_BASE_DIR: no checkpoints, no tokenizer)."""
+    from nanochat import base_eval, chat_cli, chat_eval
 
     folder = str(exported["dir"])
     assert chat_cli.main(["--model", folder, "-p", "hello", "--temperature", "0", "--max-tokens", "4",
@@ -183,6 +183,10 @@ def test_commands_accept_model_dir(exported, base_dir, capsys):
         assert json.loads(target.read_text())["model_tag"] == "tiny"
     finally:
         target.unlink(missing_ok=True)
+    results = base_dir / "chat_eval.json"
+    assert chat_eval.main(["--model", folder, "--tasks", "SpellingBee", "--max-problems", "2",
+                           "--max-new-tokens", "4", "--device", "cpu", "--out", str(results)]) == 0
+    assert json.loads(results.read_text())["model"] == {"stage": "sft", "tag": "tiny", "step": 7}
 
 
 def test_export_errors_are_one_line(exported, base_dir, capsys):
