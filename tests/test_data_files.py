@@ -135,6 +135,7 @@ def test_cut_document_pieces_concatenate():
     assert cut_document(para, 40) == ["p" * 30 + "\n\n", "q" * 30]  # cut after the blank line
 
 
+@pytest.mark.slow  # ~3 s on 2 cores: writes, reads and cuts 50 MB twice
 def test_fifty_megabyte_document(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

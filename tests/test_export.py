@@ -168,6 +168,7 @@ def test_corrupted_safetensors_is_rejected(exported, tmp_path):
         load_exported(broken)
 
 
+@pytest.mark.slow
 def test_commands_accept_model_dir(exported, base_dir, capsys):
     """chat, base-eval and chat-eval load the folder with --model (a fresh NANOCHAT_BASE_DIR: no checkpoints, no tokenizer)."""
     from nanochat import base_eval, chat_cli, chat_eval
