@@ -119,6 +119,15 @@ FRESH_PROCESS = textwrap.dedent("""
         with torch.no_grad():
             diff = (hf_model(ids).logits - model(ids)).abs().max().item()
         result["max_logit_diff"] = max(result["max_logit_diff"], diff)
+    # a left-padded batch (with its attention mask) gives each row's tokens as alone
+    prompts = [tokenizer.render_for_completion(conv) for conv in conversations]
+    width, pad = max(map(len, prompts)), hf_model.config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    batched = hf_model.generate(ids, attention_mask=mask, **kw)[:, width:].tolist()
+    result["batched_equal"] = batched == [hf_model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist()
+                                          for p in prompts]
     print("RESULT " + json.dumps(result))
 """)
 
@@ -134,7 +143,7 @@ def test_fresh_process_engine_and_transformers_match(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["stage"] == "sft"
-    assert result["max_logit_diff"] < 1e-3
+    assert result["max_logit_diff"] < 1e-3 and result["batched_equal"]
     for ref, ours, hf, template in zip(exported["reference"], result["ours"], result["hf"], result["template"]):
         assert ours == ref["tokens"]
         # transformers keeps the stop token it ended on; our engine leaves it out

@@ -30,6 +30,8 @@ from pathlib import Path
 
 HF_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # the engine's TERMINAL_TOKENS
+# The pad id is <|assistant_end|>, never <|bos|>: generate() without an attention mask treats pad ids in the prompt
+# as padding unless the pad id is also a stop id, and every prompt starts with <|bos|>.
 
 # The chat template: the same tokens as Tokenizer.render_conversation / render_for_completion. Each run of text
 # between special tokens is tokenized on its own, as ours is. A system message is merged into the first user turn.
@@ -177,13 +179,13 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
             "auto_map": {"AutoConfig": "configuration_nanochat.NanochatConfig",
                          "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
             **config, "rotary_base": 10_000.0, "rotary_len_factor": 10, "logit_softcap": 15.0,
-            "bos_token_id": special["<|bos|>"], "eos_token_id": stops, "pad_token_id": special["<|bos|>"],
+            "bos_token_id": special["<|bos|>"], "eos_token_id": stops, "pad_token_id": stops[0],
             "tie_word_embeddings": False, "torch_dtype": "float32", "dtype": "float32", "use_cache": True,
             "nanochat": info,
         }
         _write_json(staging / "config.json", hf_config)
         _write_json(staging / "generation_config.json", {
-            "bos_token_id": special["<|bos|>"], "eos_token_id": stops, "pad_token_id": special["<|bos|>"],
+            "bos_token_id": special["<|bos|>"], "eos_token_id": stops, "pad_token_id": stops[0],
             "do_sample": False, "max_new_tokens": 256})
         tokenizer.save(staging / "tokenizer.bin")
         try:
@@ -194,7 +196,7 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
             has_hf_tokenizer = False
         _write_json(staging / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-            "pad_token": "<|bos|>", "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|bos|>"],
+            "pad_token": "<|assistant_end|>", "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|bos|>"],
             "model_max_length": config["sequence_len"], "clean_up_tokenization_spaces": False,
             "chat_template": CHAT_TEMPLATE})
         (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE)
