@@ -301,7 +301,8 @@ class Progress:
     """Bytes read out of the total, on stderr: a live line on a terminal; on a pipe, a line per 10% for inputs
     over PROGRESS_MIN_BYTES; nothing otherwise."""
 
-    def __init__(self, total_bytes: int, stream=sys.stderr):
+    def __init__(self, total_bytes: int, stream=None):
+        stream = sys.stderr if stream is None else stream
         self.total, self.done, self.stream = max(total_bytes, 1), 0, stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.enabled = self.tty or total_bytes >= PROGRESS_MIN_BYTES
