@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="checkpoint stage (default: rl, else sft, else mid)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+    p.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--tasks", default=",".join(ALL_TASKS),
                    help=f"comma-separated subset of {ALL_TASKS + ['SpellingBee']}")
     p.add_argument("--max-problems", type=int, default=None, help="problems per task (default: all)")
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from nanochat.evals.chat import run_chat_eval
 
         model, tokenizer, meta, stage = load_chat_model(args.source, device=rt.device, model_tag=args.model_tag,
-                                                        step=args.step)
+                                                        step=args.step, model_dir=args.model)
+        args.model_tag = args.model_tag or (meta.get("model_tag") if args.model else None)
         tag = args.model_tag or next((p.name for p in sorted(checkpoint_dir(stage, "x").parent.iterdir(),
                                                               key=lambda p: p.stat().st_mtime, reverse=True)
                                       if p.is_dir()), "?")
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})
         print0(f"ChatCORE: {report['chatcore']:.4f}")
         if rt.is_master:
-            out = args.out or checkpoint_dir(stage, tag) / "chat_eval.json"
+            out = args.out or (args.model or checkpoint_dir(stage, tag)) / "chat_eval.json"
             with atomic_write(out, "w") as f:
                 json.dump(report, f, indent=2)
             print0(f"wrote {out}")

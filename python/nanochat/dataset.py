@@ -8,6 +8,7 @@
   Hugging Face hub. 4xx answers other than 408/429 are permanent (no retry).
 - `offline`: builds the offline demo corpus from Debian packages (nanochat.offline_corpus); not FineWeb
 - `evals`: the eval/task data, delegated to nanochat.tasks.offline_data
+- `from-files`: shards from your own text files, JSONL or parquet (nanochat.data_files)
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     off.add_argument("--seed", type=int, default=1234, help="shuffle seed")
     off.add_argument("--shard-chars", type=int, default=4_000_000, help="target characters per train shard")
     off.add_argument("--force", action="store_true", help="replace shards already in the data folder")
+    from nanochat import data_files
+
+    data_files.add_parser(sub)
     ev = sub.add_parser("evals", help="build/fetch the evaluation and task data (nanochat.tasks.offline_data)",
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -316,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "offline":
         return _offline(args)
+    if args.command == "from-files":
+        from nanochat import data_files
+
+        return data_files.run(args)
     return 2
 
 

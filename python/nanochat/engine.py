@@ -601,10 +601,15 @@ class Engine:
 CHAT_STAGES = ("rl", "sft", "mid")  # preference order when no --source is given
 
 
-def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None):
+def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None,
+                    model_dir=None):
     """(model, tokenizer, meta, stage) from the checkpoint of `source`, or of the most finished chat stage that has
-    one (rl, then sft, then mid)."""
-    from nanochat.checkpoint import checkpoint_dir, load_model
+    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`."""
+    from nanochat.checkpoint import checkpoint_dir, load_exported, load_model
+
+    if model_dir is not None:
+        model, tokenizer, meta = load_exported(model_dir, device)
+        return model, tokenizer, meta, meta.get("stage") or "exported"
 
     if source is not None:
         return (*load_model(source, device=device, model_tag=model_tag, step=step), source)

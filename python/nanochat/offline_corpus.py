@@ -549,13 +549,25 @@ def split_documents(docs: list[tuple[str, list[str]]], rng: random.Random, val_f
     return train, val
 
 
+def write_shard(path: Path, rows: list[str]) -> None:
+    """One shard in the FineWeb-Edu shape (one non-null `text` column, zstd, ROW_GROUP_SIZE rows per group),
+    written atomically: a crash leaves no half-written file under `path`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanochat.common import atomic_write
+
+    # large_string would be needed past 2 GiB of text in one shard; shards here stay far below that
+    schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
+    table = pa.table({"text": pa.array(rows, type=pa.string())}, schema=schema)
+    with atomic_write(path) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+
+
 def build_corpus(src_dir: Path, out_dir: Path, packages: list[str], config: CorpusConfig | None = None,
                  log=print) -> dict:
     """Read the unpacked packages under src_dir/<package>, write out_dir/shard_XXXXX.parquet (last = val) and
     out_dir/offline_corpus.json (stats); returns the stats."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from nanochat.common import atomic_write
 
     config = config or CorpusConfig()
@@ -610,12 +622,9 @@ def build_corpus(src_dir: Path, out_dir: Path, packages: list[str], config: Corp
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
     for i, rows in enumerate(shards):
         path = out_dir / f"shard_{i:05d}.parquet"
-        table = pa.table({"text": pa.array(rows, type=pa.string())}, schema=schema)
-        with atomic_write(path) as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        write_shard(path, rows)
         stats["shards"][path.name] = {"split": "val" if i == len(shards) - 1 else "train", "rows": len(rows),
                                       "chars": sum(map(len, rows))}
     with atomic_write(out_dir / "offline_corpus.json", "w") as f:

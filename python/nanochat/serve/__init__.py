@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
     p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--num-replicas", type=int, default=None,
                    help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         devices = ["cpu"] * (args.num_replicas or 1)
     models, tokenizer = [], None
     for dev in devices:
-        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step)
+        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step, args.model)
         models.append(model)
     get_logger().info("serving %s checkpoint (step %s) on %s at http://%s:%d", stage, meta.get("step"),
                       ", ".join(devices), args.host, args.port)
