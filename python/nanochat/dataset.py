@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import base_dir, get_logger
+from nanochat.common import atomic_write, base_dir, get_logger
 
 HF_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 VAL_SHARD_INDEX = 1822  # the last shard of fineweb-edu-100b-shuffle is the validation split
+ROW_GROUP_SIZE = 1024  # rows per parquet row group, as in the FineWeb-Edu shuffle shards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,6 +88,19 @@ def iter_texts(split: str = "train", data_dir: str | os.PathLike | None = None, 
                 total += len(text)
                 if max_chars is not None and total >= max_chars:
                     return
+
+
+def write_shard(path: Path, rows: list[str]) -> None:
+    """One shard in the FineWeb-Edu shape (one non-null `text` column, zstd, ROW_GROUP_SIZE rows per group),
+    written atomically: a crash leaves no half-written file under `path`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # large_string would be needed past 2 GiB of text in one shard; shards here stay far below that
+    schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
+    table = pa.table({"text": pa.array(rows, type=pa.string())}, schema=schema)
+    with atomic_write(path) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
