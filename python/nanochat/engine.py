@@ -361,8 +361,9 @@ class Scheduler:
         cache_dtype = torch.bfloat16 if self.device.type == "cuda" else p.dtype
         self.cache = KVCache(batch_size, self.max_len, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, self.device,
                              cache_dtype)
-        self.prefix_store = PrefixStore(prefix_cache) if isinstance(prefix_cache, int) and prefix_cache > 0 \
-            else (prefix_cache or None)
+        if isinstance(prefix_cache, int):
+            prefix_cache = PrefixStore(prefix_cache) if prefix_cache > 0 else None
+        self.prefix_store: PrefixStore | None = prefix_cache  # shared with an Engine's later schedulers
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
