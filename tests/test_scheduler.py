@@ -215,6 +215,47 @@ def test_random_traffic_with_cancellations(model, tok):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The packed step against the full forward
+
+
+def test_packed_batch_equals_the_full_forward(model):
+    """Two decoding rows (lengths 5 and 9), a first chunk (row 2, positions 0..3) and a later chunk (row 3,
+    positions 6..8) in one forward: each selected logit equals the full forward of its sequence at that position."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, cfg.vocab_size, (1, n), generator=g) for n in (6, 10, 4, 9)]
+    cache = KVCache(4, 32, cfg.n_layer, cfg.n_kv_head, cfg.head_dim)
+    with torch.no_grad():
+        for row, (seq, held) in enumerate(zip(seqs, (5, 9, 0, 6))):
+            if held:
+                one = KVCache(1, 32, cfg.n_layer, cfg.n_kv_head, cfg.head_dim)
+                model(seq[:, :held], kv_cache=one)
+                cache.copy_row(one, 0, row)
+        ids = torch.cat([seqs[0][:, 5:6], seqs[1][:, 9:10], seqs[2], seqs[3][:, 6:9]], dim=1)  # (1, 9)
+        batch = PackedBatch(cache, 2, [5, 9], 32, [(2, 0, 4), (3, 6, 3)],
+                            outputs=[0, 1, 3, 5, 6, 8])
+        got = model(ids, kv_cache=batch)[0]
+        want = [model(seqs[0])[0, 5], model(seqs[1])[0, 9], model(seqs[2])[0, 1], model(seqs[2])[0, 3],
+                model(seqs[3])[0, 6], model(seqs[3])[0, 8]]
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-4)
+    assert cache.cache_lens.tolist() == [6, 10, 4, 9]
+
+
+@pytest.mark.slow
+def test_packed_batch_under_the_triton_interpreter():
+    """The same packed step through the Triton kernels (Triton's CPU interpreter, in a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", NANOCHAT_KERNELS="triton")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+           "test_packed_batch_equals_the_full_forward"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The decode step: no host sync, CUDA graphs
 
 
