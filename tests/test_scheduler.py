@@ -185,7 +185,8 @@ def test_random_traffic_with_cancellations(model, tok):
     sched = Scheduler(model, tok, batch_size=5, tools=False, step_tokens=9)
     requests, cancelled = [], set()
     for i in range(14):
-        text = " ".join(rng.choice(["sea", "sky", "wind", "a", "blue", "long", "words"]) for _ in range(rng.randint(1, 25)))
+        words = [rng.choice(["sea", "sky", "wind", "a", "blue", "long", "words"]) for _ in range(rng.randint(1, 25))]
+        text = " ".join(words)
         req = GenerationRequest(prompt_of(tok, text), SamplingParams(max_tokens=rng.randint(1, 12),
                                                                      temperature=rng.choice([0.0, 0.8]), seed=i),
                                 n=rng.choice([1, 1, 2, 3]))

@@ -294,12 +294,13 @@ class DecodeGraphs:
         """ids (n, 1) on the device -> logits (n, V) of rows 0..n-1, whose lengths advance by one."""
         n = ids.size(0)
         b = next(b for b in self.buckets if b >= n)
-        if b not in self.graphs:
-            self.graphs[b] = self._capture(b)
-        graph, static_ids, static_lens, static_logits = self.graphs[b]
-        static_ids[:n].copy_(ids)
-        static_lens.copy_(self.cache.cache_lens[:b])
-        graph.replay()
+        with torch.cuda.device(self.cache.k.device):  # capture and replay on the cache's GPU, not the thread's
+            if b not in self.graphs:
+                self.graphs[b] = self._capture(b)
+            graph, static_ids, static_lens, static_logits = self.graphs[b]
+            static_ids[:n].copy_(ids)
+            static_lens.copy_(self.cache.cache_lens[:b])
+            graph.replay()
         self.cache.cache_lens[:n] += 1
         return static_logits[:n]
 
