@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
+from nanochat.engine import DecodeGraphs, Engine, GenerationRequest, SamplingParams, Scheduler
 from nanochat.kv_cache import KVCache, PackedBatch
 from nanochat.serve.testing import tiny_model, tiny_tokenizer
 
@@ -290,10 +290,38 @@ def test_decode_step_compiles_fullgraph(model, tok):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+class EagerGraphs(DecodeGraphs):
+    """DecodeGraphs with the capture replaced by plain calls: the buckets, static buffers, padded rows and length
+    updates run on CPU exactly as around a CUDA graph."""
+
+    def _record(self, step):
+        return step
+
+
+def test_bucketed_decode_step_logic_on_cpu(model, tok):
+    """Batch sizes pad up to buckets whose extra rows are idle: the same tokens as the plain decode step (the
+    random-traffic test checks that idle rows keep length 0)."""
+    outs = {}
+    for graphs in (False, True):
+        sched = Scheduler(model, tok, batch_size=6, tools=False, step_tokens=10)
+        if graphs:
+            sched.graphs = EagerGraphs(model, sched.cache)
+        reqs = [GenerationRequest(prompt_of(tok, t), SamplingParams(max_tokens=6 + 3 * i, temperature=0.0), n=1)
+                for i, t in enumerate(TEXTS)]
+        for r in reqs:
+            sched.submit(r)
+        run(sched)
+        outs[graphs] = [tokens_by_sample(r) for r in reqs]
+        if graphs:
+            assert len(sched.graphs.graphs) >= 3  # several buckets, padded over idle rows
+    assert outs[True] == outs[False]
+    assert outs[False] == [alone(model, tok, r) for r in reqs]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(tok):
-    """On CUDA: the scheduler with CUDA graphs (buckets padded with idle and prefilling rows) gives the tokens of
-    the eager decode step, and the graph's logits equal the eager ones."""
+    """On CUDA: the scheduler with CUDA graphs (batch sizes padded up to buckets) gives the tokens of the eager
+    decode step, and the graph's logits equal the eager ones."""
     model = tiny_model(tok.vocab_size, n_layer=2, n_embd=128, n_head=2, n_kv_head=1, sequence_len=256,
                        seed=1).cuda()
     outs = {}
@@ -309,27 +337,30 @@ def test_cuda_graph_decode_matches_eager(tok):
         if graphs:
             assert len(sched.graphs.graphs) >= 2  # several buckets were used
     assert outs[True] == outs[False]
-    # logits of one step, graph vs eager, on the same cache state
+    # logits of one step, graph vs eager, on the same cache state; neither step waits for the device
     sched = Scheduler(model, tok, batch_size=4, tools=False, cuda_graphs=True)
     for t in TEXTS[:3]:
         sched.submit(GenerationRequest(prompt_of(tok, t), SamplingParams(max_tokens=50, temperature=0.0)))
-    sched.step()
+    sched.step()  # the three prompts prefill together: three decoding rows, bucket 4
     n = len(sched.rows)
+    assert n == 3
     ids = torch.tensor([[r.last_token] for r in sched.rows], device="cuda")
     lens = sched.cache.cache_lens.clone()
-    eager = model(ids, kv_cache=sched.cache.view(0, n, sched.max_len))[:, -1, :]
-    sched.cache.cache_lens.copy_(lens)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # the decode step must not wait for the device
-    try:
-        graphed = sched.graphs(ids)
-        again = model(ids, kv_cache=sched.cache.view(0, n, sched.max_len))  # the eager step too
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    del again
-    sched.cache.cache_lens.sub_(torch.tensor([1] * n + [0] * (4 - n), device="cuda", dtype=torch.int32))
+    step = torch.tensor([1] * n + [0] * (4 - n), device="cuda", dtype=torch.int32)
+    with torch.no_grad():
+        sched.graphs(ids)  # captures the bucket's graph (capturing synchronizes)
+        sched.cache.cache_lens.copy_(lens)
+        eager = model(ids, kv_cache=sched.cache.view(0, n, sched.max_len))[:, -1, :]
+        sched.cache.cache_lens.copy_(lens)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphed = sched.graphs(ids).clone()
+            model(ids, kv_cache=sched.cache.view(0, n, sched.max_len))  # the eager step
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(graphed.float(), eager.float(), atol=2e-2, rtol=2e-2)
-    assert sched.cache.cache_lens.tolist() == (lens + torch.tensor([1] * n + [0] * (4 - n), device="cuda")).tolist()
+    assert sched.cache.cache_lens.tolist() == (lens + 2 * step).tolist()
 
 
 def test_cuda_graphs_need_cuda(model, tok):

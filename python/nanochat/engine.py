@@ -34,6 +34,7 @@ Notable choices:
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -282,7 +283,8 @@ class DecodeGraphs:
     size, captured on first use. A graph runs the model over rows 0..b-1 of the cache and all its positions, with
     static buffers for the ids and lengths; rows n..b-1 (idle or prefilling) compute a throw-away token whose k/v
     land just past their valid length, where the next write overwrites them, and their lengths are not advanced.
-    Needs the model's forward free of host syncs (see kv_cache.py); all graphs share one memory pool."""
+    Needs the model's forward free of host syncs (see kv_cache.py); all graphs share one memory pool.
+    `_record` is the only CUDA-specific part (a test replaces it to check the rest on CPU)."""
 
     def __init__(self, model, cache: KVCache):
         self.model, self.cache = model, cache
@@ -290,38 +292,51 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple] = {}
         self.pool = None
 
+    @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (n, 1) on the device -> logits (n, V) of rows 0..n-1, whose lengths advance by one."""
         n = ids.size(0)
         b = next(b for b in self.buckets if b >= n)
-        with torch.cuda.device(self.cache.k.device):  # capture and replay on the cache's GPU, not the thread's
+        dev = self.cache.k.device
+        # capture and replay on the cache's GPU, not the calling thread's current one
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             if b not in self.graphs:
                 self.graphs[b] = self._capture(b)
-            graph, static_ids, static_lens, static_logits = self.graphs[b]
+            replay, static_ids = self.graphs[b]
             static_ids[:n].copy_(ids)
-            static_lens.copy_(self.cache.cache_lens[:b])
-            graph.replay()
+            logits = replay()
         self.cache.cache_lens[:n] += 1
-        return static_logits[:n]
+        return logits[:n]
 
     def _capture(self, b: int) -> tuple:
-        dev = self.cache.k.device
-        static_ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        static_ids = torch.zeros(b, 1, dtype=torch.long, device=self.cache.k.device)
         static_lens = self.cache.cache_lens[:b].clone()
         view = CacheView(self.cache.k[:, :b], self.cache.v[:, :b], static_lens)
+
+        def step() -> torch.Tensor:  # the lengths are read inside the graph; the view advances only its copy
+            static_lens.copy_(self.cache.cache_lens[:b])
+            return self.model(static_ids, kv_cache=view)[:, -1, :]
+        return self._record(step), static_ids
+
+    def _record(self, step):
+        """Capture `step` in a CUDA graph (after a warm-up off the capture: Triton compiles, the allocator
+        settles); returns a function that replays it and returns its static output."""
+        dev = self.cache.k.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up off the capture: Triton compiles, the allocator settles
-                static_lens.copy_(self.cache.cache_lens[:b])
-                self.model(static_ids, kv_cache=view)
+            for _ in range(2):
+                step()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        static_lens.copy_(self.cache.cache_lens[:b])
         with torch.cuda.graph(graph, pool=self.pool):
-            static_logits = self.model(static_ids, kv_cache=view)[:, -1, :]
+            out = step()
         self.pool = graph.pool()
-        return graph, static_ids, static_lens, static_logits
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
 
 
 class Scheduler:
