@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import get_logger
-from nanochat.kv_cache import CacheView, KVCache, PackedBatch, PrefixStore, _round_up
+from nanochat.kv_cache import CacheView, KVCache, PackedBatch, PrefixStore, round_up
 from nanochat.tools import evaluate
 
 TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
@@ -575,7 +575,7 @@ class Scheduler:
             finishing = []
         else:
             decode_lens = [r.cache_len for r in rows]
-            length = min(self.max_len, _round_up(max(decode_lens, default=0) + 1))
+            length = min(self.max_len, round_up(max(decode_lens, default=0) + 1))
             outputs, finishing, tokens, at = list(range(n)), [], list(last), n
             for p, take in chunks:
                 tokens += p.request.prompt[p.done:p.done + take]
@@ -618,7 +618,7 @@ class Scheduler:
         n = len(rows)
         if self.graphs is not None:
             return self.graphs(ids)
-        length = min(self.max_len, _round_up(max(r.cache_len for r in rows) + 1))
+        length = min(self.max_len, round_up(max(r.cache_len for r in rows) + 1))
         return self.model(ids, kv_cache=self.cache.view(0, n, length))[:, -1, :]
 
     def _start_rows(self, p: _Prefill) -> list[_Row]:
@@ -780,7 +780,7 @@ class Engine:
                 and not sched.has_work():
             return sched
         self._scheduler = None  # free the old cache first
-        max_len = min(context, _round_up(needed, 256))
+        max_len = min(context, round_up(needed, 256))
         self._scheduler = Scheduler(self.model, self.tokenizer, batch_size=num_samples, max_len=max_len,
                                     tools=self.tools, prefix_cache=self.prefix_store, cuda_graphs=self.cuda_graphs,
                                     step_tokens=self.step_tokens)

@@ -172,7 +172,7 @@ class PackedBatch:
             if start == 0:  # the first chunk of a prompt sees only itself
                 out.append(nanochat_kernels.attention(qc, k[:, at:at + count], v[:, at:at + count], causal=True))
             else:
-                L = min(self.cache.max_len, _round_up(start + count))
+                L = min(self.cache.max_len, round_up(start + count))
                 out.append(nanochat_kernels.decode_attention(qc, K[row:row + 1, :L].to(q.dtype),
                                                              V[row:row + 1, :L].to(q.dtype),
                                                              self.chunk_lens[i:i + 1]))
@@ -188,7 +188,8 @@ class PackedBatch:
 VIEW_ALIGN = 64  # attention views over the cache cover a row's length rounded up to this many positions
 
 
-def _round_up(n: int, align: int = VIEW_ALIGN) -> int:
+def round_up(n: int, align: int = VIEW_ALIGN) -> int:
+    """n rounded up to a multiple of align (attention views: few distinct shapes, little wasted length)."""
     return -(-n // align) * align
 
 
