@@ -15,7 +15,7 @@ from nanochat.engine import DecodeGraphs, Engine, GenerationRequest, SamplingPar
 from nanochat.kv_cache import KVCache, PackedBatch
 from nanochat.serve.testing import tiny_model, tiny_tokenizer
 
-from test_engine import prompt_of, scripted
+from test_engine import FailingModel, prompt_of, scripted
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -213,6 +213,27 @@ def test_random_traffic_with_cancellations(model, tok):
     for req in requests:
         if req not in cancelled:
             assert tokens_by_sample(req) == alone(model, tok, req)
+
+
+def test_a_failing_prompt_fails_alone_next_to_decoding_rows(tok):
+    """The model fails on one prompt (a simulated out-of-memory on more than 12 tokens in one forward): that
+    request ends with "error", the rows decoding in the same forward and the prompt prefilled beside it go on."""
+    loop = tok.encode("a")[0]
+    model = FailingModel(tok.vocab_size, {loop: loop}, default=loop, max_prompt=12)
+    sched = Scheduler(model, tok, batch_size=4, tools=False, step_tokens=64)
+    running = GenerationRequest(prompt_of(tok, "a"), SamplingParams(max_tokens=8, temperature=0.0))
+    sched.submit(running)
+    sched.step()
+    sched.step()
+    too_long = GenerationRequest(prompt_of(tok, "word " * 20), SamplingParams(max_tokens=3, temperature=0.0))
+    short = GenerationRequest(prompt_of(tok, "b"), SamplingParams(max_tokens=3, temperature=0.0))
+    sched.submit(too_long)
+    sched.submit(short)
+    run(sched)
+    assert [ev.finish_reason for ev in too_long.events] == ["error"]
+    assert tokens_by_sample(running) == [[loop] * 8] and running.events[-1].finish_reason == "length"
+    assert tokens_by_sample(short) == [[loop] * 3]
+    assert sched.num_active_rows == 0 and sched.requests_finished == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -266,6 +266,10 @@ class _Row:
     finished: bool = False
 
 
+class _PackedForwardFailed(RuntimeError):
+    """The model failed on a forward with prefill chunks, before any length or row changed."""
+
+
 @dataclass(eq=False)
 class _Prefill:
     """An admitted request whose prompt is being written into cache row `row`, a chunk per step."""
@@ -533,14 +537,13 @@ class Scheduler:
         return chunks
 
     def _forward_guarded(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
-        """`_forward`, and when a forward with prefill chunks fails (e.g. out of memory on a long prompt), the parts
-        again one by one: the chunk that fails fails its own request only. A failed forward changed no length (the
-        lengths advance after the last layer), so the retry sees the same state."""
+        """`_forward`, and when the model fails on a forward with prefill chunks (e.g. out of memory on a long
+        prompt), the parts again one by one: the chunk that fails fails its own request only. The failed forward
+        changed no length (lengths advance after the last layer; k/v written past them are never read), so the
+        retry sees the same state. Any other failure propagates (serve_forever fails every request in flight)."""
         try:
             return self._forward(rows, chunks)
-        except Exception:
-            if not chunks:
-                raise
+        except _PackedForwardFailed:
             get_logger().exception("a forward with prefill chunks failed")
         if len(chunks) == 1 and not rows:
             self._fail_prefill(chunks[0][0])
@@ -549,7 +552,7 @@ class Scheduler:
         for p, take in chunks:
             try:
                 emitted += self._forward([], [(p, take)])
-            except Exception:
+            except _PackedForwardFailed:
                 get_logger().exception("prefill failed; failing the request")
                 self._fail_prefill(p)
         if rows:
@@ -586,7 +589,10 @@ class Scheduler:
             batch = PackedBatch(self.cache, n, decode_lens, length,
                                 [(p.row, p.done, take) for p, take in chunks], outputs)
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
-            logits = self.model(ids, kv_cache=batch)[0]  # (n + len(finishing), V)
+            try:
+                logits = self.model(ids, kv_cache=batch)[0]  # (n + len(finishing), V)
+            except Exception as e:  # nothing changed yet: the parts can be retried one by one
+                raise _PackedForwardFailed(str(e)) from e
             for p, take in chunks:
                 p.done += take
                 self.prefill_tokens += take
