@@ -169,3 +169,45 @@ def test_metrics_report_hits_and_reused_tokens(model, tok):
     assert "nanochat_prefix_cache_hit_rate 0.5000" in text
     assert f"nanochat_prefix_cache_reused_tokens_total {len(prompt) - 1}" in text
     assert f"nanochat_prefill_tokens_total {len(prompt) + 1}" in text
+
+
+def test_the_cli_session_reuses_its_history(model, tok):
+    import io
+
+    from nanochat.chat_cli import ChatSession, ChatSettings
+
+    engine = Engine(model, tok)
+    session = ChatSession(engine, tok, ChatSettings(temperature=0.0, max_tokens=12))
+    session.reply(SYSTEM, io.StringIO())
+    first_len = len(session.tokens)
+    second = session.reply("And then?", io.StringIO())
+    store = engine.prefix_store
+    # the first prompt and every reply token but the last (never fed to the model; then the closing token)
+    assert store.hits == 1 and store.reused_tokens >= first_len - 2
+    prompt2 = session.tokens[:first_len] + tok.render_for_completion(
+        {"messages": [{"role": "user", "content": "And then?"}]})[1:]
+    cold_text = "".join(ev.text for ev in Engine(model, tok, prefix_cache_tokens=0).stream(
+        prompt2, max_tokens=12, temperature=0.0))
+    assert second == cold_text
+
+
+@pytest.mark.slow
+def test_the_server_reuses_a_resent_history(model, tok):
+    """Two turns over HTTP, the second resending the first (as OpenAI clients and the web UI do)."""
+    import httpx
+
+    from nanochat.serve.testing import ServerThread
+
+    app = create_app(model, tok, ServerConfig(batch_size=2))
+    with ServerThread(app) as server:
+        messages = [{"role": "user", "content": SYSTEM}]
+        body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+        reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        messages += [reply["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+        assert httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        metrics = httpx.get(server.url + "/metrics").text
+    assert "nanochat_prefix_cache_hits_total 1" in metrics
+    reused = int(next(line.split()[1] for line in metrics.splitlines()
+                      if line.startswith("nanochat_prefix_cache_reused_tokens_total")))
+    first = tok.render_for_completion({"messages": messages[:1]})
+    assert reused >= len(first)
