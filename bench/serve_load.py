@@ -104,7 +104,9 @@ class NoStopModel(torch.nn.Module):
 
     def __init__(self, inner, silenced: list[int]):
         super().__init__()
-        self.inner, self.config, self.silenced = inner, inner.config, silenced
+        self.inner, self.config = inner, inner.config
+        # a device tensor: indexing with a Python list would copy it to the GPU inside a CUDA-graph capture
+        self.silenced = torch.tensor(silenced, device=next(inner.parameters()).device)
 
     def forward(self, idx, kv_cache=None):
         logits = self.inner(idx, kv_cache=kv_cache)
