@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reply length when a request sets no max_tokens (tokens)")
     p.add_argument("--model-name", default="nanochat", help="the model id reported by /v1/models")
     p.add_argument("--no-tools", action="store_true", help="do not run the python calculator tool")
+    p.add_argument("--step-tokens", type=int, default=256,
+                   help="tokens per scheduler step: one per decoding row plus prefill chunks (tokens)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                   help="KV of recent conversations kept for reuse, per replica (tokens; 0 = off)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (debugging)")
     return p
 
 
@@ -58,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                       ", ".join(devices), args.host, args.port)
     config = ServerConfig(model_name=args.model_name, batch_size=args.batch_size, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                          tools=not args.no_tools)
+                          tools=not args.no_tools, step_tokens=args.step_tokens,
+                          prefix_cache_tokens=args.prefix_cache_tokens,
+                          cuda_graphs=False if args.no_cuda_graphs else None)
     app = create_app(models, tokenizer, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
