@@ -304,3 +304,59 @@ def test_gpu_linear_ce_bf16(reduction, monkeypatch):
     for name, a, lo, ex in zip(("loss", "dhidden", "dweight"), got, low, exact):
         ref_err = (lo.float() - ex).abs().max().item()
         _assert_close(name, a, ex, atol=2 * ref_err + 1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model's loss
+
+
+@not_interp
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gpt_fused_loss_matches_materialized(reduction):
+    """GPT.forward with targets: the fused loss (default) and fused_loss=False give the same loss and gradients."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # logits well inside and beyond the soft-cap's linear range
+    idx = torch.randint(0, 300, (3, 16))
+    targets = torch.randint(0, 300, (3, 16))
+    targets[1, 5:] = -1
+    assert model.fused_loss
+    results = []
+    for fused in (True, False):
+        model.fused_loss = fused
+        model.zero_grad()
+        loss = model(idx, targets, loss_reduction=reduction)
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum().backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused_loss, fused_grads), (ref_loss, ref_grads) = results
+    assert fused_loss.shape == ref_loss.shape == ((48,) if reduction == "none" else ())
+    _assert_close("loss", fused_loss, ref_loss, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), fused_grads, ref_grads):
+        _assert_close(name, a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(idx, targets, loss_reduction="avg")
+
+
+@not_interp
+def test_core_loss_scoring_uses_the_fused_loss(monkeypatch):
+    """CORE's loss-only forward (multiple choice, schema) gives the losses of the logits path without logits."""
+    from nanochat.evals import core
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+    model.eval()
+    seqs = [[256, 5, 9, 77, 3, 1], [256, 8, 8], [256]]
+    calls = []
+    fused = nanochat_kernels.linear_cross_entropy
+    monkeypatch.setattr(nanochat_kernels, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    by_loss = core.model_forward(model, "cpu", predictions=False)(seqs)
+    assert calls == [1]
+    by_logits = core.model_forward(model, "cpu")(seqs)
+    assert calls == [1]  # the predictions path runs the lm_head on its own
+    for (loss_a, preds_a), (loss_b, preds_b), s in zip(by_loss, by_logits, seqs):
+        assert preds_a is None and loss_a.shape == preds_b.shape == (len(s),)
+        _assert_close("losses", loss_a, loss_b, atol=1e-5)
