@@ -127,7 +127,10 @@ def _run_chunks(hidden, weight, targets, row_weight, softcap, ignore_index, comp
             if rw is None:
                 continue
             if need_dh:
-                dh[start:end] = z @ w
+                if dh.dtype == z.dtype:
+                    torch.mm(z, w, out=dh[start:end])
+                else:
+                    dh[start:end] = z @ w
             if need_dw:
                 if compute_dtype == torch.float32:
                     dw.addmm_(z.T, h_c)

@@ -285,6 +285,31 @@ def test_interp_linear_ce_step_rejects_bad_input():
         triton_step(z, torch.zeros(4, dtype=torch.int32), None, 15.0, -1)
 
 
+@pytest.mark.slow
+@not_interp
+def test_triton_step_compiles_for_h100(monkeypatch):
+    """Compile-mode errors the interpreter cannot see: the step for sm_90 at its launch configuration, every
+    variant (bf16/fp32, cap on/off, gradient on/off), without spills."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    from nanochat_kernels import linear_ce_triton, resource_report
+
+    monkeypatch.setitem(resource_report._PTR, torch.int64, "*i64")  # the targets
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for cap in (True, False):
+                for grad in (True, False):
+                    args = dict(Z=dtype, TARGETS=torch.int64, ROW_WEIGHT=torch.float32, LOSS=torch.float32,
+                                V=65536, stride_z=65536, softcap=15.0, ignore_index=-1)
+                    r = resource_report.compile_for_sm90(
+                        linear_ce_triton._softcap_ce_kernel, args,
+                        dict(HAS_CAP=cap, COMPUTE_GRAD=grad, BLOCK_V=linear_ce_triton._BLOCK_V),
+                        linear_ce_triton._NUM_WARPS, 1)
+                    assert r.shared <= resource_report.H100_SHARED_LIMIT and not r.spill_bytes, r
+    except (FileNotFoundError, PermissionError) as exc:  # a triton build without its bundled ptxas
+        pytest.skip(f"no ptxas to compile with: {exc}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: bf16 autocast at a d20 model's shapes
 
