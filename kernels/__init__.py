@@ -27,7 +27,8 @@ from . import reference
 from ._common import interpreting
 from .linear_ce_chunked import fused_linear_cross_entropy
 
-__all__ = ["attention", "decode_attention", "newton_schulz", "linear_cross_entropy", "reference", "use_triton", "kernel_mode"]
+__all__ = ["attention", "decode_attention", "newton_schulz", "linear_cross_entropy", "reference", "use_triton",
+           "kernel_mode"]
 
 _MODES = {"": "auto", "auto": "auto", "reference": "reference", "torch": "reference", "triton": "triton"}
 _HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -105,5 +106,7 @@ def linear_cross_entropy(hidden, weight, targets, softcap: float | None, ignore_
     """
     if kernel_mode() == "reference":
         return reference.linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction)
-    impl = "triton" if use_triton(hidden, weight, targets) else "torch"
-    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl=impl)
+    if use_triton(hidden, weight, targets):
+        from .linear_ce_triton import linear_cross_entropy_triton
+        return linear_cross_entropy_triton(hidden, weight, targets, softcap, ignore_index, reduction)
+    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl="torch")
