@@ -14,7 +14,9 @@ fp32 scratch, with R chosen so a chunk stays under a byte budget, instead of sev
   against 6.2 s under bf16 autocast.
 - Soft-cap: s = cap * tanh(z / cap) lies in (-cap, cap), so exp(s - cap) cannot overflow: the log-sum-exp needs no
   max pass (cap 15: the smallest term exp(-30) ~ 1e-13 is still a normal fp32). Without a cap a row max is taken.
-- Everything after the matmul is fp32, in place where autograd is not involved (this is inside a custom op).
+- Everything after the matmul is fp32, in place where autograd is not involved (this is inside a custom op), in
+  buffers reused from chunk to chunk. The soft-cap goes through sigmoid instead of tanh (see torch_step): the step
+  per 1024 x 32768 chunk went from 0.71 s to 0.30 s in fp32 and from 1.01 s to 0.63 s from bf16 logits (load ~12).
 - The matmuls run in the compute dtype (autocast's dtype when autocast is on, else the inputs' dtype) with autocast
   off; dW accumulates in fp32 and comes back in the weight's dtype, dh in the hidden states' dtype.
 - Autograd and torch.compile through `torch.library.custom_op` + `register_autograd` (as flash_attention does):
@@ -55,19 +57,23 @@ def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device
 
 
 def torch_step(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, softcap: float,
-               ignore_index: int) -> torch.Tensor:
+               ignore_index: int, scratch: dict | None = None) -> torch.Tensor:
     """Losses (R,) fp32 of the logits chunk z (R, V); with row_weight (R,) fp32, also overwrite z with
-    row_weight * dL/dz (0 on ignored rows). z is scratch afterwards either way."""
+    row_weight * dL/dz (0 on ignored rows). z is scratch afterwards either way; `scratch` keeps fp32 buffers from
+    one chunk to the next (fresh 100 MB buffers cost page faults on every chunk)."""
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).unsqueeze(1)  # (R, 1) gather index, any id on ignored rows
-    x = z.float()  # z itself when z is fp32
+    x = z if z.dtype == torch.float32 else _buffer(scratch, "x", z.shape, z.device).copy_(z)
     if softcap:
-        t = x.div_(softcap).tanh_()  # tanh(z / cap), kept for the derivative cap * (1 - t²) / cap
-        target_logit = t.gather(1, safe).squeeze(1) * softcap
+        # With sig = sigmoid(2 z / cap): tanh(z / cap) = 2 sig - 1, s - cap = 2 cap (sig - 1) and
+        # 1 - tanh² = 4 sig (1 - sig). torch's CPU sigmoid is ~5x cheaper than its tanh (0.035 s vs 0.19 s for
+        # 1024 x 32768 fp32 on the dev box), and tanh was the step's largest cost.
+        sig = x.mul_(2.0 / softcap).sigmoid_()
+        target_logit = softcap * (2.0 * sig.gather(1, safe).squeeze(1) - 1.0)
+        e = torch.mul(sig, 2.0 * softcap, out=_buffer(scratch, "e", z.shape, z.device))
+        e = e.sub_(2.0 * softcap).exp_()  # exp(s - cap) <= 1: no max pass
         shift = softcap
-        e = torch.mul(t, softcap).sub_(shift).exp_()  # exp(s - cap) <= 1
     else:
-        t = None
         target_logit = x.gather(1, safe).squeeze(1)
         shift = x.amax(dim=1, keepdim=True)
         e = x.sub_(shift).exp_()
@@ -76,13 +82,24 @@ def torch_step(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor 
     loss = torch.where(valid, sumexp.log() + shift - target_logit, 0.0)
     if row_weight is None:
         return loss
-    weight = torch.where(valid, row_weight, 0.0)
-    p = e.mul_((weight / sumexp).unsqueeze(1))  # weight * softmax
-    p.scatter_add_(1, safe, -weight.unsqueeze(1))  # weight * (softmax - onehot)
-    dz = p if t is None else torch.addcmul(p, p, t.square_(), value=-1.0, out=t)  # * (1 - t²), into t's buffer
-    if dz.data_ptr() != z.data_ptr():
-        z.copy_(dz)
+    weight = torch.where(valid, row_weight, 0.0) * (4.0 if softcap else 1.0)  # the 4 of 4 sig (1 - sig)
+    e.mul_((weight / sumexp).unsqueeze(1))  # weight * softmax
+    e.scatter_add_(1, safe, -weight.unsqueeze(1))  # weight * (softmax - onehot)
+    if softcap:  # z (or x, when z is fp32 and x is z) <- e * sig (1 - sig), cast to z's dtype on the way
+        torch.mul(e, torch.addcmul(sig, sig, sig, value=-1.0, out=sig), out=z)
+    elif e.data_ptr() != z.data_ptr():
+        z.copy_(e)
     return loss
+
+
+def _buffer(scratch: dict | None, name: str, shape, device) -> torch.Tensor:
+    """An fp32 buffer of `shape` (R, V), reused across chunks through `scratch` (views for a shorter last chunk)."""
+    if scratch is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buf = scratch.get(name)
+    if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1]:
+        buf = scratch[name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf[:shape[0]]
 
 
 def _step(impl: str):
@@ -118,12 +135,14 @@ def _run_chunks(hidden, weight, targets, row_weight, softcap, ignore_index, comp
         dh = torch.empty(N, D, dtype=hidden.dtype, device=hidden.device) if need_dh else None
         dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
         rows = chunk_rows(N, V, compute_dtype, hidden.device)
+        logits = torch.empty(rows, V, dtype=compute_dtype, device=hidden.device)  # reused by every chunk
+        scratch = {}
         for start in range(0, N, rows):
             end = min(N, start + rows)
             h_c = h[start:end]
-            z = h_c @ w.T  # (R, V)
+            z = torch.mm(h_c, w.T, out=logits[:end - start])  # (R, V)
             rw = None if row_weight is None else row_weight[start:end]
-            losses[start:end] = step(z, targets[start:end], rw, softcap, ignore_index)
+            losses[start:end] = step(z, targets[start:end], rw, softcap, ignore_index, scratch)
             if rw is None:
                 continue
             if need_dh:

@@ -94,9 +94,9 @@ def _softcap_ce_kernel(Z, TARGETS, ROW_WEIGHT, LOSS, V, stride_z, softcap, ignor
 
 
 def triton_step(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, softcap: float,
-                ignore_index: int) -> torch.Tensor:
+                ignore_index: int, scratch: dict | None = None) -> torch.Tensor:
     """Losses (R,) fp32 of the logits chunk z (R, V); with row_weight (R,) fp32, also overwrite z with
-    row_weight * dL/dz. Same contract as linear_ce_chunked.torch_step."""
+    row_weight * dL/dz. Same contract as linear_ce_chunked.torch_step (no scratch needed)."""
     if z.ndim != 2 or z.stride(1) != 1:
         raise ValueError(f"logits chunk must be (R, V) with a unit last stride, got shape {tuple(z.shape)} "
                          f"strides {z.stride()}")

@@ -360,7 +360,7 @@ def test_gpt_fused_loss_matches_materialized(reduction):
     assert fused_loss.shape == ref_loss.shape == ((48,) if reduction == "none" else ())
     _assert_close("loss", fused_loss, ref_loss, atol=1e-5)
     for (name, _), a, b in zip(model.named_parameters(), fused_grads, ref_grads):
-        _assert_close(name, a, b, atol=1e-6)
+        _assert_close(name, a, b, atol=1e-5 * b.abs().max().item())  # fp32 noise, through two blocks' backward
     with pytest.raises(ValueError, match="loss_reduction"):
         model(idx, targets, loss_reduction="avg")
 
