@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu) and bench/kernels.py,
-# then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
+# The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu), bench/kernels.py and
+# bench/fused_loss.py (the fused loss against the materialized logits at d20, B=32, T=2048), then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
 # when `nanochat_kernels` does not import, a temporary folder maps it to kernels/. Without CUDA it runs the CPU
 # smoke path instead (interpreter parity tests of the dispatch, bench in smoke mode), so it can be checked anywhere.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
 #   bash bench/gpu_check.sh --sweep [OUT_DIR]  # tuning aid instead: time candidate block sizes of each kernel
 #
-# Budget: fits one 10-minute device command (tests <= 240 s, bench <= 300 s; the sweep <= 420 s; all capped by
-# `timeout`).
+# Budget: fits one 10-minute device command (tests <= 200 s, kernels bench <= 270 s, fused loss bench <= 120 s;
+# the sweep <= 420 s; all capped by `timeout`).
 set -uo pipefail
 
 MODE=check
@@ -49,22 +49,28 @@ if [ "$MODE" = "sweep" ]; then
 fi
 if [ "$HAS_CUDA" = "1" ]; then
     echo "== parity tests, bf16 at real shapes (pytest -m gpu)"
-    timeout 240 "$PY" -m pytest tests/test_kernels.py -m gpu -q -p no:cacheprovider -o addopts="" -rfEs 2>&1 \
-        | tee "$OUT_DIR/gpu_tests.log" || status=1
+    timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused_loss.py -m gpu -q -p no:cacheprovider \
+        -o addopts="" -rfEs 2>&1 | tee "$OUT_DIR/gpu_tests.log" || status=1
     echo "== bench/kernels.py"
-    timeout 300 "$PY" bench/kernels.py --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+    timeout 270 "$PY" bench/kernels.py --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+    echo "== bench/fused_loss.py (d20 loss: N=32x2048, D=1280, V=65536, bf16 autocast)"
+    timeout 120 "$PY" bench/fused_loss.py --json "$OUT_DIR/fused_loss.json" 2>&1 | tee "$OUT_DIR/fused_loss.txt" \
+        || status=1
 else
     echo "== no CUDA: CPU smoke path (dispatch tests + bench smoke mode in the Triton interpreter)"
     timeout 240 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -o addopts="" \
         -k "dispatch or choose_num_splits or test_interpreter_group and attention" 2>&1 \
         | tee "$OUT_DIR/cpu_tests.log" || status=1
     timeout 300 "$PY" bench/kernels.py --smoke --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+    timeout 120 "$PY" bench/fused_loss.py --device cpu --rows 512 --dim 64 --vocab 4096 --reps 1 \
+        --json "$OUT_DIR/fused_loss.json" 2>&1 | tee "$OUT_DIR/fused_loss.txt" || status=1
 fi
 
 echo "== summary"
 tests_log="$OUT_DIR/gpu_tests.log"; [ "$HAS_CUDA" = "1" ] || tests_log="$OUT_DIR/cpu_tests.log"
 echo "tests: $(grep -E '[0-9]+ (passed|failed|error)' "$tests_log" | tail -n 1)"
 grep -E '^(attention|decode|Newton|MuonAdamW)' "$OUT_DIR/bench.txt" || echo "bench: no rows (see $OUT_DIR/bench.txt)"
+grep -E '^fused vs' "$OUT_DIR/fused_loss.txt" || echo "fused loss: no rows (see $OUT_DIR/fused_loss.txt)"
 echo "logs and bench JSON in $OUT_DIR"
 if [ "$status" -ne 0 ]; then echo "gpu_check: FAILED (see the logs above)"; else echo "gpu_check: OK"; fi
 exit "$status"

@@ -72,6 +72,10 @@ def _sym_gram_kernel(Y, Z, OUT, TILE_I, TILE_J, M, K,
         z = tl.load(Z + bidx * stride_zb + offs_i[:, None] * stride_zm + offs_j[None, :] * stride_zn,
                     mask=i_ok[:, None] & j_ok[None, :], other=0.0)
         acc += beta * z.to(tl.float32)
+    if ti == tj:
+        # a diagonal tile computes both (r, c) and (c, r); a GEMM need not sum them in the same order (numpy's
+        # BLAS under the interpreter does not), so average with the transpose: exactly symmetric, like the mirror
+        acc = (acc + tl.trans(acc)) * 0.5
     res = acc.to(OUT.dtype.element_ty)
     out = OUT + bidx * stride_ob
     tl.store(out + offs_i[:, None] * stride_om + offs_j[None, :] * stride_on, res,

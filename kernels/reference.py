@@ -62,18 +62,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     T_max, H_kv = k_cache.size(1), k_cache.size(2)
     if H % H_kv:
         raise ValueError(f"number of query heads {H} must be a multiple of K/V heads {H_kv}")
-    scale = D ** -0.5 if scale is None else scale
-    group = H // H_kv
-    qf = q.float().view(B, T_q, H_kv, group, D)
-    scores = torch.einsum("bqkgd,btkd->bkgqt", qf, k_cache.float()) * scale  # (B, H_kv, G, T_q, T_max)
     lens = cache_lens.to(device=q.device, dtype=torch.long).view(B, 1)
     qpos = lens - T_q + torch.arange(T_q, device=q.device).view(1, T_q)  # (B, T_q)
     kpos = torch.arange(T_max, device=q.device).view(1, 1, T_max)
     allowed = kpos <= qpos.unsqueeze(-1)  # (B, T_q, T_max)
-    scores = scores.masked_fill(~allowed.view(B, 1, 1, T_q, T_max), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgqt,btkd->bqkgd", probs, v_cache.float())
-    return out.reshape(B, T_q, H, D).to(q.dtype)
+    # fp32 softmax(q k^T * scale, masked) v through SDPA with the explicit mask: the same math as an einsum over
+    # (B, H, T_q, T_max) scores, 3-7x faster on CPU at decode shapes (the einsum copies the cache into its layout)
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k_cache.float().transpose(1, 2),
+                                         v_cache.float().transpose(1, 2), attn_mask=allowed.unsqueeze(1),
+                                         scale=scale, enable_gqa=H_kv != H)  # (B, H, T_q, D)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs="quintic", eps: float = 1e-7) -> torch.Tensor:
@@ -98,3 +96,21 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs="quintic", eps: float 
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         softcap: float | None, ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of soft-capped logits hidden @ weightᵀ, with the (N, V) logits materialized (the model's loss
+    before fusion; memory O(N V)).
+
+    hidden (..., D), weight (V, D), targets (...) int. The matmul follows autocast (bf16 on CUDA during training),
+    the soft-cap softcap * tanh(logits / softcap) (skipped when softcap is None or 0) and the log-softmax run in
+    fp32. Targets equal to ignore_index count nothing. reduction "mean" (over the non-ignored targets; nan when
+    there are none), "sum", or "none" (shape of targets, 0 at ignored positions).
+    """
+    logits = F.linear(hidden, weight).float()  # (..., V)
+    if softcap:  # in place where autograd allows, as gpt.py did: two (N, V) fp32 copies live here instead of four
+        logits = logits.div_(softcap).tanh_().mul(softcap)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, offline_corpus
+from nanochat import dataset, debian_sources, offline_corpus, plaintext
 from nanochat.dataset import DownloadConfig, download, iter_texts, list_shards, split_shards
 
 
@@ -267,7 +267,7 @@ For example::
 a      b
 =====  =====
 """
-    text = offline_corpus.rst_to_text(source)
+    text = plaintext.rst_to_text(source)
     assert text == """\
 An Informal Intro
 
@@ -296,11 +296,11 @@ a      b
 
 
 def test_normalize_and_split_long():
-    assert offline_corpus.normalize("a\tb \r\n\r\n\r\n\x07c  \n") == "a    b\n\nc\n"
-    assert offline_corpus.normalize(" \n\t") == ""
+    assert plaintext.normalize("a\tb \r\n\r\n\r\n\x07c  \n") == "a    b\n\nc\n"
+    assert plaintext.normalize(" \n\t") == ""
     paragraphs = [f"paragraph {i} " + "word " * 40 for i in range(40)]
-    text = offline_corpus.normalize("\n\n".join(paragraphs))
-    pieces = offline_corpus.split_long(text, max_chars=2000)
+    text = plaintext.normalize("\n\n".join(paragraphs))
+    pieces = plaintext.split_long(text, max_chars=2000)
     assert all(len(p) <= 2000 for p in pieces) and len(pieces) >= len(text) // 2000
     assert "".join(pieces).replace("\n", "") == text.replace("\n", "")  # nothing lost, cut at paragraph ends
     assert all(p.startswith("paragraph ") for p in pieces)
@@ -310,10 +310,10 @@ def test_austen_chapters_and_paragraphs():
     lines = ["PRIDE AND PREJUDICE", "", "By Jane Austen", "", "Chapter 1", "", "It is a truth universally",
              "acknowledged, that a _single_ man", "", "Second  paragraph.", "", "VOLUME II", "Chapter 2", "",
              "Next."]
-    chapters = offline_corpus._austen_chapters(lines)
+    chapters = debian_sources._austen_chapters(lines)
     assert len(chapters) == 2 and chapters[0][0] == "PRIDE AND PREJUDICE" and chapters[1][:3] == ["VOLUME II", "", "Chapter 2"]
     assert "VOLUME II" not in chapters[0]
-    assert offline_corpus.austen_paragraphs(chapters[0][4:]) == (
+    assert debian_sources.austen_paragraphs(chapters[0][4:]) == (
         "Chapter 1\n\nIt is a truth universally acknowledged, that a single man\n\nSecond paragraph.\n")
 
 
@@ -353,15 +353,15 @@ def test_fortunes_documents(tmp_path):
     folder.mkdir(parents=True)
     (folder / "wisdom").write_text("Be _\bb_\bo_\bl_\bd.\n%\nSecond\tfortune.\n%\n" + "x" * 50 + "\n%\n")
     (folder / "wisdom.dat").write_bytes(b"\x00\x01index")
-    docs = list(offline_corpus.docs_fortunes(tmp_path / "fortunes", chunk_chars=40))
+    docs = list(debian_sources.docs_fortunes(tmp_path / "fortunes", chunk_chars=40))
     assert docs == [("fortunes/fortunes/wisdom/001", "Be bold.\n%\nSecond    fortune.\n"),
                     ("fortunes/fortunes/wisdom/002", "x" * 50 + "\n")]
 
 
 def test_offline_needs_apt(tmp_path, monkeypatch):
-    monkeypatch.setattr(offline_corpus.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(debian_sources.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="apt-get"):
-        offline_corpus.fetch_packages(["python3.11-doc"], tmp_path)
+        debian_sources.fetch_packages(["python3.11-doc"], tmp_path)
 
 
 def test_cli_offline_refuses_to_mix_and_prints_notice(tmp_path, capsys):
@@ -416,7 +416,7 @@ def test_offline_corpus_from_real_debian_packages(tmp_path):
         pytest.skip("apt-get/dpkg-deb unavailable or python3.11-doc unknown to apt")
     cache = Path(os.environ.get("NANOCHAT_TEST_DEB_CACHE", "/tmp/nanochat-test-debs"))
     try:
-        src = offline_corpus.fetch_packages(list(offline_corpus.DEFAULT_PACKAGES), cache, log=lambda *a: None)
+        src = debian_sources.fetch_packages(list(offline_corpus.DEFAULT_PACKAGES), cache, log=lambda *a: None)
     except RuntimeError as e:
         pytest.skip(f"apt-get download failed here: {e}")
     out = tmp_path / "corpus"

@@ -203,7 +203,9 @@ class ScriptedModel(torch.nn.Module):
         B, T = idx.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b in range(B):
-            logits[b, -1, self.script.get(int(idx[b, -1]), self.default)] = 10.0
+            for t in range(T):
+                logits[b, t, self.script.get(int(idx[b, t]), self.default)] = 10.0
+        logits = kv_cache.select(logits)  # the positions the engine samples from (see kv_cache.py)
         kv_cache.advance(T)
         return logits
 

@@ -186,10 +186,10 @@ def test_attention_goes_through_nanochat_kernels(monkeypatch):
     model(torch.randint(0, V, (1, 8)))
     assert calls == {"attention": 2, "decode_attention": 0}
     cache = KVCache(1, 16, 2, 2, 16)
-    model(torch.randint(0, V, (1, 8)), kv_cache=cache)
-    assert calls == {"attention": 4, "decode_attention": 0}
+    model(torch.randint(0, V, (1, 8)), kv_cache=cache)  # with a cache: decode attention, causal over the chunk
+    assert calls == {"attention": 2, "decode_attention": 2}
     model(torch.randint(0, V, (1, 1)), kv_cache=cache)
-    assert calls == {"attention": 4, "decode_attention": 2}
+    assert calls == {"attention": 2, "decode_attention": 4}
 
 
 def test_positions_beyond_rotary_table_raise():

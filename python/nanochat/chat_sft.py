@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import print0
+from nanochat.tasks.custom_chat import add_data_args, with_custom_data
 from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
 from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save_stage_checkpoint,
                                write_stage_metrics)
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
     g.add_argument("--spelling-size", type=int, default=600, help="synthetic spelling conversations (both tasks)")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
+    add_data_args(g)
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-conversations", type=int, default=256, help="held-out conversations per evaluation")
@@ -149,8 +151,9 @@ def train(args: argparse.Namespace, rt) -> int:
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
-    train_task = sft_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
-    val_task = sft_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
+    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
+        lambda split: sft_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
+        args.seed)
     val_convs = [val_task[i] for i in range(rank, min(args.eval_conversations, len(val_task)), world)]
     per_micro = args.device_batch_size * world
     if args.examples_per_step % per_micro:

@@ -14,6 +14,7 @@
   ranks must share the checkpoint filesystem
 - keep_last K prunes older step directories after the new one is in place
 - loading picks the newest complete step (the `latest` marker when it is valid, else a scan)
+- `load_exported` reads a folder written by `nanochat export` (`--model DIR` of every command that loads a model)
 """
 
 from __future__ import annotations
@@ -201,11 +202,15 @@ def _newest_tag(stage_dir: Path) -> str:
     return best
 
 
-def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int | None = None):
+def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int | None = None,
+               model_dir: str | os.PathLike | None = None):
     """(GPT in eval mode, Tokenizer, meta) from a checkpoint; the newest tag and step by default.
-    meta["model_tag"] says which tag was loaded."""
+    meta["model_tag"] says which tag was loaded. With model_dir, from that exported folder instead."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
+
+    if model_dir is not None:
+        return load_exported(model_dir, device)
 
     if model_tag is None:
         model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
@@ -226,4 +231,53 @@ def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
                          f"the checkpoint was trained with a different tokenizer")
+    return model, tokenizer, meta
+
+
+def load_exported(model_dir: str | os.PathLike, device="cpu"):
+    """(GPT in eval mode, Tokenizer, meta) from a folder written by `nanochat export`. The weights must match the
+    SHA-256 recorded at export, so a truncated or corrupted copy is refused with a message naming the file."""
+    import hashlib
+    from dataclasses import asdict, fields
+
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+
+    folder = Path(model_dir)
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.bin") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a model folder written by `nanochat export` "
+                                f"(missing {', '.join(missing)})")
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+        info = hf_config["nanochat"]
+        config = GPTConfig(**{f.name: hf_config[f.name] for f in fields(GPTConfig)})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not a nanochat export config ({type(e).__name__}: {e})") from e
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if info.get("sha256") and digest.hexdigest() != info["sha256"]:
+        raise ValueError(f"{weights} is corrupted: its SHA-256 {digest.hexdigest()[:12]}... differs from the "
+                         f"{info['sha256'][:12]}... recorded at export; copy or export the model again")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises SafetensorError (header, sizes) or OSError
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); copy or export the model again") from e
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    with torch.device(device):
+        model = GPT(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not fit the config in {folder / 'config.json'}: {e}") from e
+    model.eval()
+    tokenizer = Tokenizer.load(folder / "tokenizer.bin")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{folder / 'tokenizer.bin'} has {tokenizer.vocab_size} ids but the model only "
+                         f"{config.vocab_size}")
+    meta = {"config": asdict(config), "step": info.get("step"), "model_tag": info.get("model_tag"),
+            "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder)}
     return model, tokenizer, meta

@@ -17,7 +17,7 @@ import sys
 COMMANDS = {
     "tok-train": ("nanochat.tok_train", "train the BPE tokenizer on the pretraining shards"),
     "tok-eval": ("nanochat.tok_eval", "compare bytes/token against GPT-2 and GPT-4 tokenizers"),
-    "data": ("nanochat.dataset", "download FineWeb-Edu shards, build the offline corpus or the eval data"),
+    "data": ("nanochat.dataset", "download FineWeb-Edu, build shards from your files, the offline corpus or eval data"),
     "base-train": ("nanochat.base_train", "pretrain the GPT (use torchrun -m nanochat.base_train for many GPUs)"),
     "base-eval": ("nanochat.base_eval", "bits per byte, CORE and samples of a base model"),
     "mid-train": ("nanochat.mid_train", "midtrain on the conversation mixture"),
@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": ("nanochat.chat_cli", "talk to a chat model in the terminal"),
     "serve": ("nanochat.serve", "OpenAI-compatible server with a web UI"),
     "report": ("nanochat.report", "write report.md from the stages' results"),
+    "export": ("nanochat.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
 }
 
 

@@ -8,6 +8,7 @@
   Hugging Face hub. 4xx answers other than 408/429 are permanent (no retry).
 - `offline`: builds the offline demo corpus from Debian packages (nanochat.offline_corpus); not FineWeb
 - `evals`: the eval/task data, delegated to nanochat.tasks.offline_data
+- `from-files`: shards from your own text files, JSONL or parquet (nanochat.data_files)
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.common import CorruptInputError, MissingInputError, base_dir, get_logger
+from nanochat.common import CorruptInputError, MissingInputError, atomic_write, base_dir, get_logger
 
 HF_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 VAL_SHARD_INDEX = 1822  # the last shard of fineweb-edu-100b-shuffle is the validation split
+ROW_GROUP_SIZE = 1024  # rows per parquet row group, as in the FineWeb-Edu shuffle shards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,6 +85,19 @@ def iter_texts(split: str = "train", data_dir: str | os.PathLike | None = None, 
                 total += len(text)
                 if max_chars is not None and total >= max_chars:
                     return
+
+
+def write_shard(path: Path, rows: list[str]) -> None:
+    """One shard in the FineWeb-Edu shape (one non-null `text` column, zstd, ROW_GROUP_SIZE rows per group),
+    written atomically: a crash leaves no half-written file under `path`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # large_string would be needed past 2 GiB of text in one shard; shards here stay far below that
+    schema = pa.schema([pa.field("text", pa.string(), nullable=False)])
+    table = pa.table({"text": pa.array(rows, type=pa.string())}, schema=schema)
+    with atomic_write(path) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE)
 
 
 def _row_group_texts(path: Path) -> Iterator[list]:
@@ -257,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
     off.add_argument("--seed", type=int, default=1234, help="shuffle seed")
     off.add_argument("--shard-chars", type=int, default=4_000_000, help="target characters per train shard")
     off.add_argument("--force", action="store_true", help="replace shards already in the data folder")
+    from nanochat import data_files
+
+    data_files.add_parser(sub)
     ev = sub.add_parser("evals", help="build/fetch the evaluation and task data (nanochat.tasks.offline_data)",
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -326,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "offline":
         return _offline(args)
+    if args.command == "from-files":
+        from nanochat import data_files
+
+        return data_files.run(args)
     return 2
 
 

@@ -1,13 +1,22 @@
 """Inference engine: token ids in, token ids out, over a preallocated KV cache with continuous batching.
 
 Notable choices:
-- One `Scheduler` owns a `KVCache` of `batch_size` rows. Active rows are kept *compacted* at the front of the
-  cache (row i of the batch is cache row i); a decode step runs the model over a view of the first n rows and of
-  the first T positions (T = longest active row rounded up to 64), so idle rows cost nothing and are never written.
-  A finished row is replaced by the last active row (one `copy_row`), and its length reset.
-- Admission between decode steps: a waiting request is prefilled alone (batch 1, straight into its cache row), its
-  extra samples get a copy of that row (prefill once per prompt), and its first tokens are sampled from the prefill
-  logits, so the time to first token is one prefill.
+- One `Scheduler` owns a `KVCache` of `batch_size` rows. Decoding rows are kept *compacted* at the front of the
+  cache (row i of the batch is cache row i); the decode step runs the model over a view of the first n rows and of
+  the first T positions (T = longest row rounded up to 64), so idle rows cost nothing. A finished row is replaced
+  by the last decoding row (one `copy_row`), and its length reset.
+- Chunked prefill batched with decode: each step is one forward over a packed sequence holding a token for every
+  decoding row and prefill chunks of admitted prompts (oldest first) up to `step_tokens` tokens in all, so a long
+  prompt never stalls the streams and many short prompts prefill together. A prompt is written into a free row
+  above the decoding ones; when it completes, its row moves down, its extra samples get copies (prefill once per
+  prompt), and its first tokens are sampled from the last chunk's logits. A request cancelled mid-prefill frees its
+  row and its share of the next step's budget at once.
+- The decode step alone (no chunk this step) reads no device value on the host: positions, lengths and masks stay
+  on the device, it compiles with torch.compile(fullgraph=True), and on CUDA it replays CUDA graphs captured for
+  bucketed batch sizes (`DecodeGraphs`).
+- Prefix reuse: a finished row's KV (prompt and reply) goes to a `PrefixStore` (bounded, LRU); a new prompt that
+  starts with held tokens copies them into its row and prefills only the rest (the next turn of a chat, a shared
+  system prompt).
 - Sampling per row: temperature (0 = greedy), top-k, then top-p on the top-k distribution, and a `torch.Generator`
   per row seeded from (seed, sample index): a request's output depends only on its own seed, never on which other
   requests share the batch. Inverse-CDF sampling from one uniform per row keeps the batch vectorised.
@@ -17,13 +26,15 @@ Notable choices:
   result is forced as <|output_start|> result <|output_end|> (mask 0 = forced, 1 = sampled).
 - `TextStream` turns tokens into text deltas: it holds back incomplete UTF-8 and any tail that may start a stop
   string, and renders the tool tokens as Markdown code fences.
-- `Engine.generate` / `generate_batch` are the synchronous front door (a private scheduler sized to the request);
+- `Engine.generate` / `generate_batch` are the synchronous front door (a scheduler sized to the request, with a
+  prefix store kept across calls);
   the server runs `Scheduler.serve_forever` in a worker thread and feeds it requests.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -34,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import MissingInputError, get_logger
-from nanochat.kv_cache import KVCache
+from nanochat.kv_cache import CacheView, KVCache, PackedBatch, PrefixStore, round_up
 from nanochat.tools import evaluate
 
 TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
@@ -44,7 +55,6 @@ SPECIAL_TEXT = {
     "<|output_start|>": "```output\n", "<|output_end|>": "\n```\n",
 }
 MAX_TOOL_EXPRESSION_TOKENS = 512  # a longer python block is not evaluated (the model is rambling)
-VIEW_ALIGN = 64  # the attention view over the cache covers the longest row rounded up to this many positions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,22 +258,111 @@ class _Row:
     cache_len: int  # valid positions in its cache row (mirrors cache.cache_lens, kept on the host)
     text: TextStream
     last_token: int = -1  # emitted but not yet fed to the model
-    num_generated: int = 0
+    generated: list = field(default_factory=list)  # every emitted token, sampled or forced
     forced: collections.deque = field(default_factory=collections.deque)
     in_python: bool = False
     python_tokens: list = field(default_factory=list)
+    finish_reason: str | None = None
     finished: bool = False
 
 
+class _PackedForwardFailed(RuntimeError):
+    """The model failed on a forward with prefill chunks, before any length or row changed."""
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """An admitted request whose prompt is being written into cache row `row`, a chunk per step."""
+    request: GenerationRequest
+    row: int
+    done: int  # prompt tokens already in the row (reused from the prefix store, then prefilled)
+
+
+POLICIES = ("chunked", "serial")
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # decode batch sizes with a CUDA graph
+
+
+class DecodeGraphs:
+    """The decode step (one token for each of the rows 0..n-1) replayed from CUDA graphs, one per bucketed batch
+    size, captured on first use. A graph runs the model over rows 0..b-1 of the cache and all its positions, with
+    static buffers for the ids and lengths; rows n..b-1 (idle or prefilling) compute a throw-away token whose k/v
+    land just past their valid length, where the next write overwrites them, and their lengths are not advanced.
+    Needs the model's forward free of host syncs (see kv_cache.py); all graphs share one memory pool.
+    `_record` is the only CUDA-specific part (a test replaces it to check the rest on CPU)."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache = model, cache
+        self.buckets = sorted({b for b in GRAPH_BUCKETS if b < cache.batch_size} | {cache.batch_size})
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (n, 1) on the device -> logits (n, V) of rows 0..n-1, whose lengths advance by one."""
+        n = ids.size(0)
+        b = next(b for b in self.buckets if b >= n)
+        dev = self.cache.k.device
+        # capture and replay on the cache's GPU, not the calling thread's current one
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            if b not in self.graphs:
+                self.graphs[b] = self._capture(b)
+            replay, static_ids = self.graphs[b]
+            static_ids[:n].copy_(ids)
+            logits = replay()
+        self.cache.cache_lens[:n] += 1
+        return logits[:n]
+
+    def _capture(self, b: int) -> tuple:
+        static_ids = torch.zeros(b, 1, dtype=torch.long, device=self.cache.k.device)
+        static_lens = self.cache.cache_lens[:b].clone()
+        view = CacheView(self.cache.k[:, :b], self.cache.v[:, :b], static_lens)
+
+        def step() -> torch.Tensor:  # the lengths are read inside the graph; the view advances only its copy
+            static_lens.copy_(self.cache.cache_lens[:b])
+            return self.model(static_ids, kv_cache=view)[:, -1, :]
+        return self._record(step), static_ids
+
+    def _record(self, step):
+        """Capture `step` in a CUDA graph (after a warm-up off the capture: Triton compiles, the allocator
+        settles); returns a function that replays it and returns its static output."""
+        dev = self.cache.k.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        self.pool = graph.pool()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay
+
+
 class Scheduler:
-    """Many requests share one model replica: admit waiting requests into free rows between decode steps, decode
-    all active rows together, retire finished ones. Thread-safe `submit`; `step` and `serve_forever` run in one
-    worker thread."""
+    """Many requests share one model replica: admit waiting requests into free rows, and each step run one forward
+    over the decoding rows plus prefill chunks of admitted prompts; retire finished rows. Thread-safe `submit`;
+    `step` and `serve_forever` run in one worker thread.
+
+    Cache rows: the decoding rows are rows 0..n-1 (compacted, so the decode step is a view over the first rows);
+    a prompt being prefilled owns one free row above them and moves down (a row swap) when its prefill completes;
+    its other samples get copies of that row then. `policy="serial"` is the old scheduling, kept for benchmarks:
+    each admitted prompt is prefilled alone and whole, then the rows decode."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_len: int | None = None, tools: bool = True,
-                 max_waiting: int | None = None, max_prefill_tokens: int = 4096):
+                 max_waiting: int | None = None, max_prefill_tokens: int = 4096, step_tokens: int = 256,
+                 prefix_cache: PrefixStore | int | None = None, cuda_graphs: bool | None = None,
+                 policy: str = "chunked"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if step_tokens < 1:
+            raise ValueError(f"step_tokens must be >= 1, got {step_tokens}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         cfg = model.config
         self.model = model
         self.tokenizer = tokenizer
@@ -274,12 +373,22 @@ class Scheduler:
         self.sample_vocab = min(cfg.vocab_size, tokenizer.get_vocab_size())
         self.tools = tools
         self.max_waiting = max_waiting
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # serial policy: prompt tokens admitted per step
+        self.step_tokens = step_tokens  # chunked policy: tokens per forward, one per decoding row + prefill chunks
+        self.policy = policy
         p = next(model.parameters())
         self.device = p.device
         cache_dtype = torch.bfloat16 if self.device.type == "cuda" else p.dtype
         self.cache = KVCache(batch_size, self.max_len, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, self.device,
                              cache_dtype)
+        if isinstance(prefix_cache, int):
+            prefix_cache = PrefixStore(prefix_cache) if prefix_cache > 0 else None
+        self.prefix_store: PrefixStore | None = prefix_cache  # shared with an Engine's later schedulers
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a model on CUDA, got {self.device}")
+        self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
         special = lambda name: tokenizer.encode_special(name)  # noqa: E731
         self.terminal = {special(name) for name in TERMINAL_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -287,13 +396,15 @@ class Scheduler:
         self.special_text = {special(name): text for name, text in SPECIAL_TEXT.items()}
         for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"):
             self.special_text[special(name)] = ""  # structure tokens never show up as text
-        self.rows: list[_Row] = []
+        self.rows: list[_Row] = []  # decoding: rows[i] lives in cache row i
+        self.prefilling: list[_Prefill] = []  # admitted, prompt not complete yet (FIFO: chunks go to the oldest)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.purged: list[GenerationRequest] = []  # cancelled while waiting, final events not yet sent
         self.cond = threading.Condition()
         # counters (read by the server's /metrics; written only by the worker thread)
         self.tokens_generated = 0
         self.decode_steps = 0
+        self.prefill_tokens = 0
         self.requests_finished = 0
 
     # -- thread-safe front --------------------------------------------------------------------------------------
@@ -304,7 +415,8 @@ class Scheduler:
 
     @property
     def num_active_rows(self) -> int:
-        return len(self.rows)
+        """Cache rows holding a request: decoding, or being prefilled."""
+        return len(self.rows) + len(self.prefilling)
 
     def submit(self, request: GenerationRequest) -> bool:
         """Queue a request; False (and nothing queued) when the waiting queue is full."""
@@ -336,7 +448,7 @@ class Scheduler:
             self.cond.notify()
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting or self.purged)
+        return bool(self.rows or self.prefilling or self.waiting or self.purged)
 
     def serve_forever(self, stop: threading.Event, idle_wait_s: float = 0.5) -> None:
         """The worker loop: step while there is work, sleep on the condition otherwise."""
@@ -355,97 +467,196 @@ class Scheduler:
 
     @torch.no_grad()
     def step(self) -> int:
-        """Retire cancelled rows, admit waiting requests, run one decode step. Returns the tokens emitted."""
-        emitted = 0
+        """Retire cancelled requests, admit waiting ones, run one forward (decoding rows + prefill chunks; under
+        the serial policy, each new prompt alone and then the decode step). Returns the tokens emitted."""
         self._retire(cancelled_only=True)
-        emitted += self._admit()
-        self._retire()  # rows that finished on their first token are not decoded
-        if self.rows:
-            emitted += self._decode()
+        self._admit()
+        if self.policy == "serial":
+            emitted = 0
+            for p in list(self.prefilling):
+                emitted += self._forward_guarded([], [(p, len(p.request.prompt) - p.done)])
+            self._retire()  # rows that finished on their first token are not decoded
+            if self.rows:
+                emitted += self._forward(self.rows, [])
+        elif self.rows or self.prefilling:
+            emitted = self._forward_guarded(self.rows, self._plan_chunks())
+        else:
+            emitted = 0
         self._retire()
         self.tokens_generated += emitted
         return emitted
 
-    def _view(self, lo: int, hi: int, length: int) -> KVCache:
-        """A KVCache over rows lo..hi-1 and positions 0..length-1 of the big cache, sharing its storage."""
-        view = KVCache.__new__(KVCache)
-        view.k = self.cache.k[:, lo:hi, :length]
-        view.v = self.cache.v[:, lo:hi, :length]
-        view.cache_lens = self.cache.cache_lens[lo:hi]
-        return view
+    def _reserved_rows(self) -> int:
+        return len(self.rows) + sum(p.request.n for p in self.prefilling)
 
-    def _admit(self) -> int:
-        emitted, prefill_tokens = 0, 0
+    def _free_row(self, lo: int) -> int:
+        """The lowest cache row >= lo that no request holds."""
+        held = {p.row for p in self.prefilling}
+        return next(r for r in range(lo, self.batch_size) if r not in held)
+
+    def _admit(self) -> None:
         with self.cond:
             purged, self.purged = self.purged, []
         for req in purged:
-            for s in range(req.n):
-                req._emit(TokenEvent(s, None, 0, "", "cancelled"))
-            self._count_finished(req)
+            self._finish_cancelled(req)
+        admitted_tokens = 0
         while True:
             with self.cond:
                 if not self.waiting:
                     break
                 req = self.waiting[0]
                 if not req.cancelled:
-                    if len(self.rows) + req.n > self.batch_size or (
-                            prefill_tokens and prefill_tokens + len(req.prompt) > self.max_prefill_tokens):
+                    if self._reserved_rows() + req.n > self.batch_size:
+                        break
+                    if self.policy == "serial" and admitted_tokens and \
+                            admitted_tokens + len(req.prompt) > self.max_prefill_tokens:
                         break
                 self.waiting.popleft()
             if req.cancelled:
-                for s in range(req.n):
-                    req._emit(TokenEvent(s, None, 0, "", "cancelled"))
-                self._count_finished(req)
+                self._finish_cancelled(req)
                 continue
-            prefill_tokens += len(req.prompt)
-            r0 = len(self.rows)
+            admitted_tokens += len(req.prompt)
+            p = _Prefill(req, self._free_row(len(self.rows)), 0)
+            if self.prefix_store is not None:
+                key, reuse = self.prefix_store.lookup(req.prompt)
+                if key is not None:
+                    self.prefix_store.load(key, reuse, self.cache, p.row)
+                    p.done = reuse
+            self.prefilling.append(p)
+
+    def _plan_chunks(self) -> list[tuple[_Prefill, int]]:
+        """Prefill chunks for this step, oldest prompt first, within the tokens the decoding rows leave."""
+        budget = max(1, self.step_tokens - len(self.rows))
+        chunks = []
+        for p in self.prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, len(p.request.prompt) - p.done)
+            chunks.append((p, take))
+            budget -= take
+        return chunks
+
+    def _forward_guarded(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
+        """`_forward`, and when the model fails on a forward with prefill chunks (e.g. out of memory on a long
+        prompt), the parts again one by one: the chunk that fails fails its own request only. The failed forward
+        changed no length (lengths advance after the last layer; k/v written past them are never read), so the
+        retry sees the same state. Any other failure propagates (serve_forever fails every request in flight)."""
+        try:
+            return self._forward(rows, chunks)
+        except _PackedForwardFailed:
+            get_logger().exception("a forward with prefill chunks failed")
+        if len(chunks) == 1 and not rows:
+            self._fail_prefill(chunks[0][0])
+            return 0
+        emitted = 0
+        for p, take in chunks:
             try:
-                emitted += self._prefill(req)
-            except Exception:  # e.g. out of memory on a long prompt: fail this request, keep the others going
+                emitted += self._forward([], [(p, take)])
+            except _PackedForwardFailed:
                 get_logger().exception("prefill failed; failing the request")
-                del self.rows[r0:]
-                self.cache.reset(list(range(r0, min(r0 + req.n, self.batch_size))))
-                for s in range(req.n):
-                    req._emit(TokenEvent(s, None, 0, "", "error"))
-                self._count_finished(req)
+                self._fail_prefill(p)
+        if rows:
+            emitted += self._forward(self.rows, [])
         return emitted
 
-    def _prefill(self, req: GenerationRequest) -> int:
-        P, r0 = len(req.prompt), len(self.rows)
-        self.cache.reset(list(range(r0, r0 + req.n)))
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, P)
-        logits = self.model(ids, kv_cache=self._view(r0, r0 + 1, P))[:, -1, :]  # (1, V)
-        for j in range(1, req.n):
-            self.cache.copy_row(self.cache, r0, r0 + j)
-        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        budget = min(req.params.max_tokens, self.max_len - P)
-        new_rows = [_Row(req, s, row_generator(seed, s, self.device), budget, P,
-                         TextStream(self.tokenizer, req.params.stop, self.special_text)) for s in range(req.n)]
-        self.rows.extend(new_rows)
-        tokens = self._sample(new_rows, logits.expand(req.n, -1))
-        for row, tok in zip(new_rows, tokens):
-            self._accept(row, tok, 1)
-        return len(new_rows)
+    def _fail_prefill(self, p: _Prefill) -> None:
+        self.prefilling.remove(p)
+        self.cache.reset([p.row])
+        for s in range(p.request.n):
+            p.request._emit(TokenEvent(s, None, 0, "", "error"))
+        self._count_finished(p.request)
 
-    def _decode(self) -> int:
-        rows = self.rows
+    def _forward(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
+        """One forward: a token for each of `rows` (the decoding rows 0..n-1, or none) and the prefill chunks.
+        Samples the next token of every row and the first tokens of each prompt the step completes."""
+        rows = list(rows)
         n = len(rows)
-        longest = max(r.cache_len for r in rows) + 1
-        length = min(self.max_len, -(-longest // VIEW_ALIGN) * VIEW_ALIGN)
-        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)  # (n, 1)
-        logits = self.model(ids, kv_cache=self._view(0, n, length))[:, -1, :]  # (n, V)
-        self.decode_steps += 1
+        last = [r.last_token for r in rows]
+        if not chunks:
+            ids = torch.tensor(last, dtype=torch.long, device=self.device).view(n, 1)
+            logits = self._decode_logits(rows, ids)  # (n, V)
+            finishing = []
+        else:
+            decode_lens = [r.cache_len for r in rows]
+            length = min(self.max_len, round_up(max(decode_lens, default=0) + 1))
+            outputs, finishing, tokens, at = list(range(n)), [], list(last), n
+            for p, take in chunks:
+                tokens += p.request.prompt[p.done:p.done + take]
+                at += take
+                if p.done + take == len(p.request.prompt):
+                    outputs.append(at - 1)
+                    finishing.append(p)
+            batch = PackedBatch(self.cache, n, decode_lens, length,
+                                [(p.row, p.done, take) for p, take in chunks], outputs)
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+            try:
+                logits = self.model(ids, kv_cache=batch)[0]  # (n + len(finishing), V)
+            except Exception as e:  # nothing changed yet: the parts can be retried one by one
+                raise _PackedForwardFailed(str(e)) from e
+            for p, take in chunks:
+                p.done += take
+                self.prefill_tokens += take
+        if rows:
+            self.decode_steps += 1
         for r in rows:
             r.cache_len += 1
+        started: list[tuple[_Row, int]] = []  # new rows and the logits row of their first token
+        for j, p in enumerate(finishing):
+            self.prefilling.remove(p)
+            started += [(r, n + j) for r in self._start_rows(p)]
         free = [i for i, r in enumerate(rows) if not r.forced]
-        sampled = self._sample([rows[i] for i in free], logits[free]) if free else []
-        chosen = dict(zip(free, sampled))
+        to_sample = [rows[i] for i in free] + [r for r, _ in started]
+        picks = free + [i for _, i in started]
+        sampled = self._sample(to_sample, logits[picks]) if to_sample else []
+        chosen = dict(zip(picks[:len(free)], sampled))
         for i, r in enumerate(rows):
             if i in chosen:
                 self._accept(r, chosen[i], 1)
             else:
                 self._accept(r, r.forced.popleft(), 0)
-        return n
+        for (r, _), tok in zip(started, sampled[len(free):]):
+            self._accept(r, tok, 1)
+        return n + len(started)
+
+    def _decode_logits(self, rows: list[_Row], ids: torch.Tensor) -> torch.Tensor:
+        """The decode step: rows 0..n-1 take one token each. No host sync: the view length comes from the host's
+        lengths, every device value stays on the device (CUDA graphs replay it)."""
+        n = len(rows)
+        if self.graphs is not None:
+            return self.graphs(ids)
+        length = min(self.max_len, round_up(max(r.cache_len for r in rows) + 1))
+        return self.model(ids, kv_cache=self.cache.view(0, n, length))[:, -1, :]
+
+    def _start_rows(self, p: _Prefill) -> list[_Row]:
+        """A prompt is in: move its row down to the decoding rows (row d = len(self.rows)), give its other samples
+        copies, and make their _Rows. A prefilling request in the way moves to a free row; the admission count
+        (rows reserved for every sample) guarantees one."""
+        req, P, d = p.request, len(p.request.prompt), len(self.rows)
+        holder = {q.row: q for q in self.prefilling}
+        if p.row != d:
+            q = holder.pop(d, None)
+            if q is None:
+                self.cache.copy_row(self.cache, p.row, d, P)
+                self.cache.reset([p.row])
+            else:
+                self.cache.swap_rows(p.row, d, max(P, q.done))
+                q.row = p.row
+                holder[q.row] = q
+            p.row = d
+        for s in range(1, req.n):
+            q = holder.pop(d + s, None)
+            if q is not None:
+                free = next(r for r in range(d + req.n, self.batch_size) if r not in holder)
+                self.cache.copy_row(self.cache, q.row, free, q.done)
+                q.row = free
+                holder[free] = q
+            self.cache.copy_row(self.cache, d, d + s, P)
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        budget = min(req.params.max_tokens, self.max_len - P)
+        new_rows = [_Row(req, s, row_generator(seed, s, self.device), budget, P,
+                         TextStream(self.tokenizer, req.params.stop, self.special_text)) for s in range(req.n)]
+        self.rows.extend(new_rows)
+        return new_rows
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         dev = logits.device
@@ -453,6 +664,8 @@ class Scheduler:
         temps = [float(r.request.params.temperature) for r in rows]
         top_k = [int(r.request.params.top_k or 0) for r in rows]
         top_p = [1.0 if r.request.params.top_p is None else float(r.request.params.top_p) for r in rows]
+        if not any(t > 0 for t in temps):  # all greedy: no random draws, no parameter tensors
+            return logits.argmax(dim=-1).tolist()
         u = [torch.rand(1, generator=r.generator, device=dev) if t > 0 else torch.zeros(1, device=dev)
              for r, t in zip(rows, temps)]
         out = sample_tokens(logits, torch.tensor(temps, device=dev), torch.tensor(top_k, device=dev),
@@ -462,19 +675,19 @@ class Scheduler:
     def _accept(self, row: _Row, token: int, mask: int) -> None:
         """Record one emitted token of a row: stops, the tool state machine, the event."""
         row.last_token = token
-        row.num_generated += 1
+        row.generated.append(token)
         text, hit_stop = row.text.push(token)
         finish = None
         if mask == 1 and token in self.terminal:
             finish = "stop"
         elif hit_stop:
             finish = "stop"
-        elif row.num_generated >= row.budget:
+        elif len(row.generated) >= row.budget:
             finish = "length"
         elif self.tools:
             self._tool_step(row, token, mask)
         if finish is not None:
-            row.finished = True
+            row.finished, row.finish_reason = True, finish
             text += row.text.flush()
         row.request._emit(TokenEvent(row.sample, token, mask, text, finish))
 
@@ -490,7 +703,13 @@ class Scheduler:
             row.python_tokens.append(token)
 
     def _retire(self, cancelled_only: bool = False) -> None:
-        """Drop finished (or only cancelled) rows, moving the last active row into each hole."""
+        """Drop cancelled prefills (their rows free at once) and finished (or only cancelled) rows, moving the
+        last decoding row into each hole. A row that finished normally leaves its KV in the prefix store first
+        (sample 0 only: the one a chat client continues); a cancelled one never does."""
+        for p in [p for p in self.prefilling if p.request.cancelled]:
+            self.prefilling.remove(p)
+            self.cache.reset([p.row])
+            self._finish_cancelled(p.request)
         i = 0
         while i < len(self.rows):
             row = self.rows[i]
@@ -500,13 +719,21 @@ class Scheduler:
             if not row.finished or (cancelled_only and not row.request.cancelled):
                 i += 1
                 continue
+            if self.prefix_store is not None and row.sample == 0 and row.finish_reason is not None:
+                fed = row.request.prompt + row.generated[:-1]  # the last token was never fed to the model
+                self.prefix_store.insert(fed[:row.cache_len], self.cache, i)
             last = len(self.rows) - 1
             if i != last:
-                self.cache.copy_row(self.cache, last, i)
+                self.cache.copy_row(self.cache, last, i, self.rows[last].cache_len)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
             self.cache.reset([last])
             self._count_finished(row.request)
+
+    def _finish_cancelled(self, req: GenerationRequest) -> None:
+        for s in range(req.n):
+            req._emit(TokenEvent(s, None, 0, "", "cancelled"))
+        self._count_finished(req)
 
     def _count_finished(self, req: GenerationRequest) -> None:
         if req.finished.is_set() and not req.counted:
@@ -519,7 +746,12 @@ class Scheduler:
                 row.finished = True
                 row.request._emit(TokenEvent(row.sample, None, 0, "", "error"))
             self._count_finished(row.request)
+        for p in self.prefilling:
+            for s in range(p.request.n):
+                p.request._emit(TokenEvent(s, None, 0, "", "error"))
+            self._count_finished(p.request)
         self.rows.clear()
+        self.prefilling.clear()
         self.cache.reset()
         get_logger().error("failed all active requests: %s", message)
 
@@ -529,12 +761,36 @@ class Scheduler:
 
 
 class Engine:
-    """Generation for one caller at a time (the CLI, evals, RL): each call runs a private scheduler sized to it."""
+    """Generation for one caller at a time (the CLI, evals, RL) on a scheduler sized to the call (kept while the
+    next call fits it). The KV of finished replies stays in a prefix store across calls (`prefix_cache_tokens`,
+    default one context), so a chat that resends its history prefills only the new turn."""
 
-    def __init__(self, model, tokenizer, tools: bool = True):
+    def __init__(self, model, tokenizer, tools: bool = True, prefix_cache_tokens: int | None = None,
+                 cuda_graphs: bool | None = None, step_tokens: int = 256):
         self.model = model
         self.tokenizer = tokenizer
         self.tools = tools
+        tokens = model.config.sequence_len if prefix_cache_tokens is None else prefix_cache_tokens
+        self.prefix_store = PrefixStore(tokens) if tokens > 0 else None
+        self.cuda_graphs = cuda_graphs
+        self.step_tokens = step_tokens
+        self._scheduler: Scheduler | None = None
+
+    def _scheduler_for(self, num_samples: int, needed: int) -> Scheduler:
+        """A scheduler with num_samples rows and room for `needed` positions: the last one when it fits and is
+        idle (its CUDA graphs stay captured), else a new one (lengths rounded up to 256 so that a growing chat
+        keeps its scheduler for a while)."""
+        context = self.model.config.sequence_len
+        sched = self._scheduler
+        if sched is not None and sched.batch_size == num_samples and sched.max_len >= needed \
+                and not sched.has_work():
+            return sched
+        self._scheduler = None  # free the old cache first
+        max_len = min(context, round_up(needed, 256))
+        self._scheduler = Scheduler(self.model, self.tokenizer, batch_size=num_samples, max_len=max_len,
+                                    tools=self.tools, prefix_cache=self.prefix_store, cuda_graphs=self.cuda_graphs,
+                                    step_tokens=self.step_tokens)
+        return self._scheduler
 
     def steps(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
               top_k: int | None = None, top_p: float | None = None, seed: int | None = 42,
@@ -545,8 +801,8 @@ class Engine:
         context = self.model.config.sequence_len
         if len(tokens) >= context:
             raise ValueError(f"prompt of {len(tokens)} tokens does not fit the model's context of {context}")
-        max_len = min(context, len(tokens) + max_tokens)
-        sched = Scheduler(self.model, self.tokenizer, batch_size=num_samples, max_len=max_len, tools=self.tools)
+        params.max_tokens = min(max_tokens, context - len(tokens))
+        sched = self._scheduler_for(num_samples, len(tokens) + params.max_tokens)
         req = GenerationRequest(list(tokens), params, n=num_samples)
         sched.submit(req)
         try:
@@ -558,6 +814,9 @@ class Engine:
                     yield events
         finally:
             req.cancel()
+            sched._retire(cancelled_only=True)  # free its rows now (no forward: a failed one may have raised)
+            if sched.has_work():
+                self._scheduler = None
 
     def stream(self, tokens: list[int], num_samples: int = 1, **kwargs):
         """Yield TokenEvents as they are produced (samples interleaved step by step)."""
@@ -601,10 +860,15 @@ class Engine:
 CHAT_STAGES = ("rl", "sft", "mid")  # preference order when no --source is given
 
 
-def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None):
+def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None,
+                    model_dir=None):
     """(model, tokenizer, meta, stage) from the checkpoint of `source`, or of the most finished chat stage that has
-    one (rl, then sft, then mid)."""
-    from nanochat.checkpoint import checkpoint_dir, load_model
+    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`."""
+    from nanochat.checkpoint import checkpoint_dir, load_exported, load_model
+
+    if model_dir is not None:
+        model, tokenizer, meta = load_exported(model_dir, device)
+        return model, tokenizer, meta, meta.get("stage") or "exported"
 
     if source is not None:
         return (*load_model(source, device=device, model_tag=model_tag, step=step), source)

@@ -2,15 +2,19 @@
 
 Notable choices (DESIGN.md, "Model"):
 - width = 64 x depth, head dim 128 (64 for odd depths, whose width is not a multiple of 128), GQA via n_kv_head
-- rotary position embeddings (base 10,000) precomputed for 10 x sequence_len positions; with a KV cache the new
-  tokens of row b sit at positions cache_lens[b].., so rows of different lengths decode together
+- rotary position embeddings (base 10,000) precomputed for 10 x sequence_len positions; with a KV cache the cache
+  gives the positions of the new tokens (row b's start at cache_lens[b]..), so rows of different lengths decode
+  together, and the engine's packed steps mix decode rows with prefill chunks
 - QK-norm and parameter-free RMSNorm everywhere (before attention, MLP and the head; after the embedding)
 - ReLU² MLP of width 4x, no biases, untied embedding and lm_head, logits soft-capped at 15 by tanh
 - output projections (attention and MLP c_proj) start at zero so each block starts as the identity;
   lm_head starts small (std 0.001) so the first loss is ~ln(vocab_size)
-- attention only through `nanochat_kernels` (`attention` for training and prefill of an empty cache,
-  `decode_attention` over a non-empty cache)
+- attention only through `nanochat_kernels`: `attention` without a cache; with one, the cache's `attend` (see
+  kv_cache.py) stores k/v and calls `decode_attention` over each row's prefix (or `attention` for the first chunk
+  of a prompt). The cached forward never reads a device value on the host (the decode step compiles fullgraph)
 - fp32 master weights; on CUDA the forward runs under bf16 autocast with a bf16 residual stream, on CPU in fp32
+- with targets, the lm_head, soft-cap and cross-entropy run fused in row chunks (`linear_cross_entropy`), so
+  training and the loss-only evals never hold the (B, T, V) fp32 logits (17 GB per copy at d20, 32 x 2048)
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, cache_was_empty=True):
+    def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, D)
@@ -127,14 +131,8 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q).to(v.dtype), rms_norm(k).to(v.dtype)  # QK-norm (autocast may run the norm in fp32)
         if kv_cache is None:
             y = nanochat_kernels.attention(q, k, v, causal=True)
-        else:
-            kv_cache.write(self.layer_idx, k, v)
-            if cache_was_empty:  # prefill: the new tokens only see each other
-                y = nanochat_kernels.attention(q, k, v, causal=True)
-            else:
-                k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
-                y = nanochat_kernels.decode_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype),
-                                                      kv_cache.cache_lens + T)
+        else:  # the cache stores k/v at each row's own offset, then attends over the row's prefix and the new tokens
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -154,8 +152,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, cache_was_empty=True):
-        x = x + self.attn(rms_norm(x), cos, sin, kv_cache, cache_was_empty)
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(rms_norm(x), cos, sin, kv_cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -174,6 +172,9 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (T_rot, D/2)
         self.register_buffer("sin", sin, persistent=False)
+        # The loss through nanochat_kernels.linear_cross_entropy (chunked; no (B, T, V) logits). False: the
+        # materialized logits + F.cross_entropy, today's path before fusion, kept for benchmarks and comparison.
+        self.fused_loss: bool = True
         self.init_weights()
 
     @torch.no_grad()
@@ -227,7 +228,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 kv_cache=None):
         """idx (B, T) int64 -> logits (B, T, V) fp32, or the cross-entropy loss when targets (B, T) are given
-        (targets == -1 are ignored; "mean" -> scalar, "none" -> (B*T,), "sum" -> scalar)."""
+        (targets == -1 are ignored; "mean" -> scalar, "none" -> (B*T,), "sum" -> scalar; fused unless
+        self.fused_loss is False). With a kv_cache the logits are those of the positions the cache selects (see
+        kv_cache.py), all of them for a KVCache."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -235,34 +238,41 @@ class GPT(nn.Module):
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table of {self.rotary_len} positions")
             cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]  # (1, T, 1, D/2)
-            cache_was_empty = True
         else:
-            start = kv_cache.cache_lens.to(torch.long)  # (B,)
-            cache_was_empty = not bool(start.any())
-            end = int(start.max()) + T
-            if end > self.rotary_len:
-                raise ValueError(f"position {end} exceeds the rotary table of {self.rotary_len} positions")
-            pos = start.view(B, 1) + torch.arange(T, device=idx.device).view(1, T)  # (B, T)
+            if kv_cache.max_len > self.rotary_len:  # every position is < max_len: checked without reading lengths
+                raise ValueError(f"a KV cache of {kv_cache.max_len} positions exceeds the rotary table of "
+                                 f"{self.rotary_len} positions")
+            pos = kv_cache.positions(B, T)  # (B, T) on the device
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, T, 1, D/2)
 
+        if targets is not None and loss_reduction not in ("mean", "none", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean', 'none' or 'sum', got {loss_reduction!r}")
+        fused = targets is not None and self.fused_loss
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):
             x = self.wte(idx)  # (B, T, C)
             if idx.is_cuda:  # bf16 residual stream, as the matmuls produce it: half the activation memory
                 x = x.to(torch.bfloat16)
             x = rms_norm(x)
             for block in self.blocks:
-                x = block(x, cos, sin, kv_cache, cache_was_empty)
+                x = block(x, cos, sin, kv_cache)
+            if kv_cache is not None:
+                x = kv_cache.select(x)  # the positions whose logits the caller samples from (all, or a few)
             x = rms_norm(x)
-            logits = self.lm_head(x)
+            if fused:  # lm_head + soft-cap + cross-entropy in chunks: the (B, T, V) logits never exist
+                loss = nanochat_kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+                                                             targets.reshape(-1), LOGIT_SOFTCAP, ignore_index=-1,
+                                                             reduction=loss_reduction)
+            else:
+                logits = self.lm_head(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if fused:
+            return loss
         # soft-cap in fp32: cap * tanh(logits / cap). In place where autograd allows (the division and the tanh),
         # so eager mode holds two (B, T, V) fp32 tensors here instead of four; torch.compile fuses it anyway
         logits = logits.float().div_(LOGIT_SOFTCAP).tanh_().mul(LOGIT_SOFTCAP)  # (B, T, V)
         if targets is None:
             return logits
-        if loss_reduction not in ("mean", "none", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean', 'none' or 'sum', got {loss_reduction!r}")
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
 from nanochat.common import print0
+from nanochat.tasks.custom_chat import add_data_args, with_custom_data
 from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
 from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
     g.add_argument("--spelling-size", type=int, default=20000, help="synthetic spelling conversations per task")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
+    add_data_args(g)
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-tokens", type=int, default=20 * 524288 // 8, help="validation tokens per evaluation")
@@ -158,8 +160,9 @@ def train(args: argparse.Namespace, rt) -> int:
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=args.mmlu_limit, gsm8k=args.gsm8k_limit,
                          spelling=args.spelling_size)
-    train_task = mid_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
-    val_task = mid_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
+    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
+        lambda split: mid_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
+        args.seed)
     tokens_per_micro = args.device_batch_size * seq_len
     total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
     if total_batch % (tokens_per_micro * world):

@@ -88,6 +88,9 @@ def _eval_metrics(data: dict) -> dict:
         out["CORE name"] = core.get("name", "CORE")
     if not out:
         out.update({k: float(v) for k, v in data.items() if _is_number(v)})
+    if isinstance(data.get("sandbox"), dict):  # chat-eval with HumanEval: how the model-written code was confined
+        sandbox = data["sandbox"]
+        out["HumanEval sandbox"] = f"{sandbox.get('mode')} ({', '.join(sandbox.get('protections', []))})"
     return out
 
 

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
     p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--num-replicas", type=_at_least(1), default=None,
                    help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reply length when a request sets no max_tokens (tokens)")
     p.add_argument("--model-name", default="nanochat", help="the model id reported by /v1/models")
     p.add_argument("--no-tools", action="store_true", help="do not run the python calculator tool")
+    p.add_argument("--step-tokens", type=int, default=256,
+                   help="tokens per scheduler step: one per decoding row plus prefill chunks (tokens)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192,
+                   help="KV of recent conversations kept for reuse, per replica (tokens; 0 = off)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (debugging)")
     return p
 
 
@@ -73,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         devices = ["cpu"] * (args.num_replicas or 1)
     models, tokenizer = [], None
     for dev in devices:
-        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step)
+        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step, args.model)
         models.append(model)
     get_logger().info("serving %s checkpoint (step %s) on %s at http://%s:%d", stage, meta.get("step"),
                       ", ".join(devices), args.host, args.port)
     config = ServerConfig(model_name=args.model_name, batch_size=args.batch_size, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                          tools=not args.no_tools)
+                          tools=not args.no_tools, step_tokens=args.step_tokens,
+                          prefix_cache_tokens=args.prefix_cache_tokens,
+                          cuda_graphs=False if args.no_cuda_graphs else None)
     app = create_app(models, tokenizer, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

