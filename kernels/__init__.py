@@ -1,5 +1,7 @@
 """nanochat_kernels: attention, KV-cache decode attention and Newton-Schulz, each dispatching to Triton on CUDA
-and to the plain-torch references in `nanochat_kernels.reference` elsewhere.
+and to the plain-torch references in `nanochat_kernels.reference` elsewhere; and the fused linear + soft-cap +
+cross-entropy loss, whose non-Triton path is the chunked torch one (linear_ce_chunked), not the materialized
+reference, so it never holds the (N, V) logits unless NANOCHAT_KERNELS=reference asks for them.
 
 Dispatch, by the environment variable NANOCHAT_KERNELS (read at every call):
 - unset or "auto": Triton when every tensor is on CUDA, Triton is installed and the shape is one the kernels support
@@ -23,8 +25,9 @@ import torch
 
 from . import reference
 from ._common import interpreting
+from .linear_ce_chunked import fused_linear_cross_entropy
 
-__all__ = ["attention", "decode_attention", "newton_schulz", "reference", "use_triton", "kernel_mode"]
+__all__ = ["attention", "decode_attention", "newton_schulz", "linear_cross_entropy", "reference", "use_triton", "kernel_mode"]
 
 _MODES = {"": "auto", "auto": "auto", "reference": "reference", "torch": "reference", "triton": "triton"}
 _HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -90,3 +93,17 @@ def newton_schulz(G, steps: int = 5, coeffs="quintic"):
         from .newton_schulz_triton import newton_schulz_triton
         return newton_schulz_triton(G, steps=steps, coeffs=coeffs)
     return reference.newton_schulz(G, steps=steps, coeffs=coeffs)
+
+
+def linear_cross_entropy(hidden, weight, targets, softcap: float | None, ignore_index: int = -1,
+                         reduction: str = "mean"):
+    """Cross-entropy of softcap * tanh(hidden @ weightᵀ / softcap) against targets, never holding the (N, V) logits.
+
+    hidden (..., D), weight (V, D), targets (...) int; ignore_index targets count nothing; reduction "mean" (over
+    the non-ignored targets), "sum" or "none" (shape of targets, 0 where ignored); softcap None or 0 for none.
+    Triton on CUDA, chunked torch elsewhere (auto), the materialized reference with NANOCHAT_KERNELS=reference.
+    """
+    if kernel_mode() == "reference":
+        return reference.linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction)
+    impl = "triton" if use_triton(hidden, weight, targets) else "torch"
+    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl=impl)

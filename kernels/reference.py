@@ -98,3 +98,21 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coeffs="quintic", eps: float 
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         softcap: float | None, ignore_index: int = -1, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of soft-capped logits hidden @ weightᵀ, with the (N, V) logits materialized (the model's loss
+    before fusion; memory O(N V)).
+
+    hidden (..., D), weight (V, D), targets (...) int. The matmul follows autocast (bf16 on CUDA during training),
+    the soft-cap softcap * tanh(logits / softcap) (skipped when softcap is None or 0) and the log-softmax run in
+    fp32. Targets equal to ignore_index count nothing. reduction "mean" (over the non-ignored targets; nan when
+    there are none), "sum", or "none" (shape of targets, 0 at ignored positions).
+    """
+    logits = F.linear(hidden, weight).float()  # (..., V)
+    if softcap:  # in place where autograd allows, as gpt.py did: two (N, V) fp32 copies live here instead of four
+        logits = logits.div_(softcap).tanh_().mul(softcap)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -11,6 +11,8 @@ Notable choices (DESIGN.md, "Model"):
 - attention only through `nanochat_kernels` (`attention` for training and prefill of an empty cache,
   `decode_attention` over a non-empty cache)
 - fp32 master weights; on CUDA the forward runs under bf16 autocast with a bf16 residual stream, on CPU in fp32
+- with targets, the lm_head, soft-cap and cross-entropy run fused in row chunks (`linear_cross_entropy`), so
+  training and the loss-only evals never hold the (B, T, V) fp32 logits (17 GB per copy at d20, 32 x 2048)
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (T_rot, D/2)
         self.register_buffer("sin", sin, persistent=False)
+        # The loss through nanochat_kernels.linear_cross_entropy (chunked; no (B, T, V) logits). False: the
+        # materialized logits + F.cross_entropy, today's path before fusion, kept for benchmarks and comparison.
+        self.fused_loss: bool = True
         self.init_weights()
 
     @torch.no_grad()
@@ -227,7 +232,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
                 kv_cache=None):
         """idx (B, T) int64 -> logits (B, T, V) fp32, or the cross-entropy loss when targets (B, T) are given
-        (targets == -1 are ignored; "mean" -> scalar, "none" -> (B*T,), "sum" -> scalar)."""
+        (targets == -1 are ignored; "mean" -> scalar, "none" -> (B*T,), "sum" -> scalar; fused unless
+        self.fused_loss is False)."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -245,6 +251,9 @@ class GPT(nn.Module):
             pos = start.view(B, 1) + torch.arange(T, device=idx.device).view(1, T)  # (B, T)
             cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, T, 1, D/2)
 
+        if targets is not None and loss_reduction not in ("mean", "none", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean', 'none' or 'sum', got {loss_reduction!r}")
+        fused = targets is not None and self.fused_loss
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):
             x = self.wte(idx)  # (B, T, C)
             if idx.is_cuda:  # bf16 residual stream, as the matmuls produce it: half the activation memory
@@ -253,16 +262,21 @@ class GPT(nn.Module):
             for block in self.blocks:
                 x = block(x, cos, sin, kv_cache, cache_was_empty)
             x = rms_norm(x)
-            logits = self.lm_head(x)
+            if fused:  # lm_head + soft-cap + cross-entropy in chunks: the (B, T, V) logits never exist
+                loss = nanochat_kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+                                                             targets.reshape(-1), LOGIT_SOFTCAP, ignore_index=-1,
+                                                             reduction=loss_reduction)
+            else:
+                logits = self.lm_head(x)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if fused:
+            return loss
         # soft-cap in fp32: cap * tanh(logits / cap). In place where autograd allows (the division and the tanh),
         # so eager mode holds two (B, T, V) fp32 tensors here instead of four; torch.compile fuses it anyway
         logits = logits.float().div_(LOGIT_SOFTCAP).tanh_().mul(LOGIT_SOFTCAP)  # (B, T, V)
         if targets is None:
             return logits
-        if loss_reduction not in ("mean", "none", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean', 'none' or 'sum', got {loss_reduction!r}")
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
 

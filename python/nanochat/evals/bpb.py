@@ -4,6 +4,8 @@ compare fairly.
 
 - bytes per token come from `Tokenizer.token_bytes()`; special tokens count 0 bytes and their loss is left out
   (they are not text), as are targets of -1 (padding / ignored positions)
+- the per-token losses come from the model's fused loss (`GPT.forward` with targets, reduction "none"), so the
+  (B, T, V) logits are never held
 - under torch.distributed the sums are all-reduced, so every rank returns the same number
 """
 

@@ -147,7 +147,7 @@ def crop_left(seqs: list[list[int]], spans: list[tuple[int, int]], max_len: int)
 # Scoring
 
 # forward(seqs) -> per sequence (losses, predictions), both (len(seq),) where index t scores token t given tokens <t
-# (index 0 is undefined and ignored).
+# (index 0 is undefined and ignored). Predictions may be None where only losses are scored (not language_modeling).
 ForwardFn = Callable[[list[list[int]]], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -192,9 +192,11 @@ def centered_accuracy(accuracy: float, baseline: float) -> float:
     return (accuracy - baseline) / (1.0 - baseline)
 
 
-@torch.no_grad()
-def model_forward(model, device, pad_id: int = 0) -> ForwardFn:
-    """Adapt a GPT to the ForwardFn protocol: one right-padded batch per call."""
+def model_forward(model, device, pad_id: int = 0, predictions: bool = True) -> ForwardFn:
+    """Adapt a GPT to the ForwardFn protocol: one right-padded batch per call.
+
+    predictions=False (multiple-choice and schema tasks, which score losses only): the losses come from the model's
+    fused loss, which never holds the (B, T, V) logits, and the predictions are None."""
 
     def forward(seqs: list[list[int]]):
         T = max(len(s) for s in seqs)
@@ -202,9 +204,17 @@ def model_forward(model, device, pad_id: int = 0) -> ForwardFn:
         for i, s in enumerate(seqs):
             idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         idx = idx.to(device)
+        losses = torch.zeros(len(seqs), T, device=idx.device)
+        if not predictions:
+            targets = torch.full_like(idx, -1)  # position t predicts token t + 1; padding predicts nothing
+            for i, s in enumerate(seqs):
+                targets[i, :len(s) - 1] = idx[i, 1:len(s)]
+            with torch.no_grad():
+                per_token = model(idx, targets, loss_reduction="none").view(len(seqs), T)
+            losses[:, 1:] = per_token[:, :-1]
+            return [(losses[i, :len(s)].cpu(), None) for i, s in enumerate(seqs)]
         with torch.no_grad():
             logits = model(idx).float()  # (B, T, V)
-        losses = torch.zeros(len(seqs), T, device=logits.device)
         losses[:, 1:] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1),
                                         reduction="none").view(len(seqs), T - 1)
         preds = torch.zeros(len(seqs), T, dtype=torch.long, device=logits.device)
@@ -350,7 +360,8 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     bos = tokenizer.get_bos_token_id()
     encode = lambda text: tokenizer.encode(text, prepend=bos)  # noqa: E731
-    forward = model_forward(model, device)
+    score_losses = model_forward(model, device, predictions=False)  # fused loss: no (B, T, V) logits
+    score_tokens = model_forward(model, device)  # language_modeling compares argmax predictions
     max_len = getattr(getattr(model, "config", None), "sequence_len", None)
     was_training = model.training
     model.eval()
@@ -360,6 +371,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
             examples = random.Random(1337).sample(examples, min(max_per_task, len(examples))) \
                 if max_per_task < len(examples) else examples
         t0 = time.time()
+        forward = score_tokens if task.task_type == "language_modeling" else score_losses
         correct, total = evaluate_task(task, examples, encode, forward, max_len, rank, world)
         if world > 1:
             counts = torch.tensor([correct, total], dtype=torch.long, device=device)
