@@ -69,11 +69,31 @@ PY
 fi
 if [ "$NGPU" -lt 1 ]; then echo "speedrun: no CUDA GPU found; run runs/cpu_default.sh instead" >&2; exit 1; fi
 if [ -z "${DEVICE_BATCH_SIZE:-}" ]; then
-    # depth 20 at T=2048 in bf16 needs ~70 GB at batch 32; activations scale linearly with the batch
-    if   [ "$MEM_GB" -ge 75 ]; then DEVICE_BATCH_SIZE=32
-    elif [ "$MEM_GB" -ge 38 ]; then DEVICE_BATCH_SIZE=16
-    elif [ "$MEM_GB" -ge 20 ]; then DEVICE_BATCH_SIZE=8
-    else DEVICE_BATCH_SIZE=4; fi
+    # Memory model per GPU (bf16 autocast, torch.compile, the fused loss; an estimate, not yet measured on a GPU):
+    # - fixed: 16 bytes per parameter (fp32 weights and gradients, Muon momentum and AdamW moments; ZeRO-2 shards
+    #   the state, counted whole here) + 3.5 GB (CUDA context, cuBLAS workspace, the fused loss's 1 GiB chunk of
+    #   bf16 logits and its fp32 dW)
+    # - per token: ~11 x n_embd x n_layer bf16 activations kept for the backward (the inputs of the matmuls: two
+    #   normed residuals, q, k, v, the attention output, the MLP's 4 x n_embd pre-activation; compile recomputes
+    #   the elementwise ops) and nothing for the logits: the fused loss never holds the (B, T, V) fp32 logits,
+    #   which at 32 x 2048 x 65,536 were 17 GB per copy (the old rule gave d20 ~70 GB at batch 32)
+    # - d20: 9 + 3.5 GB fixed, 1.15 GB per 2048-token row: 32 rows in 80 GB, 16 in 40 GB, 8 in 24 GB (15% headroom)
+    DEVICE_BATCH_SIZE=$(python - "$DEPTH" "$MEM_GB" <<'PY'
+import sys
+import torch
+from nanochat.gpt import GPT, GPTConfig
+depth, mem_gb = int(sys.argv[1]), float(sys.argv[2])
+with torch.device("meta"):
+    model = GPT(GPTConfig.from_depth(depth))
+fixed = 16 * model.num_params() + 3.5e9
+per_row = 11 * model.config.n_embd * model.config.n_layer * 2 * 2048
+rows = int((0.85 * mem_gb * 2**30 - fixed) // per_row)
+batch = 1
+while batch * 2 <= min(rows, 32):
+    batch *= 2
+print(batch)
+PY
+)
 fi
 # 524,288 tokens per step must be a multiple of batch x 2048 x GPUs
 while [ $((524288 % (DEVICE_BATCH_SIZE * 2048 * NGPU))) -ne 0 ] && [ "$DEVICE_BATCH_SIZE" -gt 1 ]; do
