@@ -220,7 +220,8 @@ def train(args: argparse.Namespace, rt) -> int:
             model.train()
         return bpb
 
-    use_compile, compile_reason = choose_compile(args.compile, device, num_iterations - start_step)
+    # by the whole run's length, so a resumed run makes the same choice (and continues the same loss curve)
+    use_compile, compile_reason = choose_compile(args.compile, device, num_iterations)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     print0(f"runtime: {device.type}, dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); "
            f"compile {'on' if use_compile else 'off'} ({compile_reason}); threads {threads}")
