@@ -42,10 +42,9 @@ for i in range(n):
 pq.write_table(table.slice(cut), out / shard_name(VAL_SHARD_INDEX), row_group_size=16)
 PY
     TOK=(--vocab-size 1024 --max-chars 2000000)
-    # T=64 instead of 2048; 2 micro-batches per step (gradient accumulation) with the batch the sizing chose
-    SMOKE_TOTAL=$((2 * ${DEVICE_BATCH_SIZE:-32} * 64 * 2))
-    BASE=(--device cpu --max-seq-len 64 --total-batch-size "$SMOKE_TOTAL" --num-iterations 4 --eval-every 2
-          --eval-tokens 8192 --sample-every 4 --save-every 2)
+    # T=64 instead of 2048 (the total batch, 2 micro-batches per rank, is added below, once the sizing has run)
+    BASE=(--device cpu --max-seq-len 64 --num-iterations 4 --eval-every 2 --eval-tokens 8192 --sample-every 4
+          --save-every 2)
     BASE_EVAL=(--device cpu --eval-tokens 8192 --max-per-task 4 --max-new-tokens 8)
     MID=(--device cpu --max-seq-len 64 --num-iterations 3 --eval-every 2 --eval-tokens 8192 --save-every 2
          --smoltalk-limit 200 --mmlu-limit 100 --spelling-size 100)
@@ -99,6 +98,7 @@ fi
 while [ $((524288 % (DEVICE_BATCH_SIZE * 2048 * NGPU))) -ne 0 ] && [ "$DEVICE_BATCH_SIZE" -gt 1 ]; do
     DEVICE_BATCH_SIZE=$((DEVICE_BATCH_SIZE / 2))
 done
+if [ "$SMOKE" = 1 ]; then BASE+=(--total-batch-size $((2 * DEVICE_BATCH_SIZE * 64 * NGPU))); fi
 
 # -- estimate before starting: FLOPs of the pretraining at 45% MFU on H100-class bf16 peak (989 TFLOP/s), plus about
 #    30% for tokenizer, midtraining, SFT and evaluations.
