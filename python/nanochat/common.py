@@ -230,7 +230,7 @@ def configure_threads(requested: int | None, device: torch.device) -> str:
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{torch.get_num_threads()} ($OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = max(1, cores // local)
     torch.set_num_threads(threads)
     return f"{threads} (auto: {cores} cores / {local} process(es) on this node)"
