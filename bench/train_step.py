@@ -1,147 +1,255 @@
-"""Benchmark one pretraining step (forward, backward, MuonAdamW step) per depth and device.
+"""Benchmark one pretraining step (forward, backward, MuonAdamW step): today's path against the new default.
 
-Prints a table of median step time, tokens/s, achieved TFLOP/s and MFU (known GPUs only), for our configuration
-("ours": kernels dispatched by nanochat_kernels, torch.compile when --compile) beside the plain reference
-configuration ("reference": NANOCHAT_KERNELS=reference, no compile), with the ratio ours/reference in tokens/s.
+Configurations (a fresh subprocess each, so peak memory and compiled code never leak from one into the next):
+- today:      materialized (B, T, V) fp32 logits + F.cross_entropy (model.fused_loss=False), fp32, eager on CPU
+              (on CUDA: bf16 autocast + torch.compile, today's GPU default)
+- bf16:       today's loss under bf16 autocast (CPU only; what bf16 alone buys)
+- fused+bf16: the fused chunked loss under bf16 autocast, eager (CPU only; what compilation adds on top)
+- default:    what `base-train` picks for a long run here: fused loss, --dtype auto, --compile auto
+Per configuration: median ms/step and tokens/s over --steps timed steps after --warmup (the first step, with any
+compilation, is reported apart), the process's peak memory (ru_maxrss on CPU, max_memory_allocated on CUDA), the
+peak memory of the loss alone (lm_head + soft-cap + cross-entropy forward and backward on (B*T, C) hidden states,
+another fresh process; includes the two gradients), and MFU on known GPUs. Ratios are against `today`.
 
-    python bench/train_step.py                        # CPU: depths 1,2,4 at T=256
-    python bench/train_step.py --device cuda          # GPU: depth 20 at T=2048, B=32, compiled
-    python bench/train_step.py --depths 2 --compile   # add torch.compile on CPU too
+    python bench/train_step.py                        # CPU: depth 4, V = 32,768 and 65,536, T = 512, 32 rows
+    python bench/train_step.py --device cuda          # depth 20, V = 65,536, T = 2048, 32 rows (nanochat's d20)
+    python bench/train_step.py --vocab-sizes 32768 --configs today,default --steps 2
 
-Each configuration runs --warmup untimed steps, then --steps timed steps, alternating with the other
-configuration so that load changes on a shared machine hit both; the median is reported.
+Timings on a shared machine are noisy: the load average is printed before every configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from nanochat.base_train import peak_flops
-from nanochat.common import git_commit, system_info
-from nanochat.gpt import GPT, GPTConfig
+CPU_CONFIGS = ["today", "bf16", "fused+bf16", "default"]
+CUDA_CONFIGS = ["today", "default"]
 
 
-@contextlib.contextmanager
-def kernels_mode(mode: str | None):
-    """Set NANOCHAT_KERNELS for the duration (None: leave the default dispatch)."""
-    old = os.environ.get("NANOCHAT_KERNELS")
-    if mode is None:
-        os.environ.pop("NANOCHAT_KERNELS", None)
-    else:
-        os.environ["NANOCHAT_KERNELS"] = mode
+def loadavg() -> str:
     try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NANOCHAT_KERNELS", None)
-        else:
-            os.environ["NANOCHAT_KERNELS"] = old
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
-def sync(device):
+def resolve(config: str, device: torch.device, steps: int) -> dict:
+    """The fused/dtype/compile settings of a named configuration (CPU dtypes as base_train would choose them)."""
+    from nanochat.common import choose_compile, choose_dtype
+
+    if config == "today":
+        settings = {"fused": False, "dtype": "bf16" if device.type == "cuda" else "fp32",
+                    "compile": device.type == "cuda"}
+    elif config == "bf16":
+        settings = {"fused": False, "dtype": "bf16", "compile": False}
+    elif config == "fused+bf16":
+        settings = {"fused": True, "dtype": "bf16", "compile": False}
+    elif config == "default":
+        dtype = choose_dtype("auto", device)[0]
+        settings = {"fused": True, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+                    "compile": choose_compile(None, device, 10**6)[0]}  # a long run's choice
+    else:
+        raise ValueError(f"unknown configuration {config!r}; known: {CPU_CONFIGS}")
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (one per subprocess)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class Runner:
-    """One model + optimizer + batch in one configuration; `step()` times one training step."""
+def step_worker(job: dict) -> dict:
+    """Time training steps of one configuration."""
+    from nanochat.base_train import peak_flops
+    from nanochat.common import configure_threads, cpu_autocast
+    from nanochat.gpt import GPT, GPTConfig
 
-    def __init__(self, depth, args, device, kernels: str | None, compile_: bool):
-        torch.manual_seed(0)
-        self.device, self.kernels = device, kernels
-        config = GPTConfig.from_depth(depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
-        with torch.device(device):
-            self.model = GPT(config)
-        self.optimizer = self.model.setup_optimizer()
-        self.step_model = torch.compile(self.model, dynamic=False) if compile_ else self.model
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), device=device, generator=gen)
-        self.inputs, self.targets = x[:, :-1], x[:, 1:]
-        self.tokens = args.batch_size * args.seq_len
-        self.times: list[float] = []
+    device = torch.device(job["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    threads = configure_threads(None, device)
+    dtype = torch.bfloat16 if job["dtype"] == "bf16" else torch.float32
+    torch.manual_seed(0)
+    config = GPTConfig.from_depth(job["depth"], vocab_size=job["vocab"], sequence_len=job["seq_len"])
+    with torch.device(device):
+        model = GPT(config)
+    if not hasattr(model, "fused_loss"):
+        raise SystemExit("this GPT has no fused_loss attribute (the fused loss is not merged yet)")
+    model.fused_loss = job["fused"]
+    optimizer = model.setup_optimizer()
+    step_model = torch.compile(model, dynamic=False) if job["compile"] else model
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, job["vocab"], (job["batch"], job["seq_len"] + 1), device=device, generator=gen)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    times = []
+    for _ in range(job["warmup"] + job["steps"]):
+        sync(device)
+        t0 = time.perf_counter()
+        with cpu_autocast(device, dtype):
+            loss = step_model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times[job["warmup"]:])
+    tokens = job["batch"] * job["seq_len"]
+    flops = model.estimate_flops() * tokens / dt
+    peak = peak_flops(device)
+    return {"ms": dt * 1e3, "tok_s": tokens / dt, "first_s": times[0], "peak": peak_bytes(device),
+            "mfu": flops / peak if peak else None, "params": model.num_params(), "threads": threads,
+            "loss": float(loss.item())}
 
-    def step(self, timed: bool) -> None:
-        with kernels_mode(self.kernels):
-            sync(self.device)
-            t0 = time.perf_counter()
-            loss = self.step_model(self.inputs, self.targets)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            sync(self.device)
-        if timed:
-            self.times.append(time.perf_counter() - t0)
 
-    def result(self) -> dict:
-        dt = statistics.median(self.times)
-        flops = self.model.estimate_flops() * self.tokens / dt
-        peak = peak_flops(self.device)
-        return {"params": self.model.num_params(), "ms": dt * 1e3, "tok_s": self.tokens / dt,
-                "tflops": flops / 1e12, "mfu": flops / peak if peak else None}
+def loss_worker(job: dict) -> dict:
+    """Peak memory of the loss alone: forward + backward from (B*T, C) hidden states and the lm_head weight."""
+    import torch.nn.functional as F
+
+    import nanochat_kernels
+    from nanochat.common import configure_threads, cpu_autocast
+    from nanochat.gpt import LOGIT_SOFTCAP
+
+    device = torch.device(job["device"])
+    configure_threads(None, device)
+    dtype = torch.bfloat16 if job["dtype"] == "bf16" else torch.float32
+    n, width = job["batch"] * job["seq_len"], 64 * job["depth"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, width, device=device, generator=gen, requires_grad=True)
+    weight = (0.02 * torch.randn(job["vocab"], width, device=device, generator=gen)).requires_grad_()
+    targets = torch.randint(0, job["vocab"], (n,), device=device, generator=gen)
+
+    def loss_fwd_bwd(rows: int) -> None:
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else cpu_autocast(device, dtype))
+        with autocast:
+            if job["fused"]:
+                loss = nanochat_kernels.linear_cross_entropy(hidden[:rows], weight, targets[:rows], LOGIT_SOFTCAP)
+            else:  # gpt.py's materialized path: lm_head, the fp32 soft-cap in place, F.cross_entropy
+                logits = F.linear(hidden[:rows], weight)
+                logits = logits.float().div_(LOGIT_SOFTCAP).tanh_().mul(LOGIT_SOFTCAP)
+                loss = F.cross_entropy(logits, targets[:rows], ignore_index=-1)
+        loss.backward()
+        sync(device)
+
+    loss_fwd_bwd(8)  # lazy initialisation (kernel libraries, op registration) stays out of the measurement
+    hidden.grad, weight.grad = None, None
+    before = current_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loss_fwd_bwd(n)
+    return {"loss_peak": peak_bytes(device) - before}
 
 
-def bench_depth(depth, args, device, use_compile: bool, reference: bool) -> tuple[dict, dict | None]:
-    """Steps of ours and the reference alternate, so a change in machine load hits both alike."""
-    runners = [Runner(depth, args, device, None, use_compile)]
-    if reference:
-        runners.append(Runner(depth, args, device, "reference", False))
-    for i in range(args.warmup + args.steps):
-        for r in (runners if i % 2 == 0 else runners[::-1]):
-            r.step(timed=i >= args.warmup)
-    results = [r.result() for r in runners]
-    return results[0], (results[1] if reference else None)
+def run_worker(kind: str, job: dict) -> dict:
+    """Run one worker in a fresh interpreter; its result is the last line of its stdout, as JSON."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, json.dumps(job)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        return {"error": " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    p.add_argument("--depths", type=str, default=None, help="comma-separated depths (cpu: 1,2,4; cuda: 20)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (cpu: 256; cuda: 2048)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per step (cpu: 4; cuda: 32)")
-    p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile 'ours' (default: on for cuda, off for cpu)")
-    p.add_argument("--no-reference", action="store_true", help="skip the reference configuration")
+    p.add_argument("--depth", type=int, default=None, help="(cpu: 4; cuda: 20)")
+    p.add_argument("--vocab-sizes", type=str, default=None, help="comma-separated (cpu: 32768,65536; cuda: 65536)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per row (cpu: 512; cuda: 2048)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per step (32: 16,384 tokens at T=512)")
+    p.add_argument("--configs", type=str, default=None,
+                   help=f"comma-separated (cpu: {','.join(CPU_CONFIGS)}; cuda: {','.join(CUDA_CONFIGS)})")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--no-loss-memory", action="store_true", help="skip the loss-only memory measurement")
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    gpu = args.device == "cuda"
-    args.depths = [int(d) for d in (args.depths or ("20" if gpu else "1,2,4")).split(",")]
-    args.seq_len = args.seq_len or (2048 if gpu else 256)
-    args.batch_size = args.batch_size or (32 if gpu else 4)
-    use_compile = gpu if args.compile is None else args.compile
-    device = torch.device(args.device)
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.worker:
+        kind, job = args.worker[0], json.loads(args.worker[1])
+        print(json.dumps((step_worker if kind == "step" else loss_worker)(job)))
+        return
 
+    from nanochat.common import cpu_flags, git_commit, native_bf16_flags, system_info
+
+    gpu = args.device == "cuda"
+    device = torch.device(args.device)
+    depth = args.depth or (20 if gpu else 4)
+    seq_len = args.seq_len or (2048 if gpu else 512)
+    vocabs = [int(v) for v in (args.vocab_sizes or ("65536" if gpu else "32768,65536")).split(",")]
+    configs = (args.configs or ",".join(CUDA_CONFIGS if gpu else CPU_CONFIGS)).split(",")
     info = system_info()
-    print(f"commit {git_commit(short=True)} | torch {info['torch']} | triton {info.get('triton')} | "
-          f"device {torch.cuda.get_device_name(device) if gpu else f'cpu x{torch.get_num_threads()} threads'}")
-    print(f"B={args.batch_size} T={args.seq_len} V={args.vocab_size}; median of {args.steps} steps after "
-          f"{args.warmup} warm-up; ours = default kernels{' + torch.compile' if use_compile else ''}, "
-          f"reference = NANOCHAT_KERNELS=reference, eager")
-    header = (f"| depth | params | config | ms/step | tok/s | TFLOP/s | MFU | ours/ref |\n"
-              f"|---:|---:|---|---:|---:|---:|---:|---:|")
+    where = torch.cuda.get_device_name(device) if gpu else (
+        f"cpu, {os.cpu_count()} cores, native bf16: {'/'.join(native_bf16_flags(cpu_flags())) or 'none'}")
+    print(f"commit {git_commit(short=True)} | torch {info['torch']} | {where}")
+    print(f"depth {depth}, T={seq_len}, {args.batch_size} rows = {args.batch_size * seq_len:,} tokens/step; median "
+          f"of {args.steps} steps after {args.warmup} warm-up; each configuration in a fresh process", flush=True)
     rows = []
-    for depth in args.depths:
-        ours, ref = bench_depth(depth, args, device, use_compile, not args.no_reference)
-        for name, r in (("ours", ours), ("reference", ref)):
-            if r is None:
+    for vocab in vocabs:
+        results = {}
+        for name in configs:
+            settings = resolve(name, device, args.steps)
+            job = dict(settings, device=args.device, depth=depth, vocab=vocab, seq_len=seq_len,
+                       batch=args.batch_size, steps=args.steps, warmup=args.warmup)
+            load = loadavg()
+            r = run_worker("step", job)
+            if "error" not in r and not args.no_loss_memory:
+                r.update(run_worker("loss", job))
+            r.update(settings, load=load)
+            results[name] = r
+            print(f"V={vocab} {name}: {json.dumps(r)}", flush=True)
+        base = results.get("today", {})
+        for name, r in results.items():
+            label = (f"{'fused' if r['fused'] else 'materialized'}, {r['dtype']}, "
+                     f"{'compiled' if r['compile'] else 'eager'}")
+            if "error" in r:
+                rows.append(f"| {vocab:,} | {name} | {label} | error: {r['error'][:80]} | | | | | | | |")
                 continue
-            ratio = f"{ours['tok_s'] / ref['tok_s']:.2f}x" if ref and name == "ours" else ""
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            rows.append(f"| {depth} | {r['params'] / 1e6:.1f}M | {name} | {r['ms']:.1f} | {r['tok_s']:,.0f} | "
-                        f"{r['tflops']:.3f} | {mfu} | {ratio} |")
-        print(rows[-1] if ref is None else "\n".join(rows[-2:]), flush=True)
+            speedup = f"{r['tok_s'] / base['tok_s']:.2f}x" if "tok_s" in base else ""
+            loss_ratio = (f"{r['loss_peak'] / base['loss_peak']:.3f}" if "loss_peak" in r and base.get("loss_peak")
+                          else "")
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+            rows.append(f"| {vocab:,} | {name} | {label} | {r['ms']:,.0f} | {r['tok_s']:,.0f} | {speedup} | "
+                        f"{r['first_s']:.1f} | {gib(r['peak'])} | {gib(r.get('loss_peak'))} | {loss_ratio} | {mfu} | "
+                        f"{r['load']} |")
     print()
-    print(header)
+    print("| vocab | config | loss, dtype, mode | ms/step | tok/s | vs today | first step s | peak memory | "
+          "loss peak | loss vs today | MFU | load avg |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
 
 

@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE=1  # everything comes from local files built above; never 
 DEPTH=${DEPTH:-4}
 VOCAB=${VOCAB:-8192}
 SEQ_LEN=${SEQ_LEN:-512}
-BASE_STEPS=${BASE_STEPS:-400}
+BASE_STEPS=${BASE_STEPS:-800}  # 400 before bf16 + fused loss + compile made a step ~2x faster (bench/RESULTS.md)
 MID_STEPS=${MID_STEPS:-100}
 SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-8}
@@ -36,8 +36,8 @@ if [ -f "$NANOCHAT_BASE_DIR/eval_data/gsm8k/train.jsonl" ]; then RL_TASK=gsm8k; 
 stage tokenizer nanochat tok-train --vocab-size "$VOCAB" --max-chars 20000000
 stage tok-eval  nanochat tok-eval
 stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$BATCH" \
-                    --num-iterations "$BASE_STEPS" --eval-every 100 --eval-tokens 32768 --sample-every 200 \
-                    --save-every 100 --keep-last 2 --resume
+                    --num-iterations "$BASE_STEPS" --eval-every 200 --eval-tokens 32768 --sample-every 400 \
+                    --save-every 200 --keep-last 2 --resume
 stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --eval-tokens 65536 --max-per-task "$CORE_PER_TASK"
 stage mid       nanochat mid-train --device cpu --device-batch-size "$BATCH" --max-seq-len "$SEQ_LEN" \
                     --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 --save-every 50 --resume

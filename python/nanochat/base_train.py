@@ -15,6 +15,9 @@
 - a NaN or inf loss stops the run before the optimizer step with a clear message and a non-zero exit; the last
   good checkpoint stays the newest one
 - wandb only with --wandb PROJECT (never required)
+- CPU speed (each an automatic default with an override, the choice and its reason logged at start-up): --dtype
+  (bf16 autocast where the CPU has native bf16 dot products, fp32 weights and optimizer state either way),
+  --compile (CUDA always; CPU when the run is long enough to pay for compiling), --threads (cores per process)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, latest_step
-from nanochat.common import print0
+from nanochat.common import choose_compile, configure_threads, print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
@@ -99,8 +102,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--wandb", type=str, default=None, metavar="PROJECT", help="log to this wandb project (off)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="matmul dtype on CPU: auto = bf16 autocast when the CPU has native bf16 dot products "
+                        "(avx512_bf16, amx_bf16), else fp32; CUDA always runs bf16 autocast")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off on CPU)")
+                   help="torch.compile the model (default: on for CUDA; on CPU for runs of >= 200 steps)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: $OMP_NUM_THREADS, else cores / processes on this node)")
     g.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
     g.add_argument("--loader-threads", type=int, default=2, help="tokenizer threads of the data loader")
     return p.parse_args(argv)
@@ -150,6 +158,7 @@ def train(args: argparse.Namespace, rt) -> int:
     from nanochat.tokenizer import get_tokenizer
 
     device, rank, world_size, master = rt.device, rt.rank, rt.world_size, rt.is_master
+    threads = configure_threads(args.threads, device)
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer()
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int32, device=device)
@@ -204,14 +213,18 @@ def train(args: argparse.Namespace, rt) -> int:
                             world_size=world_size, data_dir=args.data_dir, threads=args.loader_threads)
         model.eval()
         try:
-            bpb = evaluate_bpb(train_model, loader, max(1, eval_steps), token_bytes)  # compiled on GPU
+            with rt.autocast():
+                bpb = evaluate_bpb(train_model, loader, max(1, eval_steps), token_bytes)  # compiled when training is
         finally:
             loader.close()
             model.train()
         return bpb
 
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # by the whole run's length, so a resumed run makes the same choice (and continues the same loss curve)
+    use_compile, compile_reason = choose_compile(args.compile, device, num_iterations)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
+    print0(f"runtime: {device.type}, dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); "
+           f"compile {'on' if use_compile else 'off'} ({compile_reason}); threads {threads}")
     wandb_run = None
     if args.wandb and master:
         try:
@@ -254,7 +267,8 @@ def train(args: argparse.Namespace, rt) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size)
+            loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size,
+                                              rt.autocast)
             if not math.isfinite(loss_value):
                 print0(f"error: loss is {loss_value} at step {step}; stopping before the optimizer step. The newest "
                        f"checkpoint in {ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from "

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="matmul dtype on CPU: auto = bf16 autocast when the CPU has native bf16 dot products, as in "
+                        "base-train; CUDA always runs bf16 autocast")
     return p.parse_args(argv)
 
 
@@ -190,6 +193,8 @@ def train(args: argparse.Namespace, rt) -> int:
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     log = TrainLog(ckpt_dir, master)
+    print0(f"runtime: dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); compile "
+           f"{'on' if use_compile else 'off'}")
 
     def save(step: int) -> None:
         save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
@@ -213,7 +218,7 @@ def train(args: argparse.Namespace, rt) -> int:
             if last:
                 break
             t0 = time.perf_counter()
-            loss_value = accumulate_gradients(train_model, loader, grad_accum, device, world)
+            loss_value = accumulate_gradients(train_model, loader, grad_accum, device, world, rt.autocast)
             if not math.isfinite(loss_value):
                 print0(f"error: loss is {loss_value} at step {step}; stopping (last good checkpoint: "
                        f"{latest_step(ckpt_dir)})")

@@ -20,6 +20,7 @@ objectives and loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ def run_main(train, parse_args, argv: list[str] | None) -> int:
     if argv[:1] == ["--"]:  # `torchrun ... -m nanochat.base_train -- --depth 4`
         argv = argv[1:]
     args = parse_args(argv)
-    rt = init_runtime(args.device)
+    rt = init_runtime(args.device, getattr(args, "dtype", None))  # stages without --dtype keep the old default
     try:
         return train(args, rt)
     except FloatingPointError as e:
@@ -81,13 +82,16 @@ def add_checkpoint_args(g) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
 
 
-def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int) -> float:
+def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int,
+                         autocast=contextlib.nullcontext) -> float:
     """Backward through `grad_accum` micro-batches of `loader` (each loss / grad_accum) -> the step's mean loss over
-    micro-batches and ranks (for logging; the optimizer averages the gradients over ranks itself)."""
+    micro-batches and ranks (for logging; the optimizer averages the gradients over ranks itself). The forward runs
+    in the context `autocast()` (Runtime.autocast: bf16 on a bf16 CPU runtime); the backward follows its dtypes."""
     loss_sum = torch.zeros((), device=device)
     for _ in range(grad_accum):
         x, y = next(loader)
-        loss = model(x, y)
+        with autocast():
+            loss = model(x, y)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
     loss_step = loss_sum / grad_accum
