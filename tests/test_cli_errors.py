@@ -127,6 +127,18 @@ def test_corrupt_files_missing_eval_data_and_bad_flags(tiny_chat, tmp_path):
     # a chat model but no eval data: the fix is named
     cases.append(("chat-eval --device cpu --tasks GSM8K --max-problems 2", tiny_chat, "chat-eval",
                   ("nanochat data evals",)))
+    # --model pointing at a folder that is not an export, and at an export whose weights were damaged in transit
+    not_export = tmp_path / "not_export"
+    not_export.mkdir()
+    cases.append((f"chat --device cpu --prompt hi --model {not_export}", tiny_chat, "chat",
+                  ("not a model folder", "nanochat export")))
+    damaged = tmp_path / "damaged_export"
+    (damaged / "config.json").parent.mkdir()
+    (damaged / "config.json").write_text('{"nanochat": {}}')
+    (damaged / "model.safetensors").write_bytes(b"\x00" * 64)
+    (damaged / "tokenizer.bin").write_bytes(b"")
+    cases.append((f"serve --device cpu --port 0 --model {damaged}", tiny_chat, "serve",
+                  ("not a nanochat export config",)))
     # flag values out of range, checked before anything is loaded
     cases.append(("chat --device cpu --prompt hi --temperature 5", tiny_chat, "chat", ("--temperature",)))
     if not torch.cuda.is_available():

@@ -246,37 +246,37 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     folder = Path(model_dir)
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.bin") if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a model folder written by `nanochat export` "
+        raise MissingInputError(f"{folder} is not a model folder written by `nanochat export` "
                                 f"(missing {', '.join(missing)})")
     try:
         hf_config = json.loads((folder / "config.json").read_text())
         info = hf_config["nanochat"]
         config = GPTConfig(**{f.name: hf_config[f.name] for f in fields(GPTConfig)})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{folder / 'config.json'} is not a nanochat export config ({type(e).__name__}: {e})") from e
+        raise CorruptInputError(f"{folder / 'config.json'} is not a nanochat export config ({type(e).__name__}: {e})") from e
     weights = folder / "model.safetensors"
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if info.get("sha256") and digest.hexdigest() != info["sha256"]:
-        raise ValueError(f"{weights} is corrupted: its SHA-256 {digest.hexdigest()[:12]}... differs from the "
+        raise CorruptInputError(f"{weights} is corrupted: its SHA-256 {digest.hexdigest()[:12]}... differs from the "
                          f"{info['sha256'][:12]}... recorded at export; copy or export the model again")
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises SafetensorError (header, sizes) or OSError
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}); copy or export the model again") from e
+        raise CorruptInputError(f"{weights} is not a readable safetensors file ({e}); copy or export the model again") from e
     state = {k.removeprefix("model."): v for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{weights} does not fit the config in {folder / 'config.json'}: {e}") from e
+        raise CorruptInputError(f"{weights} does not fit the config in {folder / 'config.json'}: {e}") from e
     model.eval()
     tokenizer = Tokenizer.load(folder / "tokenizer.bin")
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{folder / 'tokenizer.bin'} has {tokenizer.vocab_size} ids but the model only "
+        raise CorruptInputError(f"{folder / 'tokenizer.bin'} has {tokenizer.vocab_size} ids but the model only "
                          f"{config.vocab_size}")
     meta = {"config": asdict(config), "step": info.get("step"), "model_tag": info.get("model_tag"),
             "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder)}
