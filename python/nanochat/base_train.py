@@ -198,9 +198,9 @@ def train(args: argparse.Namespace, rt) -> int:
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                       ns_coeffs=args.ns_coeffs)
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
-    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
-                              else (0, None))
+    start_step, data_state, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations)
+                                          if args.resume else (0, None, {}))
+    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None, **saved_loop}
 
     # -- data, compile, logging --------------------------------------------------------------------------------
     train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
