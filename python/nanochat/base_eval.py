@@ -13,8 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import atomic_write, init_runtime, print0, shutdown_runtime
 from nanochat.evals.bpb import evaluate_bpb
@@ -73,6 +71,7 @@ def evaluate(args, rt) -> int:
 
     if "bpb" in args.evals:
         from nanochat.dataloader import DataLoader
+        from nanochat.tokenizer import get_token_bytes
 
         on_cuda = rt.device.type == "cuda"  # nanochat's sizes on GPUs; laptop sizes on CPU (like base_train)
         if args.device_batch_size is None:
@@ -81,7 +80,8 @@ def evaluate(args, rt) -> int:
             args.eval_tokens = 20 * 524288 if on_cuda else 65536
 
         seq_len = args.max_seq_len or model.config.sequence_len
-        token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int32, device=rt.device)
+        # the tokenizer load_model used: an exported folder's own, else the project's
+        token_bytes = get_token_bytes(rt.device, Path(args.model) / "tokenizer.bin" if args.model else None)
         tokens_per_batch = args.device_batch_size * seq_len * rt.world_size
         steps = max(1, args.eval_tokens // tokens_per_batch)
         results["bpb"] = {}

@@ -35,7 +35,7 @@ from nanochat.common import choose_compile, configure_threads, print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
+from nanochat.training import (FRESH_START, TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
                                save_stage_checkpoint)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
@@ -114,6 +114,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """A copy of args with the device-dependent defaults (None above) filled in: on CUDA nanochat's d20 speedrun
+    sizes, on CPU what fits a laptop's memory (and no gradient accumulation)."""
+    args = argparse.Namespace(**vars(args))
+    on_cuda = device.type == "cuda"
+    if args.device_batch_size is None:
+        args.device_batch_size = 32 if on_cuda else 4
+    if args.total_batch_size is None:
+        args.total_batch_size = 524288 if on_cuda else -1
+    if args.eval_tokens is None:
+        args.eval_tokens = 20 * 524288 if on_cuda else 65536
+    return args
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -155,15 +169,16 @@ def sample_texts(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
 
 def train(args: argparse.Namespace, rt) -> int:
     from nanochat.dataloader import DataLoader
-    from nanochat.tokenizer import get_tokenizer
+    from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
+    args = resolve_defaults(args, rt.device)
     device, rank, world_size, master = rt.device, rt.rank, rt.world_size, rt.is_master
     threads = configure_threads(args.threads, device)
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer()
-    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int32, device=device)
+    token_bytes = get_token_bytes(device)  # UTF-8 bytes per token id: turns the loss into bits per byte
 
-    # -- the one dial: depth -> model, lr scaling, batch, horizon ---------------------------------------------
+    # -- the model: depth sets width and heads -----------------------------------------------------------------
     config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
                                   n_kv_head=args.n_kv_head)
     with torch.device(device):
@@ -172,12 +187,8 @@ def train(args: argparse.Namespace, rt) -> int:
         for p in model.parameters():
             dist.broadcast(p.data, src=0)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    if args.device_batch_size is None:  # CUDA: nanochat's d20 speedrun sizes; CPU: what fits a laptop's memory
-        args.device_batch_size = 32 if device.type == "cuda" else 4
-    if args.total_batch_size is None:
-        args.total_batch_size = 524288 if device.type == "cuda" else -1
-    if args.eval_tokens is None:
-        args.eval_tokens = 20 * 524288 if device.type == "cuda" else 65536
+
+    # -- batch and horizon: accumulation fills the total batch; the horizon follows from the model's size ------
     tokens_per_micro = args.device_batch_size * args.max_seq_len  # per rank
     world_tokens = tokens_per_micro * world_size
     total_batch = args.total_batch_size if args.total_batch_size > 0 else world_tokens
@@ -186,7 +197,6 @@ def train(args: argparse.Namespace, rt) -> int:
                          f"ranks = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens}")
     grad_accum = total_batch // world_tokens
     num_iterations, horizon_source = horizon(args, num_params, flops_per_token, total_batch)
-    peak = peak_flops(device)
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv) "
            f"of dim {config.head_dim}, vocab {config.vocab_size:,}, {num_params:,} parameters, "
            f"{flops_per_token:.3g} FLOPs/token")
@@ -194,32 +204,20 @@ def train(args: argparse.Namespace, rt) -> int:
            f"rank(s) x {grad_accum} accumulation step(s); {num_iterations:,} steps ({horizon_source}) = "
            f"{num_iterations * total_batch:,} tokens, {num_iterations * total_batch * flops_per_token:.3g} FLOPs")
 
+    # -- optimizer, then (with --resume) the newest checkpoint into both ---------------------------------------
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                       ns_coeffs=args.ns_coeffs)
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None}
-    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
-                              else (0, None))
+    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
+    start_step = resumed.step
+    # what the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers
+    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None, **resumed.loop_state}
 
-    # -- data, compile, logging --------------------------------------------------------------------------------
+    # -- what the loop runs on: the data from where it stopped, the (compiled) forward, the logs ----------------
     train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
-                              rank=rank, world_size=world_size, data_dir=args.data_dir, state=data_state,
+                              rank=rank, world_size=world_size, data_dir=args.data_dir, state=resumed.data_state,
                               threads=args.loader_threads)
-    eval_steps = args.eval_tokens // world_tokens
-
-    def validation_bpb() -> float:
-        loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device, rank=rank,
-                            world_size=world_size, data_dir=args.data_dir, threads=args.loader_threads)
-        model.eval()
-        try:
-            with rt.autocast():
-                bpb = evaluate_bpb(train_model, loader, max(1, eval_steps), token_bytes)  # compiled when training is
-        finally:
-            loader.close()
-            model.train()
-        return bpb
-
     # by the whole run's length, so a resumed run makes the same choice (and continues the same loss curve)
     use_compile, compile_reason = choose_compile(args.compile, device, num_iterations)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
@@ -233,48 +231,66 @@ def train(args: argparse.Namespace, rt) -> int:
             raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
         wandb_run = wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
     log = TrainLog(ckpt_dir, master, wandb_run)
+    eval_steps = max(1, args.eval_tokens // world_tokens)
+    peak = peak_flops(device)
 
-    def save(step: int) -> None:
-        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                              metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
-                                       "smooth_loss": loop["smooth_loss"]},
-                              loop_state=loop, loader=train_loader, rng=rng_state(device))
-
-    # -- the loop ----------------------------------------------------------------------------------------------
+    # -- the loop: each pass first looks at the weights of `step` (evaluate, sample, save), then trains on one
+    # batch; the last pass (step == num_iterations) only looks, so the final weights are evaluated and saved ----
     model.train()
     timed_steps = 0
     step = start_step
     try:
         while True:
             last = step == num_iterations
+
+            # validation bpb through the forward that trains (compiled when training is), on a fresh val loader
             if args.eval_tokens > 0 and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
-                bpb = validation_bpb()
+                val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
+                                        rank=rank, world_size=world_size, data_dir=args.data_dir,
+                                        threads=args.loader_threads)
+                model.eval()
+                try:
+                    with rt.autocast():
+                        bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+                finally:
+                    val_loader.close()
+                    model.train()
                 loop["val_bpb"] = bpb
                 loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
                 print0(f"step {step:05d} | validation bpb {bpb:.4f}")
                 log({"step": step, "val_bpb": bpb})
+
+            # greedy completions of fixed prompts: a quick human check that the model learns (master only)
             if master and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
                 model.eval()
                 for text in sample_texts(model, tokenizer):
                     print0(f"  sample: {text!r}")
                 model.train()
+
+            # checkpoint (collective); not at the step the run started from: untrained, or already on disk
             if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                save(step)
+                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                                      metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+                                               "smooth_loss": loop["smooth_loss"]},
+                                      loop_state=loop, loader=train_loader, rng=rng_state(device))
             if last:
                 break
 
-            # one optimizer step: grad_accum micro-batches per rank
+            # gradients of one optimizer step: grad_accum micro-batches per rank (synchronised on CUDA: dt is GPU time)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size,
                                               rt.autocast)
+            # a non-finite loss would poison the weights: stop before the update, the last checkpoint stays good
             if not math.isfinite(loss_value):
                 print0(f"error: loss is {loss_value} at step {step}; stopping before the optimizer step. The newest "
                        f"checkpoint in {ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from "
                        f"it with a lower learning rate (--matrix-lr / --embedding-lr) or look for bad data.")
                 log({"step": step, "loss": None, "error": f"non-finite loss ({loss_value})"})
                 return 1
+
+            # the update, at this step's lr (warmup / constant / warmdown) and Muon momentum (0.85 -> 0.95)
             lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             momentum = muon_momentum(step)
             for group in optimizer.param_groups:

@@ -162,8 +162,9 @@ def train(args: argparse.Namespace, rt) -> int:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    loop = {"eval": None, "initial_eval": None}
-    start_step, _ = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume else (0, None)
+    start_step, _, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume
+                                 else (0, None, {}))
+    loop = {"eval": None, "initial_eval": None, **saved_loop}
     log = TrainLog(ckpt_dir, master)
 
     def save(step: int) -> None:  # no loader and no RNG state: problems and samples are seeded by the step

@@ -168,9 +168,9 @@ def train(args: argparse.Namespace, rt) -> int:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                       embedding_lr=args.embedding_lr * args.init_lr_frac,
                                       matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    loop = {"val_loss": None, "initial_val_loss": None}
-    start_step, data_state = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations, loop) if args.resume
-                              else (0, None))
+    start_step, data_state, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations)
+                                          if args.resume else (0, None, {}))
+    loop = {"val_loss": None, "initial_val_loss": None, **saved_loop}
     model.train()
     batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, device, rank, world,
                                   data_state)

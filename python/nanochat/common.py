@@ -118,10 +118,6 @@ class Runtime:
     def is_master(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
     def autocast(self):
         """The context a training forward runs in: bf16 autocast on a bf16 CPU runtime (weights, gradients and
         optimizer state stay fp32); nothing on CUDA, where the model enters bf16 autocast itself."""

@@ -1,6 +1,6 @@
 """The GPT: a decoder-only transformer whose one dial is its depth.
 
-Notable choices (DESIGN.md, "Model"):
+Notable choices:
 - width = 64 x depth, head dim 128 (64 for odd depths, whose width is not a multiple of 128), GQA via n_kv_head
 - rotary position embeddings (base 10,000) precomputed for 10 x sequence_len positions; with a KV cache the cache
   gives the positions of the new tokens (row b's start at cache_lens[b]..), so rows of different lengths decode

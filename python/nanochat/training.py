@@ -13,8 +13,8 @@ objectives and loop.
   and a meta.json whose keys, in order, are: config, step, data_state, [data_states], metrics, loop_state,
   num_iterations, world_size, [source], commit, args, system
 - `resume_stage`: the inverse: newest checkpoint into model and optimizer (this run's lr flags win over the saved
-  initial lrs), RNG, loop state; checks config and process count; truncates train_log.jsonl to the resumed step so
-  the log of a resumed run reads like an uninterrupted one
+  initial lrs) and RNG; checks config and process count; truncates train_log.jsonl to the resumed step so the log
+  of a resumed run reads like an uninterrupted one; returns the step, data-loader state and loop state (`Resumed`)
 - `write_stage_metrics`: metrics.json (final numbers for the report), atomically, by the master rank
 """
 
@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -205,17 +206,27 @@ def save_stage_checkpoint(ckpt_dir: Path, step: int, model, optimizer, rt, args,
     print0(f"saved checkpoint {ckpt_dir}/step_{step:06d}")
 
 
-def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int,
-                 loop_state: dict) -> tuple[int, dict | None]:
-    """Load the newest checkpoint of `ckpt_dir` into model, optimizer, RNG and `loop_state` (in place), and cut
-    train_log.jsonl back to its step -> (step to start from, this rank's data-loader state or None).
+class Resumed(NamedTuple):
+    """Where a resumed run picks up: the step to start from, this rank's data-loader state (None: from the start)
+    and the stage's loop state as saved (empty: the stage's initial values)."""
+    step: int
+    data_state: dict | None
+    loop_state: dict
+
+
+FRESH_START = Resumed(0, None, {})  # what a run without --resume (or without a checkpoint yet) starts from
+
+
+def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int) -> Resumed:
+    """Load the newest checkpoint of `ckpt_dir` into model, optimizer and RNG, cut train_log.jsonl back to its step,
+    and return where the run picks up.
 
     No checkpoint yet is not an error (restart loops can always pass --resume): the run starts from step 0.
     """
     step = latest_step(ckpt_dir)
     if step is None:
         print0(f"--resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
-        return 0, None
+        return FRESH_START
     model_state, opt_state, meta = load_checkpoint(ckpt_dir, step, device=rt.device, load_optimizer=True,
                                                    rank=rt.rank)
     config = asdict(model.config)
@@ -238,9 +249,8 @@ def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int,
         torch.set_rng_state(rng["cpu"].cpu())
         if rt.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), rt.device)
-    loop_state.update(meta.get("loop_state", {}))
     if rt.is_master:
         truncate_log(ckpt_dir / TRAIN_LOG, step)
     print0(f"resumed from {ckpt_dir} at step {step}")
     data_states = meta.get("data_states")
-    return step, None if data_states is None else data_states[rt.rank]
+    return Resumed(step, None if data_states is None else data_states[rt.rank], dict(meta.get("loop_state", {})))
