@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--arc-limit", type=int, default=None, help="max ARC questions per subset")
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
     g.add_argument("--spelling-size", type=int, default=600, help="synthetic spelling conversations (both tasks)")
+    g.add_argument("--arithmetic-size", type=int, default=2000, help="synthetic arithmetic conversations (0: none)")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (<= 0: ends only)")
@@ -148,7 +149,7 @@ def train(args: argparse.Namespace, rt) -> int:
     ckpt_dir = checkpoint_dir("sft", model_tag)
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
-                         spelling=args.spelling_size)
+                         spelling=args.spelling_size, arithmetic=args.arithmetic_size)
     train_task = sft_mixture("train", sizes, strict=args.strict_data, seed=args.seed)
     val_task = sft_mixture("val", sizes, strict=args.strict_data, seed=args.seed)
     val_convs = [val_task[i] for i in range(rank, min(args.eval_conversations, len(val_task)), world)]
