@@ -158,3 +158,25 @@ format or a calculator result unlike the reference would make the replay diverge
 def test_expression_parenthesises_a_negative_right_operand():
     assert expression("-", "5", "-12") == "5-(-12)" and calculate("5-(-12)") == "17"
     assert expression("*", "-3", "4") == "-3*4"
+
+
+def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_chatcore(tok, monkeypatch):
+    from nanochat.evals import chat
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, *args, tools=True, **kwargs):
+        calls.append(tools)
+        return [[(list(tokenizer.encode("The answer is 1.")), [1] * 3)] for _ in prompts]
+
+    monkeypatch.setattr(chat, "generate_samples", fake_generate)
+    always = Arithmetic(size=3, split="test")
+    always.evaluate = lambda conv, completion: True
+    report = chat.run_chat_eval(None, tok, "cpu", ["GSM8K", "Arithmetic", "Arithmetic-NoTool"], max_problems=2,
+                                log=lambda *a: None, arithmetic_problems=5,
+                                tasks={"GSM8K": always})
+    assert calls == [True, True, False]
+    assert report["tasks"]["Arithmetic"]["n"] == report["tasks"]["Arithmetic-NoTool"]["n"] == 5  # not capped at 2
+    assert report["tasks"]["GSM8K"]["n"] == 2
+    assert report["chatcore"] == 1.0  # GSM8K alone: the arithmetic rows stay out of ChatCORE
+    assert set(report["summary"]) == {"GSM8K", "Arithmetic", "Arithmetic-NoTool", "ChatCORE"}
