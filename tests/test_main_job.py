@@ -16,12 +16,12 @@ import pytest
 from conftest import REPO_ROOT, SHARED_DATA
 
 TOY = {"DEPTH": "2", "VOCAB": "1024", "SEQ_LEN": "256", "BATCH": "4", "BASE_STEPS": "30", "MID_STEPS": "6",
-       "SFT_STEPS": "6", "RL_STEPS": "2", "EVAL_PROBLEMS": "4", "CORE_PER_TASK": "4"}
+       "SFT_STEPS": "6", "RL_STEPS": "2", "EVAL_PROBLEMS": "4", "ARITH_PROBLEMS": "8", "CORE_PER_TASK": "4"}
 STAGE_COLUMNS = ["BASE", "MID", "SFT", "RL"]
 # what the CPU default claims per stage in the summary table: CORE for the base model, the chat evals after
-CLAIMED = {"BASE": ["CORE"], "MID": ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE"],
-           "SFT": ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE"],
-           "RL": ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]}
+# (with the held-out arithmetic, calculator allowed and not, at every chat stage)
+CHAT = ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "Arithmetic (tool)", "Arithmetic (no tool)"]
+CLAIMED = {"BASE": ["CORE"], "MID": CHAT, "SFT": CHAT, "RL": CHAT}
 
 
 def _summary(report: str) -> dict[str, dict[str, str]]:
@@ -51,10 +51,14 @@ def test_cpu_default_end_to_end(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     out = run.stdout
 
-    # it ends by answering one chat prompt and telling the user how to go on
-    assert "one chat prompt" in out and "nanochat serve" in out and "nanochat chat" in out
-    reply = out.split("== one chat prompt to the RL model:", 1)[1].split("Done.", 1)[0]
-    assert reply.strip(), "the model printed no answer"
+    # it ends by answering two arithmetic questions and an open one, and telling the user how to go on
+    assert "nanochat serve" in out and "nanochat chat" in out
+    demo = out.split("== a chat prompt to the RL model: ")[1:]
+    assert [d.split("\n", 1)[0] for d in demo] == [
+        "What is 379 times 28?", "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?",
+        "Why is the sky blue?"]
+    for d in demo:
+        assert d.split("Done.", 1)[0].split("\n", 1)[1].strip(), "the model printed no answer"
 
     report = (tmp_path / "base" / "report" / "report.md").read_text()
     for section in ["# nanochat report card", "## Summary", "## Tokenizer", "## Base model (pretraining)",

@@ -1,5 +1,6 @@
 """`nanochat chat-eval`: ARC-Easy, ARC-Challenge, MMLU (categorical), GSM8K, HumanEval (generative, pass@k) and
-ChatCORE of a chat checkpoint; `torchrun ... -m nanochat.chat_eval` spreads the problems over ranks.
+ChatCORE of a chat checkpoint, plus held-out synthetic arithmetic with and without the calculator tool (outside
+ChatCORE); `torchrun ... -m nanochat.chat_eval` spreads the problems over ranks.
 
 - the model: --source rl|sft|mid|base (default: the most finished chat stage that has a checkpoint)
 - data: the offline store of `nanochat data evals` when present, else the Hugging Face hub (tasks/)
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
 
-ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
+ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Arithmetic", "Arithmetic-NoTool"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(ALL_TASKS),
                    help=f"comma-separated subset of {ALL_TASKS + ['SpellingBee']}")
     p.add_argument("--max-problems", type=int, default=None, help="problems per task (default: all)")
+    p.add_argument("--arithmetic-problems", type=int, default=200,
+                   help="held-out arithmetic problems (with and without the tool; not capped by --max-problems)")
     p.add_argument("--num-samples", type=int, default=1, help="k of pass@k for generative tasks")
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per generated answer")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (use > 0 with --num-samples > 1)")
@@ -83,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         report = run_chat_eval(model, tokenizer, rt.device, task_names, max_problems=args.max_problems,
                                num_samples=args.num_samples, max_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k or None, batch_size=args.batch_size,
-                               tasks=tasks, log=print0)
+                               tasks=tasks, log=print0, arithmetic_problems=args.arithmetic_problems)
         if sandbox is not None:
             report["sandbox"] = sandbox
         report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")},
                        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})
-        print0(f"ChatCORE: {report['chatcore']:.4f}")
+        if report["chatcore"] is not None:
+            print0(f"ChatCORE: {report['chatcore']:.4f}")
         if rt.is_master:
             out = args.out or (args.model or checkpoint_dir(stage, tag)) / "chat_eval.json"
             with atomic_write(out, "w") as f:

@@ -1,10 +1,12 @@
-"""Reinforcement learning on GSM8K: `nanochat chat-rl`, `python -m nanochat.chat_rl`, or under torchrun.
+"""Reinforcement learning on GSM8K (or synthetic spelling or arithmetic: --task): `nanochat chat-rl`,
+`python -m nanochat.chat_rl`, or under torchrun.
 
 A simplified GRPO (on-policy, no KL term, no ratio clipping, as in nanochat), from an SFT checkpoint:
 
 - each step takes --examples-per-step problems (split over ranks) in a seeded shuffled order and samples
   --num-samples answers per problem with the engine (KV cache, python tool; temperature, top-k)
-- reward: 1 when the number after "####" equals the reference exactly (numerically), else 0 (task.reward)
+- reward: 1 when the number after "####" (arithmetic: the last number of the reply's text) equals the reference
+  numerically, else 0 (task.reward)
 - advantage: reward minus the mean reward of the problem's group (no std division)
 - loss: -sum(advantage x log p(token)) over the SAMPLED tokens only (not the prompt, not tool outputs the engine
   forced in), divided by the number of sampled tokens of the whole step over all ranks (token-level normalisation)
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_source_args(p, "rl", ["sft", "mid", "rl"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
-    p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling"], help="rewarded task")
+    p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling", "arithmetic"], help="rewarded task")
     p.add_argument("--train-limit", type=int, default=None, help="max training problems")
     p.add_argument("--examples-per-step", type=int, default=16, help="problems per optimizer step over all ranks")
     p.add_argument("--num-samples", type=int, default=16, help="answers sampled per problem (the group)")
@@ -127,10 +129,12 @@ def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens
 
 
 def build_tasks(name: str, train_limit: int | None):
-    from nanochat.tasks import GSM8K, SpellingBee
+    from nanochat.tasks import GSM8K, Arithmetic, SpellingBee
 
     if name == "gsm8k":
         train, test = GSM8K("train"), GSM8K("test")
+    elif name == "arithmetic":
+        train, test = Arithmetic(size=train_limit or 20000, split="train"), Arithmetic(size=1000, split="test")
     else:
         train, test = SpellingBee(size=train_limit or 4000, split="train"), SpellingBee(size=1000, split="test")
     if train_limit is not None:

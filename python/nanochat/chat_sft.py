@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--arc-limit", type=int, default=None, help="max ARC questions per subset")
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
     g.add_argument("--spelling-size", type=int, default=600, help="synthetic spelling conversations (both tasks)")
+    g.add_argument("--arithmetic-size", type=int, default=2000, help="synthetic arithmetic conversations (0: none)")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
     add_data_args(g)
     g = p.add_argument_group("evaluation, checkpoints")
@@ -150,7 +151,7 @@ def train(args: argparse.Namespace, rt) -> int:
     ckpt_dir = checkpoint_dir("sft", model_tag)
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
-                         spelling=args.spelling_size)
+                         spelling=args.spelling_size, arithmetic=args.arithmetic_size)
     train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
         lambda split: sft_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
         args.seed)

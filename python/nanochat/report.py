@@ -3,7 +3,8 @@
 - header: commit, hardware, versions, wall time and an estimated cost
 - one section per stage (tokenizer, base, mid, sft, rl) from the files each stage leaves in its folder:
   tokenizer/tok_train.json; checkpoints/<stage>/<tag>/{train_log.jsonl, meta of the newest step, *eval*.json}
-- the summary table of metrics by stage (CORE, ARC-E, ARC-C, MMLU, GSM8K, HumanEval, ChatCORE for base/mid/sft/rl)
+- the summary table of metrics by stage (CORE, ARC-E, ARC-C, MMLU, GSM8K, HumanEval, ChatCORE, and held-out
+  synthetic arithmetic with and without the calculator tool, for base/mid/sft/rl)
 - plots (train loss, validation bpb, learning rate, tokens/s per stage) as PNG files linked from the markdown
 
 `nanochat report --start` marks the start of a run (for the wall time); `nanochat report` writes the report.
@@ -33,6 +34,8 @@ SUMMARY_METRICS = [
     ("GSM8K", ("GSM8K", "gsm8k")),
     ("HumanEval", ("HumanEval", "humaneval")),
     ("ChatCORE", ("ChatCORE", "chatcore")),
+    ("Arithmetic (tool)", ("Arithmetic",)),
+    ("Arithmetic (no tool)", ("Arithmetic-NoTool",)),
 ]
 # Rough rental prices in USD per hour, for the cost line; override with --price-per-hour.
 PRICE_PER_GPU_HOUR = 3.0  # one H100 on a typical cloud, 2026

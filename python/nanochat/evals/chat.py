@@ -1,4 +1,5 @@
-"""Chat-model evaluations: categorical (ARC, MMLU) and generative (GSM8K, HumanEval, spelling) tasks, and ChatCORE.
+"""Chat-model evaluations: categorical (ARC, MMLU) and generative (GSM8K, HumanEval, spelling, arithmetic) tasks,
+and ChatCORE.
 
 - categorical: render the conversation up to <|assistant_start|>, run one batched forward, and take the argmax of
   the logits restricted to the answer letters (each letter must be one token); no sampling, so no format failures.
@@ -7,7 +8,9 @@
   a problem passes when any of its k samples passes (pass@k), judged by the task (`task.evaluate`).
 - distributed: each rank takes problems rank, rank + world, ...; counts are summed with all_reduce.
 - ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline), with baseline 0.25 for the
-  four-way multiple-choice tasks and 0 for the generative ones.
+  four-way multiple-choice tasks and 0 for the generative ones. The synthetic arithmetic evaluations (held-out
+  split, with the calculator and without: a task's `tools` attribute) are reported but kept out of ChatCORE, so
+  ChatCORE stays comparable with nanochat's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.distributed as dist
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
+NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -98,11 +102,12 @@ def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, ma
 @torch.no_grad()
 def generate_samples(model, tokenizer, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 0.0, top_k: int | None = None, seed: int = 42, batch_size: int = 16,
-                     seeds: list[int] | None = None) -> list[list[tuple[list[int], list[int]]]]:
+                     seeds: list[int] | None = None, tools: bool = True) -> list[list[tuple[list[int], list[int]]]]:
     """For each prompt, `num_samples` (generated ids, mask) pairs; mask 1 = sampled, 0 = forced by the tool.
 
     All prompts go through one Scheduler (continuous batching, `batch_size` KV-cache rows); terminal tokens
-    (<|assistant_end|>, <|bos|>) are left out. Prompt i uses seed `seeds[i]` (default seed + i).
+    (<|assistant_end|>, <|bos|>) are left out. Prompt i uses seed `seeds[i]` (default seed + i). `tools=False`
+    runs no calculator: whatever the model writes after a python call is its own.
     """
     from nanochat.engine import TERMINAL_TOKENS, GenerationRequest, SamplingParams, Scheduler
 
@@ -110,7 +115,7 @@ def generate_samples(model, tokenizer, prompts: list[list[int]], num_samples: in
         return []
     context = model.config.sequence_len
     batch_size = max(batch_size, num_samples)
-    sched = Scheduler(model, tokenizer, batch_size=batch_size, max_len=context, tools=True)
+    sched = Scheduler(model, tokenizer, batch_size=batch_size, max_len=context, tools=tools)
     terminal = {tokenizer.encode_special(name) for name in TERMINAL_TOKENS}
     requests = []
     for i, prompt in enumerate(prompts):
@@ -151,7 +156,8 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
     conversations = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     samples = generate_samples(model, tokenizer, prompts, num_samples, max_tokens, temperature, top_k,
-                               batch_size=batch_size, seeds=[seed + 1000 * i for i in indices])
+                               batch_size=batch_size, seeds=[seed + 1000 * i for i in indices],
+                               tools=getattr(task, "tools", True))
     correct = 0
     for conv, outs in zip(conversations, samples):
         correct += any(task.evaluate(conv, tokenizer.decode(ids)) for ids, _ in outs)
@@ -163,11 +169,14 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
 
 
 def build_task(name: str, **kwargs):
-    from nanochat.tasks import ARC, GSM8K, MMLU, HumanEval, SpellingBee
+    from nanochat.tasks import ARC, GSM8K, MMLU, Arithmetic, HumanEval, SpellingBee
 
+    arithmetic = kwargs.get("arithmetic_size", 200)
     factories = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
                  "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": lambda: HumanEval(),
-                 "SpellingBee": lambda: SpellingBee(size=kwargs.get("spelling_size", 256), split="test")}
+                 "SpellingBee": lambda: SpellingBee(size=kwargs.get("spelling_size", 256), split="test"),
+                 "Arithmetic": lambda: Arithmetic(size=arithmetic, split="test"),
+                 "Arithmetic-NoTool": lambda: Arithmetic(size=arithmetic, split="test", tools=False)}
     if name not in factories:
         raise ValueError(f"unknown chat-eval task {name!r}; expected one of {list(factories)}")
     return factories[name]()
@@ -175,18 +184,26 @@ def build_task(name: str, **kwargs):
 
 def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems: int | None = None,
                   num_samples: int = 1, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = 50,
-                  batch_size: int = 8, tasks: dict | None = None, log=print) -> dict:
-    """Evaluate each task; returns {"tasks": {name: {...}}, "chatcore": mean centered accuracy}."""
+                  batch_size: int = 8, tasks: dict | None = None, log=print,
+                  arithmetic_problems: int | None = None) -> dict:
+    """Evaluate each task; returns {"tasks": {name: {...}}, "chatcore": mean centered accuracy}.
+    `arithmetic_problems`: the size of the held-out arithmetic set (not capped by `max_problems`)."""
     results = {}
     for name in task_names:
-        task = tasks[name] if tasks and name in tasks else build_task(name)
+        cap = max_problems
+        if tasks and name in tasks:
+            task = tasks[name]
+        elif name in NOT_IN_CHATCORE and arithmetic_problems:
+            task, cap = build_task(name, arithmetic_size=arithmetic_problems), None
+        else:
+            task = build_task(name)
         t0 = time.time()
         if task.eval_type == "categorical":
-            correct, total = evaluate_categorical(model, tokenizer, task, device, batch_size, max_problems)
+            correct, total = evaluate_categorical(model, tokenizer, task, device, batch_size, cap)
             kind, k = "categorical", None
         else:
             correct, total = evaluate_generative(model, tokenizer, task, device, num_samples, max_tokens,
-                                                 temperature, top_k, batch_size, max_problems)
+                                                 temperature, top_k, batch_size, cap)
             kind, k = "generative", num_samples
         accuracy = correct / max(total, 1)
         baseline = BASELINES.get(name, 0.0)
@@ -194,7 +211,8 @@ def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems:
                          "baseline": baseline, "centered": centered(accuracy, baseline),
                          "seconds": round(time.time() - t0, 2)}
         log(f"{name}: {correct}/{total} = {100 * accuracy:.2f}%" + (f" (pass@{k})" if k else ""))
-    chatcore = sum(r["centered"] for r in results.values()) / len(results) if results else None
+    core = [r["centered"] for name, r in results.items() if name not in NOT_IN_CHATCORE]
+    chatcore = sum(core) / len(core) if core else None
     # "summary" first: flat name -> number, the keys the report's summary table looks for
     summary = {name: r["accuracy"] for name, r in results.items()}
     summary["ChatCORE"] = chatcore

@@ -4,6 +4,7 @@ See base.py for the Task protocol; `nanochat data evals` (offline_data.py) build
 """
 
 from nanochat.tasks.arc import ARC
+from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.base import ListTask, Task, TaskMixture, TaskSequence, eval_data_dir
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
@@ -12,5 +13,5 @@ from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
 
-__all__ = ["ARC", "GSM8K", "HumanEval", "Identity", "ListTask", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee",
+__all__ = ["ARC", "Arithmetic", "GSM8K", "HumanEval", "Identity", "ListTask", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee",
            "Task", "TaskMixture", "TaskSequence", "eval_data_dir"]

@@ -1,7 +1,8 @@
 """The training and validation mixtures of each chat stage, in one place so the test-leak check can see them all.
 
-- Midtraining: SmolTalk + MMLU (auxiliary_train) + GSM8K train + identity (x2) + spelling tasks.
-- SFT: ARC-Easy/Challenge train + GSM8K train + a slice of SmolTalk + identity (x2) + spelling tasks.
+- Midtraining: SmolTalk + MMLU (auxiliary_train) + GSM8K train + identity (x2) + spelling tasks + arithmetic.
+- SFT: ARC-Easy/Challenge train + GSM8K train + a slice of SmolTalk + identity (x2) + spelling tasks + arithmetic.
+- The synthetic tasks (spelling, arithmetic) are weighted by their size: conversations per mixture.
 - RL: GSM8K train (rewarded), evaluated on GSM8K test.
 - Only "train" splits feed training (offline, those are built from validation splits: see offline_data.py);
   validation losses use SmolTalk test and synthetic test streams. `tests/test_tasks.py` checks no test-split row
@@ -17,6 +18,7 @@ from typing import Callable
 
 from nanochat.common import get_logger
 from nanochat.tasks.arc import ARC
+from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.base import Task, TaskMixture
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.identity import Identity
@@ -33,6 +35,7 @@ class MixtureSizes:
     arc: int | None = None
     gsm8k: int | None = None
     spelling: int = 20_000
+    arithmetic: int = 20_000
     identity_repeats: int = 2
 
 
@@ -50,6 +53,11 @@ def _maybe(factory: Callable[[], Task], limit: int | None, strict: bool, skipped
     return [task] if len(task) else []
 
 
+def _synthetic(task: Task) -> list[Task]:
+    """A synthetic task of size 0 (weight 0) leaves the mixture."""
+    return [task] if len(task) else []
+
+
 def mid_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict: bool = False,
                 seed: int = 42) -> TaskMixture:
     s, skipped = sizes or MixtureSizes(), []
@@ -58,11 +66,13 @@ def mid_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict:
                  + _maybe(lambda: MMLU("train"), s.mmlu, strict, skipped)
                  + _maybe(lambda: GSM8K("train"), s.gsm8k, strict, skipped)
                  + _maybe(Identity, None, strict, skipped) * s.identity_repeats
-                 + [SimpleSpelling(size=s.spelling, split="train"), SpellingBee(size=s.spelling, split="train")])
+                 + [SimpleSpelling(size=s.spelling, split="train"), SpellingBee(size=s.spelling, split="train")]
+                 + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
     elif split == "val":
         tasks = (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
                  + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
-                    SpellingBee(size=max(1, s.spelling // 20), split="test")])
+                    SpellingBee(size=max(1, s.spelling // 20), split="test")]
+                 + _synthetic(Arithmetic(size=s.arithmetic // 20, split="test")))
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     mixture = TaskMixture(tasks, seed=seed)
@@ -80,11 +90,13 @@ def sft_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict:
                  + _maybe(lambda: SmolTalk("train"), s.smoltalk, strict, skipped)
                  + _maybe(Identity, None, strict, skipped) * s.identity_repeats
                  + [SimpleSpelling(size=s.spelling // 2, split="train"),
-                    SpellingBee(size=s.spelling // 2, split="train")])
+                    SpellingBee(size=s.spelling // 2, split="train")]
+                 + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
     elif split == "val":
         tasks = (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
                  + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
-                    SpellingBee(size=max(1, s.spelling // 20), split="test")])
+                    SpellingBee(size=max(1, s.spelling // 20), split="test")]
+                 + _synthetic(Arithmetic(size=s.arithmetic // 20, split="test")))
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     mixture = TaskMixture(tasks, seed=seed)
