@@ -12,7 +12,7 @@ import torch
 from nanochat import chat_cli
 from nanochat.chat_cli import ChatSession, ChatSettings
 from nanochat.engine import Engine
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

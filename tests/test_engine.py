@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanochat.engine import (Engine, GenerationRequest, SamplingParams, Scheduler, TextStream, sample_tokens)
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,7 @@ import torch
 
 from nanochat.engine import DecodeGraphs, Engine, GenerationRequest, SamplingParams, Scheduler
 from nanochat.kv_cache import KVCache, PackedBatch
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 from test_engine import FailingModel, prompt_of, scripted
 

@@ -15,7 +15,8 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 openai = pytest.importorskip("openai")
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanochat.serve.app import Replica, ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 CONTEXT = 128
 ROWS = 2

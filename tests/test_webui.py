@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model, tiny_tokenizer
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
