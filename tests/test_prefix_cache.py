@@ -10,7 +10,7 @@ import torch
 from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
 from nanochat.kv_cache import KVCache, PrefixStore
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.tiny import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,11 +19,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")
