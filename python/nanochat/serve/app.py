@@ -1,24 +1,13 @@
-"""The OpenAI-compatible HTTP app: Starlette routes over one continuous-batching scheduler per model replica.
+"""The OpenAI-compatible HTTP app (Starlette) and web UI over one scheduler per model replica: `create_app` wires
+the routes, `nanochat serve` (serve/cli.py) runs it with uvicorn.
 
-Notable choices:
-- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop
-  only parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is.
-  Tokens cross from the worker to the loop by `loop.call_soon_threadsafe` into a per-request asyncio.Queue.
-- A new request goes to the live replica with the fewest active + waiting requests; when every replica's waiting
-  queue is full the answer is 429 with Retry-After. A replica whose worker thread has died takes no requests; with
-  none alive the answer is 503 with Retry-After, and /health says which replica is down (HTTP 503 when none is up).
-- Every wait for the worker has a deadline: the first token within `first_token_timeout_s`, each later event within
-  `step_timeout_s`, so a request's total wait is bounded by its own n * max_tokens; the handler also notices within
-  `WORKER_POLL_S` that its worker died. A deadline missed answers 504 (or an error event mid-stream).
-- The worker thread selects its replica's CUDA device first: the Triton wrappers launch on their inputs' device anyway
-  (kernels/_common.on_device), but torch's own current-device state must also match the replica.
-- A client that goes away (stream closed, or the socket of a non-streaming call) cancels its request; the scheduler
-  frees its rows before the next decode step.
-- Every bad request is a 4xx with an OpenAI-style error object {"error": {"message", "type", "param", "code"}}:
-  body size, UTF-8, JSON, message count/roles/content, parameter types and ranges, prompt tokens vs the context.
-- User text is encoded as ordinary text: typing "<|assistant_end|>" yields the bytes of that string, never the id.
-- Prometheus text at /metrics, written by hand (requests by status, tokens, queue depth, active rows, a time to
-  first token histogram, prefill tokens, and the prefix cache: lookups, hits, hit rate, reused tokens).
+Two choices shape it:
+- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop only
+  parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is. Tokens
+  cross back to the loop in bursts (EventRelay) into a per-request asyncio.Queue.
+- Nothing waits forever: every wait for the worker has a deadline (ServerConfig: first token, then each step), a
+  handler notices within WORKER_POLL_S that its worker died (503, or 504 for a missed deadline), and a client that
+  goes away cancels its request. Bad input is a 4xx with an OpenAI-style error object, never a 5xx.
 """
 
 from __future__ import annotations
@@ -89,6 +78,7 @@ class BadRequest(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
             503: "server_busy"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
@@ -100,6 +90,9 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 class Metrics:
+    """Prometheus text for /metrics, written by hand: requests by status, tokens, queue depth, active rows, the prefix
+    cache and a time-to-first-token histogram."""
+
     TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
     def __init__(self):
@@ -225,7 +218,8 @@ class Replica:
             self.thread.start()
 
     def _work(self) -> None:
-        """The worker thread: select the replica's device (a thread starts on cuda:0), then serve until stopped.
+        """The worker thread: select the replica's device (a thread starts on cuda:0, and torch's current device must
+        match the replica even though the Triton wrappers follow their inputs), then serve until stopped.
         `serve_forever` survives model errors; whatever still ends it is recorded for /health."""
         try:
             if self.scheduler.device.type == "cuda":
@@ -582,7 +576,7 @@ class ChatService:
         """The validated request and its prompt tokens (raises BadRequest)."""
         payload = decode_json(await read_body(request, self.config.max_body_bytes))
         parsed = parse_request(payload, self.config, self.context, self.vocab_size, self.batch_rows)
-        try:
+        try:  # user text is ordinary text: typing "<|assistant_end|>" gives that string's bytes, never the id
             prompt = self.tokenizer.render_for_completion({"messages": parsed.messages})
         except ValueError as e:
             raise BadRequest(str(e), "messages") from None
@@ -634,6 +628,7 @@ class ChatService:
             {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "nanochat"}]})
 
     async def health(self, request: Request) -> Response:
+        """ok / degraded / unhealthy, naming each replica that is down; 503 when none is up."""
         alive = [r.alive for r in self.replicas]
         status = "ok" if all(alive) else "degraded" if any(alive) else "unhealthy"
         down = [{"replica": i, "device": str(r.scheduler.device), "error": r.error}
