@@ -426,7 +426,7 @@ class Completion:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.req.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.req.completion_tokens}
 
-    def next_event(self):
+    def wait_event(self):
         """The next event, within the first-token deadline until a token came, then the per-step one."""
         started = self.req.first_token_at is not None
         timeout_s = self.config.step_timeout_s if started else self.config.first_token_timeout_s
@@ -464,7 +464,7 @@ class Completion:
             remaining = parsed.n
             while remaining:
                 try:
-                    batch = [await self.next_event()]
+                    batch = [await self.wait_event()]
                 except (ReplicaDown, GenerationTimeout) as e:  # the status line is sent: say it in-band
                     get_logger().error("stream %s ended early: %s", self.id, e)
                     error = {"message": str(e), "type": "server_error", "param": None,
@@ -513,7 +513,7 @@ class Completion:
         try:
             remaining = n
             while remaining:
-                ev = await self.next_event()
+                ev = await self.wait_event()
                 texts[ev.sample] += ev.text
                 if ev.finish_reason is not None:
                     reasons[ev.sample] = FINISH[ev.finish_reason]
