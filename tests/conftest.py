@@ -1,4 +1,5 @@
-"""Shared pytest set-up: offline hub, an isolated NANOCHAT_BASE_DIR per test, the shared data folder, GPU skips."""
+"""Shared pytest set-up: offline hub, an isolated NANOCHAT_BASE_DIR per test, the shared data folder, the tiny
+tokenizer, GPU skips."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def base_dir(tmp_path, monkeypatch) -> Path:
     path.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The small real-text tokenizer of nanochat.tiny (vocab 512), trained once per run: tests only read it."""
+    from nanochat.tiny import tiny_tokenizer
+
+    return tiny_tokenizer(512)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,7 @@ import torch
 from nanochat import chat_cli
 from nanochat.chat_cli import ChatSession, ChatSettings
 from nanochat.engine import Engine
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,11 +22,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

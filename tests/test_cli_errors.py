@@ -71,7 +71,7 @@ def test_every_subcommand_on_an_empty_base_dir(tmp_path):
 def tiny_chat(tmp_path_factory):
     """A base dir holding a tokenizer and a tiny sft + base checkpoint (no eval data)."""
     from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.serve.testing import tiny_model
+    from nanochat.tiny import tiny_model
     from nanochat.tokenizer import Tokenizer
 
     base = tmp_path_factory.mktemp("tiny_chat")

@@ -123,7 +123,7 @@ def test_parse_data_arg_keeps_colons_in_names(tmp_path):
 def base_checkpoint(base_dir):
     """A tiny random base model and tokenizer in a fresh NANOCHAT_BASE_DIR."""
     from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.serve.testing import tiny_model, tiny_tokenizer
+    from nanochat.tiny import tiny_model, tiny_tokenizer
     from nanochat.tokenizer import default_tokenizer_path
 
     tokenizer = tiny_tokenizer(512)

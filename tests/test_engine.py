@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanochat.engine import (Engine, GenerationRequest, SamplingParams, Scheduler, TextStream, sample_tokens)
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,11 +21,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

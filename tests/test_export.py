@@ -20,7 +20,7 @@ pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer is not bu
 from nanochat import export  # noqa: E402
 from nanochat.checkpoint import checkpoint_dir, load_exported, save_checkpoint  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.serve.testing import tiny_model, tiny_tokenizer  # noqa: E402
+from nanochat.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from nanochat.tokenizer import default_tokenizer_path  # noqa: E402
 
 CONVERSATIONS = [

@@ -10,7 +10,7 @@ import torch
 from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
 from nanochat.kv_cache import KVCache, PrefixStore
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,11 +19,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +191,7 @@ def test_the_server_reuses_a_resent_history(model, tok):
     """Two turns over HTTP, the second resending the first (as OpenAI clients and the web UI do)."""
     import httpx
 
-    from nanochat.serve.testing import ServerThread
+    from nanochat.serve.thread import ServerThread
 
     app = create_app(model, tok, ServerConfig(batch_size=2))
     with ServerThread(app) as server:

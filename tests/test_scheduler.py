@@ -13,7 +13,7 @@ import torch
 
 from nanochat.engine import DecodeGraphs, Engine, GenerationRequest, SamplingParams, Scheduler
 from nanochat.kv_cache import KVCache, PackedBatch
-from nanochat.serve.testing import tiny_model, tiny_tokenizer
+from nanochat.tiny import tiny_model
 
 from test_engine import FailingModel, prompt_of, scripted
 
@@ -24,11 +24,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model
 
 openai = pytest.importorskip("openai")
 
@@ -42,11 +43,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

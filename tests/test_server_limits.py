@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanochat.serve.app import Replica, ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model
 
 CONTEXT = 128
 ROWS = 2
@@ -26,11 +27,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(512)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.testing import ServerThread, tiny_model, tiny_tokenizer
+from nanochat.serve.thread import ServerThread
+from nanochat.tiny import tiny_model
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,8 +47,7 @@ class SlowModel(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def server():
-    tok = tiny_tokenizer(512)
+def server(tok):
     silenced = [tok.encode_special(n) for n in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
     model = SlowModel(tiny_model(tok.vocab_size, sequence_len=512, seed=2), 0.01, silenced)
     app = create_app(model, tok, ServerConfig(batch_size=4))

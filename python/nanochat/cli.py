@@ -25,7 +25,7 @@ COMMANDS = {
     "chat-rl": ("nanochat.chat_rl", "reinforcement learning on GSM8K"),
     "chat-eval": ("nanochat.chat_eval", "ARC, MMLU, GSM8K, HumanEval and ChatCORE of a chat model"),
     "chat": ("nanochat.chat_cli", "talk to a chat model in the terminal"),
-    "serve": ("nanochat.serve", "OpenAI-compatible server with a web UI"),
+    "serve": ("nanochat.serve.cli", "OpenAI-compatible server with a web UI"),
     "report": ("nanochat.report", "write report.md from the stages' results"),
     "export": ("nanochat.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
 }

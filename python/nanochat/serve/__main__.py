@@ -1,5 +1,5 @@
 import sys
 
-from nanochat.serve import main
+from nanochat.serve.cli import main
 
 sys.exit(main())

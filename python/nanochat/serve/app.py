@@ -1,24 +1,13 @@
-"""The OpenAI-compatible HTTP app: Starlette routes over one continuous-batching scheduler per model replica.
+"""The OpenAI-compatible HTTP app (Starlette) and web UI over one scheduler per model replica: `create_app` wires
+the routes, `nanochat serve` (serve/cli.py) runs it with uvicorn.
 
-Notable choices:
-- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop
-  only parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is.
-  Tokens cross from the worker to the loop by `loop.call_soon_threadsafe` into a per-request asyncio.Queue.
-- A new request goes to the live replica with the fewest active + waiting requests; when every replica's waiting
-  queue is full the answer is 429 with Retry-After. A replica whose worker thread has died takes no requests; with
-  none alive the answer is 503 with Retry-After, and /health says which replica is down (HTTP 503 when none is up).
-- Every wait for the worker has a deadline: the first token within `first_token_timeout_s`, each later event within
-  `step_timeout_s`, so a request's total wait is bounded by its own n * max_tokens; the handler also notices within
-  `WORKER_POLL_S` that its worker died. A deadline missed answers 504 (or an error event mid-stream).
-- The worker thread selects its replica's CUDA device first: the Triton wrappers launch on their inputs' device anyway
-  (kernels/_common.on_device), but torch's own current-device state must also match the replica.
-- A client that goes away (stream closed, or the socket of a non-streaming call) cancels its request; the scheduler
-  frees its rows before the next decode step.
-- Every bad request is a 4xx with an OpenAI-style error object {"error": {"message", "type", "param", "code"}}:
-  body size, UTF-8, JSON, message count/roles/content, parameter types and ranges, prompt tokens vs the context.
-- User text is encoded as ordinary text: typing "<|assistant_end|>" yields the bytes of that string, never the id.
-- Prometheus text at /metrics, written by hand (requests by status, tokens, queue depth, active rows, a time to
-  first token histogram, prefill tokens, and the prefix cache: lookups, hits, hit rate, reused tokens).
+Two choices shape it:
+- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop only
+  parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is. Tokens
+  cross back to the loop in bursts (EventRelay) into a per-request asyncio.Queue.
+- Nothing waits forever: every wait for the worker has a deadline (ServerConfig: first token, then each step), a
+  handler notices within WORKER_POLL_S that its worker died (503, or 504 for a missed deadline), and a client that
+  goes away cancels its request. Bad input is a 4xx with an OpenAI-style error object, never a 5xx.
 """
 
 from __future__ import annotations
@@ -89,6 +78,7 @@ class BadRequest(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}}."""
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
             503: "server_busy"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
@@ -100,6 +90,9 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 class Metrics:
+    """Prometheus text for /metrics, written by hand: requests by status, tokens, queue depth, active rows, the prefix
+    cache and a time-to-first-token histogram."""
+
     TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
     def __init__(self):
@@ -225,7 +218,8 @@ class Replica:
             self.thread.start()
 
     def _work(self) -> None:
-        """The worker thread: select the replica's device (a thread starts on cuda:0), then serve until stopped.
+        """The worker thread: select the replica's device (a thread starts on cuda:0, and torch's current device must
+        match the replica even though the Triton wrappers follow their inputs), then serve until stopped.
         `serve_forever` survives model errors; whatever still ends it is recorded for /health."""
         try:
             if self.scheduler.device.type == "cuda":
@@ -416,70 +410,196 @@ async def next_event(queue: asyncio.Queue, replica: Replica, timeout_s: float) -
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
 
-def load_ui_page() -> str:
-    return importlib.resources.files("nanochat.serve").joinpath("ui.html").read_text(encoding="utf-8")
+class Completion:
+    """One admitted chat completion: its request in a replica's scheduler, the queue its events arrive on, and what
+    both answers share (deadlines, cancelling, metrics). `stream()` yields it as server-sent events, `respond()`
+    waits for every sample and answers one JSON body."""
 
+    def __init__(self, req: GenerationRequest, queue: asyncio.Queue, replica: Replica, parsed: ParsedRequest,
+                 prompt_tokens: int, t0: float, config: ServerConfig, metrics: Metrics):
+        self.req, self.queue, self.replica, self.parsed = req, queue, replica, parsed
+        self.prompt_tokens, self.t0, self.config, self.metrics = prompt_tokens, t0, config, metrics
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.received = 0  # final events seen here (the worker sets req.finished a moment later)
 
-def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlette:
-    """The app over one model or a list of models (one replica each, e.g. one per GPU)."""
-    config = config or ServerConfig()
-    models = models if isinstance(models, (list, tuple)) else [models]
-    replicas = [Replica(m, tokenizer, config) for m in models]
-    context = min(r.context for r in replicas)
-    batch_rows = min(r.scheduler.batch_size for r in replicas)
-    vocab_size = tokenizer.get_vocab_size()
-    metrics = Metrics()
-    created = int(time.time())
-    ui_page = load_ui_page()
-    relays: dict[asyncio.AbstractEventLoop, EventRelay] = {}
-    log = get_logger()
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.req.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.req.completion_tokens}
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        for r in replicas:
-            r.start()
-        try:
-            yield
-        finally:
-            for r in replicas:
-                r.stop()
+    def wait_event(self):
+        """The next event, within the first-token deadline until a token came, then the per-step one."""
+        started = self.req.first_token_at is not None
+        timeout_s = self.config.step_timeout_s if started else self.config.first_token_timeout_s
+        return next_event(self.queue, self.replica, timeout_s)
 
-    def chunk(cid: str, choices: list[dict], usage=None, include_usage=False) -> str:
-        body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": config.model_name, "system_fingerprint": None, "choices": choices}
+    def cancel(self) -> None:
+        """Stop the samples still running (the client went away, or the answer ended early)."""
+        if self.received < self.parsed.n and not self.req.cancelled:
+            self.req.cancel()
+            self.replica.scheduler.wake()
+            with self.metrics.lock:
+                self.metrics.disconnects += 1
+
+    def finish(self) -> None:
+        with self.metrics.lock:
+            self.metrics.completion_tokens += self.req.completion_tokens
+        if self.req.first_token_at is not None:
+            self.metrics.ttft(self.req.first_token_at - self.t0)
+
+    def chunk(self, choices: list[dict], usage=None, include_usage=False) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": self.config.model_name, "system_fingerprint": None, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-    async def chat_completions(request: Request) -> Response:
-        t0 = time.monotonic()
+    async def stream(self):
+        """Server-sent events: a role chunk per sample, then each burst of tokens as one chunk per sample, a final
+        chunk per sample, the usage when asked, and [DONE]. A failure after the status line is an error event."""
+        parsed, done = self.parsed, False
         try:
-            payload = decode_json(await read_body(request, config.max_body_bytes))
-            parsed = parse_request(payload, config, context, vocab_size, batch_rows)
-            try:
-                prompt = tokenizer.render_for_completion({"messages": parsed.messages})
-            except ValueError as e:
-                raise BadRequest(str(e), "messages") from None
-            if len(prompt) >= context:
-                raise BadRequest(f"the prompt is {len(prompt)} tokens; this model's context is {context} tokens "
-                                 f"(the reply needs at least one)", "messages", "context_length_exceeded")
+            for i in range(parsed.n):
+                yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None}], None, parsed.include_usage)
+            remaining = parsed.n
+            while remaining:
+                try:
+                    batch = [await self.wait_event()]
+                except (ReplicaDown, GenerationTimeout) as e:  # the status line is sent: say it in-band
+                    get_logger().error("stream %s ended early: %s", self.id, e)
+                    error = {"message": str(e), "type": "server_error", "param": None,
+                             "code": "replica_down" if isinstance(e, ReplicaDown) else "timeout"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                texts: dict[int, str] = {}
+                finals = []
+                for ev in batch:
+                    if ev.text:
+                        texts[ev.sample] = texts.get(ev.sample, "") + ev.text
+                    if ev.finish_reason is not None:
+                        finals.append(ev)
+                        remaining -= 1
+                        self.received += 1
+                for i, t in sorted(texts.items()):  # one choice per chunk, as OpenAI does
+                    yield self.chunk([{"index": i, "delta": {"content": t}, "logprobs": None,
+                                       "finish_reason": None}], None, parsed.include_usage)
+                for ev in finals:
+                    yield self.chunk([{"index": ev.sample, "delta": {}, "logprobs": None,
+                                       "finish_reason": FINISH[ev.finish_reason]}], None, parsed.include_usage)
+            if parsed.include_usage:
+                yield self.chunk([], self.usage(), True)
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                self.cancel()
+            self.finish()
+
+    async def respond(self, request: Request) -> Response:
+        """Wait for every sample, cancelling if the client disconnects meanwhile; 503 when the replica died, 504
+        when a deadline passed, 500 when the model failed."""
+        async def watch_disconnect():
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    self.cancel()
+                    return
+
+        n = self.parsed.n
+        watcher = asyncio.create_task(watch_disconnect())
+        texts, reasons = [""] * n, [None] * n
+        try:
+            remaining = n
+            while remaining:
+                ev = await self.wait_event()
+                texts[ev.sample] += ev.text
+                if ev.finish_reason is not None:
+                    reasons[ev.sample] = FINISH[ev.finish_reason]
+                    remaining -= 1
+                    self.received += 1
+        except ReplicaDown as e:
+            get_logger().error("request %s: replica down: %s", self.id, e)
+            return error_response(503, "the model replica stopped; retry later", code="replica_down",
+                                  headers={"Retry-After": str(self.config.retry_after_s)})
+        except GenerationTimeout as e:
+            get_logger().error("request %s: %s", self.id, e)
+            return error_response(504, f"generation timed out: {e}", code="timeout")
+        finally:
+            watcher.cancel()
+            self.cancel()
+            self.finish()
+        if "error" in reasons:  # the model failed (logged by the worker); not the client's fault
+            return error_response(500, "generation failed on the server; see its log")
+        body = {"id": self.id, "object": "chat.completion", "created": int(time.time()),
+                "model": self.config.model_name, "system_fingerprint": None,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                             "logprobs": None, "finish_reason": reasons[i]} for i in range(n)],
+                "usage": self.usage()}
+        return JSONResponse(body)
+
+
+class ChatService:
+    """What the routes share: the replicas, their tokenizer, the config and the metrics. Its methods are the
+    route handlers."""
+
+    def __init__(self, models, tokenizer, config: ServerConfig):
+        self.config, self.tokenizer = config, tokenizer
+        self.replicas = [Replica(m, tokenizer, config) for m in models]
+        self.context = min(r.context for r in self.replicas)
+        self.batch_rows = min(r.scheduler.batch_size for r in self.replicas)
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.metrics = Metrics()
+        self.created = int(time.time())
+        self.ui_page = load_ui_page()
+        self.relays: dict[asyncio.AbstractEventLoop, EventRelay] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        for r in self.replicas:
+            r.start()
+        try:
+            yield
+        finally:
+            for r in self.replicas:
+                r.stop()
+
+    def relay(self) -> EventRelay:
+        loop = asyncio.get_running_loop()
+        if self.relays.get(loop) is None:
+            self.relays.clear()  # one event loop per app run; a new one (tests restarting the app) replaces the old
+            self.relays[loop] = EventRelay(loop)
+        return self.relays[loop]
+
+    async def parse(self, request: Request) -> tuple[ParsedRequest, list[int]]:
+        """The validated request and its prompt tokens (raises BadRequest)."""
+        payload = decode_json(await read_body(request, self.config.max_body_bytes))
+        parsed = parse_request(payload, self.config, self.context, self.vocab_size, self.batch_rows)
+        try:  # user text is ordinary text: typing "<|assistant_end|>" gives that string's bytes, never the id
+            prompt = self.tokenizer.render_for_completion({"messages": parsed.messages})
+        except ValueError as e:
+            raise BadRequest(str(e), "messages") from None
+        if len(prompt) >= self.context:
+            raise BadRequest(f"the prompt is {len(prompt)} tokens; this model's context is {self.context} tokens "
+                             f"(the reply needs at least one)", "messages", "context_length_exceeded")
+        return parsed, prompt
+
+    async def chat_completions(self, request: Request) -> Response:
+        """Validate, queue on the least loaded live replica (503 with none, 429 when its queue is full), answer."""
+        t0 = time.monotonic()
+        config, metrics = self.config, self.metrics
+        try:
+            parsed, prompt = await self.parse(request)
         except BadRequest as e:
             metrics.request(e.status)
             return error_response(e.status, e.message, e.param, e.code)
-        params = parsed.params
-        params.max_tokens = min(params.max_tokens, context - len(prompt))
-        loop = asyncio.get_running_loop()
-        if relays.get(loop) is None:
-            relays.clear()  # one event loop per app run; a new one (tests restarting the app) replaces the old
-            relays[loop] = EventRelay(loop)
-        relay = relays[loop]
+        parsed.params.max_tokens = min(parsed.params.max_tokens, self.context - len(prompt))
+        relay = self.relay()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-
-        def on_event(ev: TokenEvent) -> None:  # worker thread
-            relay.push(queue, ev)
-
-        req = GenerationRequest(prompt, params, n=parsed.n, on_event=on_event)
-        live = [r for r in replicas if r.alive]
+        req = GenerationRequest(prompt, parsed.params, n=parsed.n,
+                                on_event=lambda ev: relay.push(queue, ev))  # called on the worker thread
+        live = [r for r in self.replicas if r.alive]
         if not live:
             metrics.request(503)
             return error_response(503, "no model replica is running; retry later", code="replica_down",
@@ -497,152 +617,60 @@ def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlet
         metrics.request(200)
         with metrics.lock:
             metrics.prompt_tokens += len(prompt)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-
-        def finish(ev_tokens: int) -> None:
-            with metrics.lock:
-                metrics.completion_tokens += ev_tokens
-            if req.first_token_at is not None:
-                metrics.ttft(req.first_token_at - t0)
-
-        def usage() -> dict:
-            return {"prompt_tokens": len(prompt), "completion_tokens": req.completion_tokens,
-                    "total_tokens": len(prompt) + req.completion_tokens}
-
-        received = [0]  # final events seen by this handler (the worker sets req.finished a moment later)
-
-        def wait_event():
-            started = req.first_token_at is not None
-            return next_event(queue, replica, config.step_timeout_s if started else config.first_token_timeout_s)
-
-        def cancel() -> None:
-            if received[0] < parsed.n and not req.cancelled:
-                req.cancel()
-                replica.scheduler.wake()
-                with metrics.lock:
-                    metrics.disconnects += 1
-
+        completion = Completion(req, queue, replica, parsed, len(prompt), t0, config, metrics)
         if parsed.stream:
-            async def events():
-                done = False
-                try:
-                    for i in range(parsed.n):
-                        yield chunk(cid, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                           "finish_reason": None}], None, parsed.include_usage)
-                    remaining = parsed.n
-                    while remaining:
-                        try:
-                            batch = [await wait_event()]
-                        except (ReplicaDown, GenerationTimeout) as e:  # the status line is sent: say it in-band
-                            log.error("stream %s ended early: %s", cid, e)
-                            error = {"message": str(e), "type": "server_error", "param": None,
-                                     "code": "replica_down" if isinstance(e, ReplicaDown) else "timeout"}
-                            yield f"data: {json.dumps({'error': error})}\n\n"
-                            return
-                        while not queue.empty():
-                            batch.append(queue.get_nowait())
-                        texts: dict[int, str] = {}
-                        finals = []
-                        for ev in batch:
-                            if ev.text:
-                                texts[ev.sample] = texts.get(ev.sample, "") + ev.text
-                            if ev.finish_reason is not None:
-                                finals.append(ev)
-                                remaining -= 1
-                                received[0] += 1
-                        for i, t in sorted(texts.items()):  # one choice per chunk, as OpenAI does
-                            yield chunk(cid, [{"index": i, "delta": {"content": t}, "logprobs": None,
-                                               "finish_reason": None}], None, parsed.include_usage)
-                        for ev in finals:
-                            yield chunk(cid, [{"index": ev.sample, "delta": {}, "logprobs": None,
-                                               "finish_reason": FINISH[ev.finish_reason]}], None, parsed.include_usage)
-                    if parsed.include_usage:
-                        yield chunk(cid, [], usage(), True)
-                    yield "data: [DONE]\n\n"
-                    done = True
-                finally:
-                    if not done:
-                        cancel()
-                    finish(req.completion_tokens)
-
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(completion.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await completion.respond(request)
 
-        # non-streaming: wait for every sample, cancelling if the client disconnects meanwhile
-        async def watch_disconnect():
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    cancel()
-                    return
-
-        watcher = asyncio.create_task(watch_disconnect())
-        texts, reasons = [""] * parsed.n, [None] * parsed.n
-        try:
-            remaining = parsed.n
-            while remaining:
-                ev = await wait_event()
-                texts[ev.sample] += ev.text
-                if ev.finish_reason is not None:
-                    reasons[ev.sample] = FINISH[ev.finish_reason]
-                    remaining -= 1
-                    received[0] += 1
-        except ReplicaDown as e:
-            log.error("request %s: replica down: %s", cid, e)
-            return error_response(503, "the model replica stopped; retry later", code="replica_down",
-                                  headers={"Retry-After": str(config.retry_after_s)})
-        except GenerationTimeout as e:
-            log.error("request %s: %s", cid, e)
-            return error_response(504, f"generation timed out: {e}", code="timeout")
-        finally:
-            watcher.cancel()
-            cancel()
-            finish(req.completion_tokens)
-        if "error" in reasons:  # the model failed (logged by the worker); not the client's fault
-            return error_response(500, "generation failed on the server; see its log")
-        body = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": config.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                             "logprobs": None, "finish_reason": reasons[i]} for i in range(parsed.n)],
-                "usage": usage()}
-        return JSONResponse(body)
-
-    async def models_list(request: Request) -> Response:
+    async def models_list(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": created, "owned_by": "nanochat"}]})
+            {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "nanochat"}]})
 
-    async def health(request: Request) -> Response:
-        alive = [r.alive for r in replicas]
+    async def health(self, request: Request) -> Response:
+        """ok / degraded / unhealthy, naming each replica that is down; 503 when none is up."""
+        alive = [r.alive for r in self.replicas]
         status = "ok" if all(alive) else "degraded" if any(alive) else "unhealthy"
         down = [{"replica": i, "device": str(r.scheduler.device), "error": r.error}
-                for i, r in enumerate(replicas) if not alive[i]]
-        headers = None if any(alive) else {"Retry-After": str(config.retry_after_s)}
-        return JSONResponse({"status": status, "replicas": len(replicas), "workers_alive": sum(alive), "down": down},
-                            status_code=200 if any(alive) else 503, headers=headers)
+                for i, r in enumerate(self.replicas) if not alive[i]]
+        headers = None if any(alive) else {"Retry-After": str(self.config.retry_after_s)}
+        return JSONResponse({"status": status, "replicas": len(self.replicas), "workers_alive": sum(alive),
+                             "down": down}, status_code=200 if any(alive) else 503, headers=headers)
 
-    async def metrics_page(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(replicas), media_type="text/plain; version=0.0.4")
+    async def metrics_page(self, request: Request) -> Response:
+        return PlainTextResponse(self.metrics.render(self.replicas), media_type="text/plain; version=0.0.4")
 
-    async def index(request: Request) -> Response:
-        return HTMLResponse(ui_page)
+    async def index(self, request: Request) -> Response:
+        return HTMLResponse(self.ui_page)
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.status_code, exc.detail or "error", headers=getattr(exc, "headers", None))
 
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal server error")
+def load_ui_page() -> str:
+    return importlib.resources.files("nanochat.serve").joinpath("ui.html").read_text(encoding="utf-8")
 
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    return error_response(exc.status_code, exc.detail or "error", headers=getattr(exc, "headers", None))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    get_logger().exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error")
+
+
+def create_app(models, tokenizer, config: ServerConfig | None = None) -> Starlette:
+    """The app over one model or a list of models (one replica each, e.g. one per GPU)."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    service = ChatService(models, tokenizer, config or ServerConfig())
     routes = [
-        Route("/", index, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics_page, methods=["GET"]),
-        Route("/v1/models", models_list, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/", service.index, methods=["GET"]),
+        Route("/health", service.health, methods=["GET"]),
+        Route("/metrics", service.metrics_page, methods=["GET"]),
+        Route("/v1/models", service.models_list, methods=["GET"]),
+        Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = Starlette(routes=routes, lifespan=service.lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.replicas = replicas
-    app.state.metrics = metrics
-    app.state.config = config
+    app.state.replicas = service.replicas
+    app.state.metrics = service.metrics
+    app.state.config = service.config
     return app
