@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.engine import Engine
-from nanochat.serve.testing import tiny_tokenizer
+from nanochat.tiny import tiny_tokenizer
 from nanochat.tasks.arithmetic import (Arithmetic, expression, final_number, is_test_problem, numbers_match,
                                        problem_key)
 from nanochat.tools import evaluate as calculate

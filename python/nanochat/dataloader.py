@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass

@@ -204,7 +204,7 @@ def _header(root: Path, price_per_hour: float | None) -> list[str]:
         + (f", triton {info['triton']}" if info.get("triton") else "")
         + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),
         f"- wall time: {_duration(wall) if wall else 'unknown (no `nanochat report --start` marker)'}",
-        f"- estimated cost: " + (f"${wall / 3600 * price:.2f} at ${price:.2f}/hour" if wall else "unknown"),
+        "- estimated cost: " + (f"${wall / 3600 * price:.2f} at ${price:.2f}/hour" if wall else "unknown"),
     ]
     return lines
 
