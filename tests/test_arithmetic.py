@@ -122,19 +122,20 @@ def test_render_masks_learn_the_call_and_the_statement_not_the_output(tok):
 
 
 class ReplayModel(torch.nn.Module):
-    """A 'model' that always predicts the next token of one fixed sequence (batch 1, counts what it has seen)."""
+    """A 'model' whose prediction at absolute position p is token p + 1 of one fixed sequence."""
 
     def __init__(self, vocab_size: int, sequence: list[int]):
         super().__init__()
         self.config = SimpleNamespace(sequence_len=256, vocab_size=vocab_size, n_layer=1, n_kv_head=1, head_dim=2)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.sequence, self.seen = sequence, 0
+        self.sequence = torch.tensor(sequence)
 
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
-        self.seen += T
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        logits[:, -1, self.sequence[min(self.seen, len(self.sequence) - 1)]] = 10.0
+        pos = kv_cache.positions(B, T)  # (B, T) absolute positions (see kv_cache.py)
+        nxt = self.sequence[(pos + 1).clamp(max=len(self.sequence) - 1)]
+        logits = torch.zeros(B, T, self.config.vocab_size).scatter_(2, nxt.unsqueeze(-1), 10.0)
+        logits = kv_cache.select(logits)  # the positions the engine samples from
         kv_cache.advance(T)
         return logits
 

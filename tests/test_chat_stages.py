@@ -167,8 +167,8 @@ def _easy_gsm8k(n: int, seed: int) -> list[dict]:
     return rows
 
 
-# What each stage of the tiny chain must achieve. Measured with every stage's --seed set to 42, 1, 2, 3, 4 (CPU, this
-# test's settings); each threshold is about half the smallest change seen, so that a regression fails and seed noise
+# What each stage of the tiny chain must achieve (on mixtures without the arithmetic task, which has its own tests).
+# Measured with every stage's --seed set to 42, 1, 2, 3, 4 (CPU, this test's settings); each threshold is about half the smallest change seen, so that a regression fails and seed noise
 # does not:
 # - base: training loss from 6.24 (uniform over 512 ids) to 1.57..1.62 (mean of the last 3 steps): drop >= 3 nats
 # - mid: validation loss 3.63..3.82 -> 1.53..1.62: drop >= 0.3 (kept from before; the smallest seen is 2.07)
@@ -223,7 +223,8 @@ def test_chain_base_mid_sft_rl_eval(tmp_path, monkeypatch, tokenizer):
     assert core["core"] == pytest.approx(sum(t["centered"] for t in core["tasks"].values()) / 14)
 
     mid_args = ["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8", "--num-iterations", "40",
-                "--eval-every", "-1", "--eval-tokens", "4096", "--spelling-size", "300", *common]
+                "--eval-every", "-1", "--eval-tokens", "4096", "--spelling-size", "300", "--arithmetic-size", "0",
+                *common]
     assert mid_train.main(mid_args + ["--save-every", "30"]) == 0
     mid = json.loads((checkpoint_dir("mid", "tiny") / "metrics.json").read_text())
     assert mid["val_loss"] < mid["initial_val_loss"] - CHAIN_MARGINS["mid_loss_drop"], mid
@@ -240,7 +241,8 @@ def test_chain_base_mid_sft_rl_eval(tmp_path, monkeypatch, tokenizer):
 
     assert chat_sft.main(["--source-tag", "tiny", "--model-tag", "tiny", "--device-batch-size", "8",
                           "--examples-per-step", "16", "--num-iterations", "30", "--eval-every", "-1",
-                          "--init-lr-frac", "0.5", "--spelling-size", "400", "--smoltalk-limit", "200",
+                          "--init-lr-frac", "0.5", "--spelling-size", "400", "--arithmetic-size", "0",
+                          "--smoltalk-limit", "200",
                           "--eval-conversations", "64", "--max-seq-len", "128", *common]) == 0
     sft = json.loads((checkpoint_dir("sft", "tiny") / "metrics.json").read_text())
     assert sft["val_loss"] < sft["initial_val_loss"] - CHAIN_MARGINS["sft_loss_drop"], sft
