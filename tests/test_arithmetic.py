@@ -15,7 +15,7 @@ from nanochat.engine import Engine
 from nanochat.tiny import tiny_tokenizer
 from nanochat.tasks.arithmetic import (Arithmetic, expression, final_number, is_test_problem, numbers_match,
                                        problem_key)
-from nanochat.tools import evaluate as calculate
+from nanochat.calculator import evaluate as calculate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -168,8 +168,8 @@ def _easy_gsm8k(n: int, seed: int) -> list[dict]:
 
 
 # What each stage of the tiny chain must achieve (on mixtures without the arithmetic task, which has its own tests).
-# Measured with every stage's --seed set to 42, 1, 2, 3, 4 (CPU, this test's settings); each threshold is about half the smallest change seen, so that a regression fails and seed noise
-# does not:
+# Measured with every stage's --seed set to 42, 1, 2, 3, 4 (CPU, this test's settings); each threshold is about
+# half the smallest change seen, so that a regression fails and seed noise does not:
 # - base: training loss from 6.24 (uniform over 512 ids) to 1.57..1.62 (mean of the last 3 steps): drop >= 3 nats
 # - mid: validation loss 3.63..3.82 -> 1.53..1.62: drop >= 0.3 (kept from before; the smallest seen is 2.07)
 # - SFT: validation loss drops by 0.034, 0.109, 0.111, 0.056, 0.111: drop >= 0.02

@@ -35,7 +35,7 @@ from nanochat.common import choose_compile, configure_threads, print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.training import (FRESH_START, TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
                                save_stage_checkpoint)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",

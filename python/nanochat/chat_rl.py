@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import print0
+from nanochat.common import print0, rank_and_world
 from nanochat.evals.chat import generate_samples
-from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
-from nanochat.training import TrainLog, resume_stage, run_main, save_stage_checkpoint, write_stage_metrics
+from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
+                                     run_main, save_stage_checkpoint, write_stage_metrics)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -41,7 +41,7 @@ from nanochat.training import TrainLog, resume_stage, run_main, save_stage_check
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-rl", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, "rl", ["sft", "mid", "rl"])
+    add_source_args(p, ["sft", "mid", "rl"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
     p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling", "arithmetic"], help="rewarded task")
     p.add_argument("--train-limit", type=int, default=None, help="max training problems")
@@ -68,12 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts and the policy-gradient batch
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def group_advantages(rewards: list[float]) -> list[float]:
@@ -106,7 +100,7 @@ def policy_rows(prompt: list[int], samples: list[tuple[list[int], list[int]]], a
 def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens: int, temperature: float,
               top_k: int | None, seed: int, device, batch_size: int = 16) -> dict[str, float]:
     """{"pass@1": ..., ..., "pass@k": ...}: fraction of problems solved by any of the first j samples."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     mine = indices[rank::world]
     convs = [task[i] for i in mine]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
@@ -200,7 +194,7 @@ def train(args: argparse.Namespace, rt) -> int:
             prompts = [tokenizer.render_for_completion(c) for c in convs]
             model.eval()
             outs = generate_samples(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
-                                    args.temperature, top_k, batch_size=max(args.num_samples, 2 * args.num_samples),
+                                    args.temperature, top_k, batch_size=2 * args.num_samples,
                                     seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
             model.train()
             groups, step_rewards = [], []

@@ -26,11 +26,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import print0
+from nanochat.common import is_distributed, print0
+from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
+                                     rng_state, run_main, save_stage_checkpoint, write_stage_metrics)
 from nanochat.tasks.custom_chat import add_data_args, with_custom_data
-from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
-from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save_stage_checkpoint,
-                               write_stage_metrics)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -39,7 +38,7 @@ from nanochat.training import (TrainLog, resume_stage, rng_state, run_main, save
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-sft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, "sft", ["mid", "base", "sft"])
+    add_source_args(p, ["mid", "base", "sft"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/sft (default: d<depth>)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per conversation (default: model context)")
     p.add_argument("--device-batch-size", type=int, default=4, help="conversations per rank per forward/backward")
@@ -127,7 +126,7 @@ def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, de
         x, y = conversation_rows(tokenizer, conversations[lo:lo + batch_size], max_len, device)
         total += model(x, y, loss_reduction="sum").double()
         count += (y >= 0).sum()
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(total)
         dist.all_reduce(count)
     model.train(was_training)

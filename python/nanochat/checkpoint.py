@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import CorruptInputError, MissingInputError, atomic_write, base_dir
+from nanochat.common import CorruptInputError, MissingInputError, atomic_write, base_dir, is_distributed
 
 STAGES = ("base", "mid", "sft", "rl")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -95,7 +95,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 

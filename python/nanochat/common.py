@@ -253,6 +253,18 @@ def configure_threads(requested: int | None, device: torch.device) -> str:
     return f"{threads} (auto: {cores} cores / {local} process(es) on this node)"
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group, (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one process (then reductions must all-reduce)."""
+    return rank_and_world()[1] > 1
+
+
 def shutdown_runtime() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

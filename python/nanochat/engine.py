@@ -22,7 +22,7 @@ Notable choices:
   requests share the batch. Inverse-CDF sampling from one uniform per row keeps the batch vectorised.
 - Stops: <|assistant_end|> and <|bos|> (sampled), the token budget (max_tokens, or the cache end), stop strings
   (checked on the decoded text), cancellation (checked before every step: a cancelled row is freed within one step).
-- The python tool: a sampled <|python_start|> … <|python_end|> is evaluated by `nanochat.tools.evaluate` and the
+- The python tool: a sampled <|python_start|> … <|python_end|> is evaluated by `nanochat.calculator.evaluate` and the
   result is forced as <|output_start|> result <|output_end|> (mask 0 = forced, 1 = sampled).
 - `TextStream` turns tokens into text deltas: it holds back incomplete UTF-8 and any tail that may start a stop
   string, and renders the tool tokens as Markdown code fences.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from nanochat.common import MissingInputError, get_logger
 from nanochat.kv_cache import CacheView, KVCache, PackedBatch, PrefixStore, round_up
-from nanochat.tools import evaluate
+from nanochat.calculator import evaluate
 
 TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
 # How tool tokens read in text output (the CLI, the server, the web UI): Markdown code fences.

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
-from nanochat.common import print0
-from nanochat.tasks.custom_chat import add_data_args, with_custom_data
+from nanochat.common import is_distributed, print0
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.training import add_checkpoint_args, add_optimizer_args, add_source_args
-from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
-                               save_stage_checkpoint, write_stage_metrics)
+from nanochat.stage_plumbing import (TrainLog, accumulate_gradients, add_checkpoint_args, add_optimizer_args,
+                                     add_source_args, resume_stage, rng_state, run_main, save_stage_checkpoint,
+                                     write_stage_metrics)
+from nanochat.tasks.custom_chat import add_data_args, with_custom_data
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -40,7 +40,7 @@ from nanochat.training import (TrainLog, accumulate_gradients, resume_stage, rng
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat mid-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, "mid", ["base", "mid"])
+    add_source_args(p, ["base", "mid"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/mid (default: the source's)")
     p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the model's context)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per forward/backward")
@@ -137,7 +137,7 @@ def validation_loss(model, loader, steps: int, device) -> float:
         x, y = next(loader)
         total += model(x, y, loss_reduction="sum").double()
         count += (y >= 0).sum()
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(total)
         dist.all_reduce(count)
     model.train()

@@ -19,19 +19,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import nanochat_kernels
 import torch
 import torch.distributed as dist
 
-import nanochat_kernels
+from nanochat.common import rank_and_world
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _ceil_to(n: int, multiple: int) -> int:
@@ -64,7 +59,7 @@ class MuonAdamW:
     def __init__(self, matrix_params, adamw_groups, *, matrix_lr: float = 0.02, momentum: float = 0.95,
                  ns_steps: int = 5, ns_coeffs="quintic", adam_betas: tuple[float, float] = (0.8, 0.95),
                  adam_eps: float = 1e-10, weight_decay: float = 0.0):
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = rank_and_world()
         self.param_groups: list[dict] = []
         by_shape: OrderedDict[tuple, list] = OrderedDict()
         for p in matrix_params:

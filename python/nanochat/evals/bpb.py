@@ -17,6 +17,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_distributed
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
@@ -40,7 +42,7 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
         counted = num_bytes > 0
         total_nats += (loss.to(device).double() * counted).sum()
         total_bytes += num_bytes.sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)
     n_bytes = int(total_bytes.item())

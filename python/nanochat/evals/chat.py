@@ -20,6 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_distributed, rank_and_world
+
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
 NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
@@ -28,14 +30,8 @@ NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
 # Helpers
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_counts(correct: int, total: int, device) -> tuple[int, int]:
-    if _dist()[1] > 1:
+    if is_distributed():
         counts = torch.tensor([correct, total], dtype=torch.long, device=device)
         dist.all_reduce(counts)
         return int(counts[0]), int(counts[1])
@@ -87,7 +83,7 @@ def categorical_predictions(model, tokenizer, conversations: list[dict], device,
 
 
 def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, max_problems: int | None = None):
-    rank, world = _dist()
+    rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(max_problems, len(task))
     mine = [task[i] for i in range(rank, n, world)]
     preds = categorical_predictions(model, tokenizer, mine, device, batch_size)
@@ -109,7 +105,12 @@ def generate_samples(model, tokenizer, prompts: list[list[int]], num_samples: in
     (<|assistant_end|>, <|bos|>) are left out. Prompt i uses seed `seeds[i]` (default seed + i). `tools=False`
     runs no calculator: whatever the model writes after a python call is its own.
     """
-    from nanochat.engine import TERMINAL_TOKENS, GenerationRequest, SamplingParams, Scheduler
+    from nanochat.engine import (
+        TERMINAL_TOKENS,
+        GenerationRequest,
+        SamplingParams,
+        Scheduler,
+    )
 
     if not prompts:
         return []
@@ -150,7 +151,7 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
                         temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 16,
                         max_problems: int | None = None, seed: int = 42):
     """(problems passed at k = num_samples, problems) over this rank's share, summed over ranks."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     n = len(task) if max_problems is None else min(max_problems, len(task))
     indices = list(range(rank, n, world))
     conversations = [task[i] for i in indices]

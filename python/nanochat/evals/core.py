@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import MissingInputError
+from nanochat.common import MissingInputError, rank_and_world
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -359,7 +359,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
     import torch.distributed as dist
 
     name, loaded, missing = load_core_data(data_dir)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     bos = tokenizer.get_bos_token_id()
     encode = lambda text: tokenizer.encode(text, prepend=bos)  # noqa: E731
     score_losses = model_forward(model, device, predictions=False)  # fused loss: no (B, T, V) logits

@@ -3,7 +3,7 @@
 - Questions in varied English: bare ("What is 123 times 45?", "Add 17 and 905.", "How much is 7.5 divided by 3?")
   and one-step word problems ("There are 12 boxes with 7 pencils in each. How many pencils are there in total?").
 - The reference answer is exactly what the engine executes at inference: a python part with the expression
-  (`123*45`), the calculator's own output (`nanochat.tools.evaluate`, so the two can never disagree), then the
+  (`123*45`), the calculator's own output (`nanochat.calculator.evaluate`, so the two can never disagree), then the
   result stated in text: "The answer is 5535." Nothing precedes the call, so the first sampled token decides it.
 - Examples are a pure function of (seed, split, index). A problem is (operation, operands) with + and * operands
   sorted; its SHA-256 puts it in the held-out split (1 in 8) or the training split, and each split draws until it
@@ -22,7 +22,7 @@ import re
 from decimal import Decimal
 
 from nanochat.tasks.base import Task
-from nanochat.tools import evaluate as calculate
+from nanochat.calculator import evaluate as calculate
 
 OPS = "+-*/"
 TEST_FRACTION = 8  # one problem in 8 is held out

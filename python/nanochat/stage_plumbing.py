@@ -61,7 +61,7 @@ def run_main(train, parse_args, argv: list[str] | None) -> int:
 # One optimizer step's gradients
 
 
-def add_source_args(p, stage: str, sources: list[str]) -> None:
+def add_source_args(p, sources: list[str]) -> None:
     """--source/--source-tag/--source-step: the checkpoint a finetuning stage starts from (default: sources[0])."""
     p.add_argument("--source", default=sources[0], choices=sources, help="stage of the starting checkpoint")
     p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
