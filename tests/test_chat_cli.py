@@ -7,21 +7,13 @@ import io
 from dataclasses import asdict
 
 import pytest
-import torch
 
 from nanochat import chat_cli
 from nanochat.chat_cli import ChatSession, ChatSettings
 from nanochat.engine import Engine
 from nanochat.tiny import tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far more steadily on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from nanochat.kv_cache import KVCache, PrefixStore
 from nanochat.serve.app import ServerConfig, create_app
 from nanochat.tiny import tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ TURNS = ["What is the capital of France?", "And of Spain?", "Which one is bigger
 def test_multi_turn_reuses_the_previous_turn_with_cold_results(model, tok):
     sched = Scheduler(model, tok, batch_size=2, tools=False, step_tokens=32, prefix_cache=4096)
     store = sched.prefix_store
-    messages = []
+    messages, previous_prompt = [], []
     for i, text in enumerate(TURNS):
         messages.append({"role": "user", "content": (SYSTEM if i == 0 else "") + text})
         prompt = tok.render_for_completion({"messages": messages})

@@ -20,6 +20,8 @@ from nanochat.tiny import tiny_model
 
 openai = pytest.importorskip("openai")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
+
 
 class SlowModel(torch.nn.Module):
     """Wraps a model, sleeps in every forward and never samples the stop tokens, so that requests stay in flight
@@ -34,15 +36,6 @@ class SlowModel(torch.nn.Module):
         logits = self.inner(idx, kv_cache=kv_cache)
         logits[..., self.silenced] = float("-inf")
         return logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and far more steadily on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ CONTEXT = 128
 ROWS = 2
 MESSAGES = [{"role": "user", "content": "Hello! What is two plus two?"}]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
