@@ -149,11 +149,15 @@ def test_corrupt_files_missing_eval_data_and_bad_flags(tiny_chat, tmp_path):
         assert_user_error(proc, command, *needles)
 
 
-@pytest.mark.parametrize("args", ["serve --batch-size 0", "serve --port 70000", "serve --max-waiting -1"])
+@pytest.mark.parametrize("args", ["serve --batch-size 0", "serve --port 70000", "serve --max-waiting -1",
+                                  "base-train --depth 0", "base-train --warmdown-ratio 1.5",
+                                  "mid-train --device-batch-size 0",
+                                  "chat-sft --init-lr-frac -1", "chat-rl --num-samples 0", "chat-rl --temperature nan"])
 def test_flag_out_of_range_is_a_usage_error(tmp_path, args):
+    command, flag = args.split()[:2]
     proc = run(args.split(), tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"nanochat serve: error: argument {args.split()[1]}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"nanochat {command}: error: argument {flag}"), proc.stderr
 
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):

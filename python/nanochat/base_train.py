@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, latest_step
-from nanochat.common import choose_compile, configure_threads, print0
+from nanochat.common import at_least, choose_compile, configure_threads, float_in, print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
@@ -67,12 +67,13 @@ def peak_flops(device: torch.device) -> float | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat base-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth")
-    p.add_argument("--n-kv-head", type=int, default=None, help="K/V heads for GQA (default: as many as query heads)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    p.add_argument("--device-batch-size", type=int, default=None,
+    p.add_argument("--depth", type=at_least(1), default=20, help="transformer layers; width = 64 x depth")
+    p.add_argument("--n-kv-head", type=at_least(1), default=None,
+                   help="K/V heads for GQA (default: as many as query heads)")
+    p.add_argument("--max-seq-len", type=at_least(1), default=2048, help="context length in tokens")
+    p.add_argument("--device-batch-size", type=at_least(1), default=None,
                    help="sequences per rank per forward/backward (default: 32 on CUDA, 4 on CPU)")
-    p.add_argument("--total-batch-size", type=int, default=None,
+    p.add_argument("--total-batch-size", type=at_least(1), default=None,
                    help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
                         "(default: 524288 on CUDA, -1 on CPU)")
     g = p.add_argument_group("horizon (first one set wins)")
@@ -80,15 +81,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
     g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (all groups)")
+    g.add_argument("--embedding-lr", type=float_in(0.0), default=0.2,
+                   help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float_in(0.0), default=0.004,
+                   help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float_in(0.0), default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay (all groups)")
     g.add_argument("--ns-coeffs", choices=["quintic", "polar_express"], default="quintic",
                    help="Newton-Schulz coefficients of Muon")
-    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup")
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear lr warmdown")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the end of the warmdown")
+    g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0), default=0.0, help="fraction of steps of linear lr warmup")
+    g.add_argument("--warmdown-ratio", type=float_in(0.0, 1.0), default=0.2,
+                   help="fraction of steps of linear lr warmdown")
+    g.add_argument("--final-lr-frac", type=float_in(0.0, 1.0), default=0.0,
+                   help="lr multiplier at the end of the warmdown")
     g.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (<= 0: only at the end)")
@@ -96,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="validation tokens per evaluation, 0: none (default: 20 x 524288 on CUDA, 65536 on CPU)")
     g.add_argument("--sample-every", type=int, default=2000, help="steps between sample generations (<= 0: never)")
     g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints (default: all)")
+    g.add_argument("--keep-last", type=at_least(1), default=None,
+                   help="keep only the newest K checkpoints (default: all)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint folder name (default: d<depth>)")
     g.add_argument("--wandb", type=str, default=None, metavar="PROJECT", help="log to this wandb project (off)")
@@ -107,10 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(avx512_bf16, amx_bf16), else fp32; CUDA always runs bf16 autocast")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA; on CPU for runs of >= 200 steps)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=at_least(1), default=None,
                    help="intra-op CPU threads (default: $OMP_NUM_THREADS, else cores / processes on this node)")
     g.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
-    g.add_argument("--loader-threads", type=int, default=2, help="tokenizer threads of the data loader")
+    g.add_argument("--loader-threads", type=at_least(1), default=2, help="tokenizer threads of the data loader")
     return p.parse_args(argv)
 
 

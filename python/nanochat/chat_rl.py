@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import print0, rank_and_world
+from nanochat.common import at_least, float_in, print0, rank_and_world
 from nanochat.evals.chat import generate_samples
 from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
                                      run_main, save_stage_checkpoint, write_stage_metrics)
@@ -45,13 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
     p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling", "arithmetic"], help="rewarded task")
     p.add_argument("--train-limit", type=int, default=None, help="max training problems")
-    p.add_argument("--examples-per-step", type=int, default=16, help="problems per optimizer step over all ranks")
-    p.add_argument("--num-samples", type=int, default=16, help="answers sampled per problem (the group)")
-    p.add_argument("--device-batch-size", type=int, default=8, help="sequences per forward/backward")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sampled answer")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="sampling top-k (0: off)")
-    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the problems (sets the horizon)")
+    p.add_argument("--examples-per-step", type=at_least(1), default=16,
+                   help="problems per optimizer step over all ranks")
+    p.add_argument("--num-samples", type=at_least(1), default=16, help="answers sampled per problem (the group)")
+    p.add_argument("--device-batch-size", type=at_least(1), default=8, help="sequences per forward/backward")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens per sampled answer")
+    p.add_argument("--temperature", type=float_in(0.0), default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=at_least(0), default=50, help="sampling top-k (0: off)")
+    p.add_argument("--num-epochs", type=float_in(0.0), default=1.0, help="passes over the problems (sets the horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
     g = p.add_argument_group("optimization")
     add_optimizer_args(g, init_lr_frac=0.05)
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (<= 0: ends only)")
     g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per evaluation")
-    g.add_argument("--eval-samples", type=int, default=4, help="k of pass@k")
+    g.add_argument("--eval-samples", type=at_least(1), default=4, help="k of pass@k")
     add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import is_distributed, print0
+from nanochat.common import at_least, float_in, is_distributed, print0
 from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
                                      rng_state, run_main, save_stage_checkpoint, write_stage_metrics)
 from nanochat.tasks.custom_chat import add_data_args, with_custom_data
@@ -40,10 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_source_args(p, ["mid", "base", "sft"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/sft (default: d<depth>)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per conversation (default: model context)")
-    p.add_argument("--device-batch-size", type=int, default=4, help="conversations per rank per forward/backward")
-    p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step, all ranks")
-    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture (sets the horizon)")
+    p.add_argument("--max-seq-len", type=at_least(1), default=None,
+                   help="tokens per conversation (default: model context)")
+    p.add_argument("--device-batch-size", type=at_least(1), default=4,
+                   help="conversations per rank per forward/backward")
+    p.add_argument("--examples-per-step", type=at_least(1), default=32,
+                   help="conversations per optimizer step, all ranks")
+    p.add_argument("--num-epochs", type=float_in(0.0), default=1.0, help="passes over the mixture (sets the horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
     g = p.add_argument_group("optimization")
     add_optimizer_args(g, init_lr_frac=0.02)
@@ -52,14 +55,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--smoltalk-limit", type=int, default=10000, help="max SmolTalk conversations")
     g.add_argument("--arc-limit", type=int, default=None, help="max ARC questions per subset")
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
-    g.add_argument("--spelling-size", type=int, default=600, help="synthetic spelling conversations (both tasks)")
-    g.add_argument("--arithmetic-size", type=int, default=2000, help="synthetic arithmetic conversations (0: none)")
+    g.add_argument("--spelling-size", type=at_least(0), default=600,
+                   help="synthetic spelling conversations (both tasks)")
+    g.add_argument("--arithmetic-size", type=at_least(0), default=2000,
+                   help="synthetic arithmetic conversations (0: none)")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
     add_data_args(g)
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (<= 0: ends only)")
-    g.add_argument("--eval-conversations", type=int, default=256, help="held-out conversations per evaluation")
-    g.add_argument("--eval-mc-problems", type=int, default=0, help="ARC-Easy test questions at the end (0: skip)")
+    g.add_argument("--eval-conversations", type=at_least(0), default=256, help="held-out conversations per evaluation")
+    g.add_argument("--eval-mc-problems", type=at_least(0), default=0,
+                   help="ARC-Easy test questions at the end (0: skip)")
     add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -61,6 +63,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
 # ---------------------------------------------------------------------------------------------------------------
 # User mistakes
+
+
+def at_least(low: int):
+    """argparse type: an int >= low. A value out of range is a usage error (one line, exit status 2), found before
+    anything is loaded, rather than a traceback deep in a stage."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float = math.inf):
+    """argparse type: a finite float in [low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value <= high) or math.isnan(value):
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+    return parse
 
 
 class UserError(Exception):

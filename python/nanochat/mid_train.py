@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
-from nanochat.common import is_distributed, print0
+from nanochat.common import at_least, float_in, is_distributed, print0
 from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.stage_plumbing import (TrainLog, accumulate_gradients, add_checkpoint_args, add_optimizer_args,
                                      add_source_args, resume_stage, rng_state, run_main, save_stage_checkpoint,
@@ -42,26 +42,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_source_args(p, ["base", "mid"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/mid (default: the source's)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the model's context)")
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per rank per forward/backward")
+    p.add_argument("--max-seq-len", type=at_least(1), default=None,
+                   help="tokens per row (default: the model's context)")
+    p.add_argument("--device-batch-size", type=at_least(1), default=32, help="rows per rank per forward/backward")
     p.add_argument("--total-batch-size", type=int, default=-1,
                    help="tokens per optimizer step over all ranks (-1: one micro-batch per rank)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
     g = p.add_argument_group("optimization")
     add_optimizer_args(g, init_lr_frac=1.0)
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear decay to 0")
+    g.add_argument("--warmdown-ratio", type=float_in(0.0, 1.0), default=0.2,
+                   help="fraction of steps of linear decay to 0")
     g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
     g = p.add_argument_group("data (caps make small runs fast)")
     g.add_argument("--smoltalk-limit", type=int, default=None, help="max SmolTalk conversations")
     g.add_argument("--mmlu-limit", type=int, default=None, help="max MMLU training questions")
     g.add_argument("--gsm8k-limit", type=int, default=None, help="max GSM8K training problems")
-    g.add_argument("--spelling-size", type=int, default=20000, help="synthetic spelling conversations per task")
-    g.add_argument("--arithmetic-size", type=int, default=20000, help="synthetic arithmetic conversations (0: none)")
+    g.add_argument("--spelling-size", type=at_least(0), default=20000, help="synthetic spelling conversations per task")
+    g.add_argument("--arithmetic-size", type=at_least(0), default=20000,
+                   help="synthetic arithmetic conversations (0: none)")
     g.add_argument("--strict-data", action="store_true", help="fail when a mixture source is missing")
     add_data_args(g)
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
-    g.add_argument("--eval-tokens", type=int, default=20 * 524288 // 8, help="validation tokens per evaluation")
+    g.add_argument("--eval-tokens", type=at_least(1), default=20 * 524288 // 8, help="validation tokens per evaluation")
     add_checkpoint_args(g)
     g = p.add_argument_group("runtime")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.common import (at_least, atomic_write, float_in, git_commit, init_runtime, print0, shutdown_runtime,
+                             system_info)
 
 TRAIN_LOG = "train_log.jsonl"
 METRICS = "metrics.json"
@@ -70,16 +71,18 @@ def add_source_args(p, sources: list[str]) -> None:
 
 def add_optimizer_args(g, init_lr_frac: float) -> None:
     """The MuonAdamW learning rates (nanochat's base values) and the stage's multiplier on all of them."""
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="multiplier on all the lrs above")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    g.add_argument("--embedding-lr", type=float_in(0.0), default=0.2,
+                   help="AdamW lr of the embedding (before width scaling)")
+    g.add_argument("--unembedding-lr", type=float_in(0.0), default=0.004,
+                   help="AdamW lr of lm_head (before width scaling)")
+    g.add_argument("--matrix-lr", type=float_in(0.0), default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--init-lr-frac", type=float_in(0.0), default=init_lr_frac, help="multiplier on all the lrs above")
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay")
 
 
 def add_checkpoint_args(g) -> None:
     g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--keep-last", type=at_least(1), default=None, help="keep only the newest K checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
 
 

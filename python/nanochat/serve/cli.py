@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import argparse
 
+from nanochat.common import at_least
 from nanochat.serve.app import ServerConfig, create_app
 
 
-def _at_least(low: int):
-    """argparse type: an int >= low (a value out of range is a usage error, exit status 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
 def _port(text: str) -> int:
-    value = _at_least(0)(text)
+    value = at_least(0)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {value}")
     return value
@@ -39,15 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--num-replicas", type=_at_least(1), default=None,
+    p.add_argument("--num-replicas", type=at_least(1), default=None,
                    help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--batch-size", type=_at_least(1), default=16, help="decode rows per replica (concurrent sequences)")
-    p.add_argument("--max-waiting", type=_at_least(1), default=64,
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="decode rows per replica (concurrent sequences)")
+    p.add_argument("--max-waiting", type=at_least(1), default=64,
                    help="requests queued per replica before answering 429 (requests)")
-    p.add_argument("--max-body-bytes", type=_at_least(1), default=1_000_000, help="request body limit (bytes)")
-    p.add_argument("--default-max-tokens", type=_at_least(1), default=1024,
+    p.add_argument("--max-body-bytes", type=at_least(1), default=1_000_000, help="request body limit (bytes)")
+    p.add_argument("--default-max-tokens", type=at_least(1), default=1024,
                    help="reply length when a request sets no max_tokens (tokens)")
     p.add_argument("--model-name", default="nanochat", help="the model id reported by /v1/models")
     p.add_argument("--no-tools", action="store_true", help="do not run the python calculator tool")
