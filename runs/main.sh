@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job. Sets up, then:
 #   - with CUDA GPUs and the Hugging Face hub reachable: the speedrun (runs/speedrun.sh);
-#   - otherwise: the offline CPU default (runs/cpu_default.sh), a tiny model end to end in about 30 minutes.
+#   - otherwise: the offline CPU default (runs/cpu_default.sh), a tiny model end to end in about 15 minutes.
 # NANOCHAT_MODE=cpu or NANOCHAT_MODE=speedrun forces one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
