@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=at_least(1), default=2048, help="context length in tokens")
     p.add_argument("--device-batch-size", type=at_least(1), default=None,
                    help="sequences per rank per forward/backward (default: 32 on CUDA, 4 on CPU)")
-    p.add_argument("--total-batch-size", type=at_least(1), default=None,
+    p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
                         "(default: 524288 on CUDA, -1 on CPU)")
     g = p.add_argument_group("horizon (first one set wins)")
@@ -81,11 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
     g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float_in(0.0), default=0.2,
+    g.add_argument("--embedding-lr", type=float, default=0.2,
                    help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float_in(0.0), default=0.004,
+    g.add_argument("--unembedding-lr", type=float, default=0.004,
                    help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float_in(0.0), default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
     g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay (all groups)")
     g.add_argument("--ns-coeffs", choices=["quintic", "polar_express"], default="quintic",
                    help="Newton-Schulz coefficients of Muon")

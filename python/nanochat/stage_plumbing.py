@@ -71,11 +71,11 @@ def add_source_args(p, sources: list[str]) -> None:
 
 def add_optimizer_args(g, init_lr_frac: float) -> None:
     """The MuonAdamW learning rates (nanochat's base values) and the stage's multiplier on all of them."""
-    g.add_argument("--embedding-lr", type=float_in(0.0), default=0.2,
+    g.add_argument("--embedding-lr", type=float, default=0.2,
                    help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float_in(0.0), default=0.004,
+    g.add_argument("--unembedding-lr", type=float, default=0.004,
                    help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float_in(0.0), default=0.02, help="Muon lr of the block matrices")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
     g.add_argument("--init-lr-frac", type=float_in(0.0), default=init_lr_frac, help="multiplier on all the lrs above")
     g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay")
 
