@@ -123,14 +123,10 @@ class ChatSession:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nanochat.checkpoint import add_chat_model_args
+
     p = argparse.ArgumentParser(prog="nanochat chat", description="Talk to a chat model in the terminal.")
-    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None,
-                   help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
-    p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a folder written by `nanochat export` (not a checkpoint)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_chat_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")

@@ -253,7 +253,8 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
         info = hf_config["nanochat"]
         config = GPTConfig(**{f.name: hf_config[f.name] for f in fields(GPTConfig)})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CorruptInputError(f"{folder / 'config.json'} is not a nanochat export config ({type(e).__name__}: {e})") from e
+        raise CorruptInputError(f"{folder / 'config.json'} is not a nanochat export config "
+                                f"({type(e).__name__}: {e})") from e
     weights = folder / "model.safetensors"
     digest = hashlib.sha256()
     with open(weights, "rb") as f:
@@ -265,7 +266,8 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as e:  # safetensors raises SafetensorError (header, sizes) or OSError
-        raise CorruptInputError(f"{weights} is not a readable safetensors file ({e}); copy or export the model again") from e
+        raise CorruptInputError(f"{weights} is not a readable safetensors file ({e}); "
+                                "copy or export the model again") from e
     state = {k.removeprefix("model."): v for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
@@ -281,3 +283,14 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     meta = {"config": asdict(config), "step": info.get("step"), "model_tag": info.get("model_tag"),
             "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder)}
     return model, tokenizer, meta
+
+
+def add_chat_model_args(p) -> None:
+    """The flags that pick the chat model a command talks to (chat, serve): a checkpoint or an exported folder."""
+    p.add_argument("--source", choices=list(STAGES), default=None,
+                   help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
+    p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a folder written by `nanochat export` (not a checkpoint)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

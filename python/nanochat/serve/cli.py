@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from nanochat.checkpoint import add_chat_model_args
 from nanochat.common import at_least
 from nanochat.serve.app import ServerConfig, create_app
 
@@ -20,13 +21,7 @@ def _port(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanochat serve", description="`nanochat serve`: the OpenAI-compatible server "
                                 "and web UI (Starlette + uvicorn) over a chat checkpoint.")
-    p.add_argument("--source", choices=["base", "mid", "sft", "rl"], default=None,
-                   help="checkpoint stage (default: the first of rl, sft, mid that has a checkpoint)")
-    p.add_argument("--model-tag", default=None, help="checkpoint model tag, e.g. d20 (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="a folder written by `nanochat export` (not a checkpoint)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_chat_model_args(p)
     p.add_argument("--num-replicas", type=at_least(1), default=None,
                    help="model replicas, one per GPU (default: every visible GPU, or 1 on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)")
