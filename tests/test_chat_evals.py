@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer is not built",
                                     exc_type=ImportError)
 
+from nanochat.common import init_process_group  # noqa: E402
 from nanochat.evals import chat  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tasks import ListTask  # noqa: E402
@@ -129,7 +130,7 @@ def _worker(rank, world, port, state, vocab, tok_path, queue):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         tok = tokenizer_mod.Tokenizer.load(tok_path)

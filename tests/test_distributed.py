@@ -52,8 +52,9 @@ def worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
     from nanochat.checkpoint import load_checkpoint, save_checkpoint
+    from nanochat.common import init_process_group
 
-    dist.init_process_group("gloo")
+    init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     data = batches()
     model = build()
@@ -101,6 +102,33 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(distributed[name], p, atol=2e-5, rtol=1e-4, msg=name)
         moved += int(not torch.equal(p, build().state_dict()[name]))
     assert moved == len(distributed)  # every parameter trained (incl. the zero-initialised projections)
+
+
+TEARDOWN = """
+import os, sys, torch, torch.distributed as dist
+from nanochat.common import init_process_group
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+assert threads() > before, "gloo started no worker thread: this test no longer sees the teardown"
+import torch._dynamo  # what a model forward's first custom-op call does
+dist.barrier()
+dist.destroy_process_group()
+assert threads() == before, f"{threads() - before} gloo threads outlive destroy_process_group"
+"""
+
+
+def test_destroy_process_group_joins_gloo_threads_after_dynamo_import():
+    """A model forward (custom ops) imports torch._dynamo after the group exists; destroy must still join gloo's
+    threads, or one of them can abort the interpreter's exit after a successful run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", TEARDOWN, str(port)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 if __name__ == "__main__":

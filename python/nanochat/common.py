@@ -179,7 +179,7 @@ def init_runtime(device: str | None = None, dtype: str | None = None) -> Runtime
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        init_process_group(backend, **kwargs)
     if dtype is None:
         compute_dtype, reason = (torch.bfloat16, "CUDA") if dev.type == "cuda" else (torch.float32, "CPU default")
     else:
@@ -292,6 +292,18 @@ def rank_and_world() -> tuple[int, int]:
 def is_distributed() -> bool:
     """True inside a process group of more than one process (then reductions must all-reduce)."""
     return rank_and_world()[1] > 1
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group, with torch._dynamo imported first.
+
+    Importing torch._dynamo (which the first custom-op call or torch.compile does) after the default group exists
+    leaves C-level references to that group behind, so destroy_process_group no longer joins gloo's worker threads;
+    one of them may then free a finished collective's tensors while the interpreter finalizes and abort the process
+    ("terminate called without an active exception") after a run that succeeded. Imported first, no reference leaks."""
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend=backend, **kwargs)
 
 
 def shutdown_runtime() -> None:
