@@ -30,13 +30,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step
+from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import at_least, choose_compile, configure_threads, float_in, print0
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, resume_stage, rng_state, run_main,
-                               save_stage_checkpoint)
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, add_checkpoint_args, add_runtime_args,
+                                     apply_update, resume_stage, rng_state, run_main, save_due, save_stage_checkpoint,
+                                     stopped_on_non_finite)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -100,19 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-tokens", type=int, default=None,
                    help="validation tokens per evaluation, 0: none (default: 20 x 524288 on CUDA, 65536 on CPU)")
     g.add_argument("--sample-every", type=int, default=2000, help="steps between sample generations (<= 0: never)")
-    g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (<= 0: only at the end)")
-    g.add_argument("--keep-last", type=at_least(1), default=None,
-                   help="keep only the newest K checkpoints (default: all)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
+    add_checkpoint_args(g)
     g.add_argument("--model-tag", type=str, default=None, help="checkpoint folder name (default: d<depth>)")
     g.add_argument("--wandb", type=str, default=None, metavar="PROJECT", help="log to this wandb project (off)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="matmul dtype on CPU: auto = bf16 autocast when the CPU has native bf16 dot products "
-                        "(avx512_bf16, amx_bf16), else fp32; CUDA always runs bf16 autocast")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA; on CPU for runs of >= 200 steps)")
+    g = add_runtime_args(p, dtype=True,
+                         compile_help="torch.compile the model (default: on for CUDA; on CPU for runs of >= 200 steps)")
     g.add_argument("--threads", type=at_least(1), default=None,
                    help="intra-op CPU threads (default: $OMP_NUM_THREADS, else cores / processes on this node)")
     g.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
@@ -274,7 +267,7 @@ def train(args: argparse.Namespace, rt) -> int:
                 model.train()
 
             # checkpoint (collective); not at the step the run started from: untrained, or already on disk
-            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            if save_due(step, start_step, last, args.save_every):
                 save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
                                       metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
                                                "smooth_loss": loop["smooth_loss"]},
@@ -288,23 +281,12 @@ def train(args: argparse.Namespace, rt) -> int:
             t0 = time.perf_counter()
             loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size,
                                               rt.autocast)
-            # a non-finite loss would poison the weights: stop before the update, the last checkpoint stays good
-            if not math.isfinite(loss_value):
-                print0(f"error: loss is {loss_value} at step {step}; stopping before the optimizer step. The newest "
-                       f"checkpoint in {ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from "
-                       f"it with a lower learning rate (--matrix-lr / --embedding-lr) or look for bad data.")
-                log({"step": step, "loss": None, "error": f"non-finite loss ({loss_value})"})
+            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
                 return 1
 
             # the update, at this step's lr (warmup / constant / warmdown) and Muon momentum (0.85 -> 0.95)
             lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            momentum = muon_momentum(step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group["kind"] == "muon":
-                    group["momentum"] = momentum
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, lrm, muon_momentum(step))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0

@@ -20,19 +20,19 @@ A simplified GRPO (on-policy, no KL term, no ratio clipping, as in nanochat), fr
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import at_least, float_in, print0, rank_and_world
+from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import at_least, float_in, print0, rank_and_world, sum_over_ranks
 from nanochat.evals.chat import generate_samples
-from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
-                                     run_main, save_stage_checkpoint, write_stage_metrics)
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, add_checkpoint_args, add_horizon_args, add_optimizer_args,
+                                     add_runtime_args, add_source_args, apply_update, eval_due, finish_stage,
+                                     iterations_for, load_source, record_eval, resume_stage, right_padded, run_main,
+                                     save_due, save_stage_checkpoint, stage_optimizer, stopped_on_non_finite)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -52,8 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens per sampled answer")
     p.add_argument("--temperature", type=float_in(0.0), default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=at_least(0), default=50, help="sampling top-k (0: off)")
-    p.add_argument("--num-epochs", type=float_in(0.0), default=1.0, help="passes over the problems (sets the horizon)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
+    add_horizon_args(p, "problems")
     g = p.add_argument_group("optimization")
     add_optimizer_args(g, init_lr_frac=0.05)
     g.add_argument("--seed", type=int, default=42, help="seed of the problem order and the sampling")
@@ -62,8 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per evaluation")
     g.add_argument("--eval-samples", type=at_least(1), default=4, help="k of pass@k")
     add_checkpoint_args(g)
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -89,13 +87,7 @@ def policy_rows(prompt: list[int], samples: list[tuple[list[int], list[int]]], a
         learn = [0] * len(prompt) + list(mask)
         seqs.append(full[:-1])
         tgts.append([t if m else -1 for t, m in zip(full[1:], learn[1:])])
-    T = max(1, max(len(s) for s in seqs))
-    inputs = torch.full((len(seqs), T), pad, dtype=torch.long)
-    targets = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(seqs, tgts)):
-        inputs[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        targets[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-    return inputs, targets, torch.tensor(advantages, dtype=torch.float32)
+    return (*right_padded(seqs, tgts, pad), torch.tensor(advantages, dtype=torch.float32))
 
 
 def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens: int, temperature: float,
@@ -113,9 +105,7 @@ def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens
         for j in range(k):
             solved[j] += any(ok[:j + 1])
     total = torch.tensor(float(len(convs)), dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(solved)
-        dist.all_reduce(total)
+    sum_over_ranks(solved, total)
     return {f"pass@{j + 1}": float(solved[j] / total.clamp(min=1)) for j in range(k)}
 
 
@@ -139,17 +129,14 @@ def build_tasks(name: str, train_limit: int | None):
 
 def train(args: argparse.Namespace, rt) -> int:
     device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
-    torch.manual_seed(args.seed)
-    model, tokenizer, source_meta = load_model(args.source, device=device, model_tag=args.source_tag,
-                                               step=args.source_step)
+    model, tokenizer, source_meta = load_source(args, rt)
     config = model.config
     model_tag = args.model_tag or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("rl", model_tag)
     train_task, test_task = build_tasks(args.task, args.train_limit)
     if args.examples_per_step % world:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
-    num_iterations = args.num_iterations if args.num_iterations > 0 else \
-        max(1, int(args.num_epochs * len(train_task) // args.examples_per_step))
+    num_iterations = iterations_for(args, len(train_task), args.examples_per_step)
     order = list(range(len(train_task)))
     random.Random(args.seed).shuffle(order)
     eval_indices = list(range(min(args.eval_examples, len(test_task))))
@@ -158,35 +145,29 @@ def train(args: argparse.Namespace, rt) -> int:
     print0(f"rl: {len(train_task):,} {args.task} problems; {num_iterations} steps of {args.examples_per_step} "
            f"problems x {args.num_samples} samples; pass@{args.eval_samples} on {len(eval_indices)} held-out problems")
 
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
-                                      embedding_lr=args.embedding_lr * args.init_lr_frac,
-                                      matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, _, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume
-                                 else (0, None, {}))
-    loop = {"eval": None, "initial_eval": None, **saved_loop}
+    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
+    optimizer = stage_optimizer(model, args)
+    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
+    start_step = resumed.step  # no data state: the problems and the samples of a step are seeded by the step
+    loop = {"eval": None, "initial_eval": None, **resumed.loop_state}
     log = TrainLog(ckpt_dir, master)
 
-    def save(step: int) -> None:  # no loader and no RNG state: problems and samples are seeded by the step
-        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                              metrics={"eval": loop["eval"], "initial_eval": loop["initial_eval"]},
-                              loop_state=loop, source_meta=source_meta)
-
+    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
     step, t_start, rewards_seen = start_step, time.time(), []
     try:
         while True:
             last = step == num_iterations
-            if eval_indices and (last or step == start_step == 0 or
-                                 (args.eval_every > 0 and step % args.eval_every == 0)):
-                loop["eval"] = pass_at_k(model, tokenizer, test_task, eval_indices, args.eval_samples,
-                                         args.max_new_tokens, args.temperature, top_k, args.seed + 1, device)
-                if loop["initial_eval"] is None:
-                    loop["initial_eval"] = loop["eval"]
-                print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in loop["eval"].items()))
-                log({"step": step, **loop["eval"]})
-            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                save(step)
+            if eval_indices and eval_due(step, start_step, last, args.eval_every):
+                scores = pass_at_k(model, tokenizer, test_task, eval_indices, args.eval_samples, args.max_new_tokens,
+                                   args.temperature, top_k, args.seed + 1, device)
+                record_eval(loop, "eval", scores, step, log)
+            if save_due(step, start_step, last, args.save_every):
+                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                                      metrics={k: loop[k] for k in ("eval", "initial_eval")},
+                                      loop_state=loop, source_meta=source_meta)
             if last:
                 break
+
             t0 = time.perf_counter()
             # -- rollouts: this rank's problems of the step, all sampled in one batched engine run ---------------
             positions = range(step * args.examples_per_step + rank, (step + 1) * args.examples_per_step, world)
@@ -206,9 +187,7 @@ def train(args: argparse.Namespace, rt) -> int:
             # -- token-level normalised policy gradient over the sampled tokens --------------------------------
             num_tokens = torch.tensor(float(sum(int((t >= 0).sum()) for _, t, _ in groups)), device=device)
             stats = torch.tensor([sum(step_rewards), len(step_rewards)], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(num_tokens)
-                dist.all_reduce(stats)
+            sum_over_ranks(num_tokens, stats)
             denom = num_tokens.clamp(min=1) / world  # the optimizer averages gradients over ranks
             pg_objective = 0.0
             for inputs, targets, adv in groups:
@@ -220,17 +199,13 @@ def train(args: argparse.Namespace, rt) -> int:
                     objective = (logp * a[:, None] * (y >= 0)).sum() / denom
                     (-objective).backward()
                     pg_objective += float(objective.detach())
+            if stopped_on_non_finite(pg_objective, "pg_objective", step, ckpt_dir, log):
+                return 1
             lrm = 1.0 - step / num_iterations
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, lrm)
             dt = time.perf_counter() - t0
             mean_reward = float(stats[0] / stats[1].clamp(min=1))
             rewards_seen.append(mean_reward)
-            if not math.isfinite(pg_objective):
-                print0(f"error: non-finite policy-gradient objective at step {step}; stopping")
-                return 1
             print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
                    f"sampled tokens {int(num_tokens)} | lrm {lrm:.3f} | dt {dt:.1f}s")
             log({"step": step, "reward": mean_reward, "sampled_tokens": int(num_tokens), "lr": lrm,
@@ -238,11 +213,9 @@ def train(args: argparse.Namespace, rt) -> int:
             step += 1
     finally:
         log.close()
-    write_stage_metrics(ckpt_dir, {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
+    return finish_stage(ckpt_dir, {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
                                    "initial_eval": loop["initial_eval"], "eval": loop["eval"],
-                                   "mean_rewards": rewards_seen}, master, t_start)
-    print0(f"done: {loop['initial_eval']} -> {loop['eval']}; checkpoints in {ckpt_dir}")
-    return 0
+                                   "mean_rewards": rewards_seen}, master, t_start, "eval")
 
 
 def main(argv: list[str] | None = None) -> int:

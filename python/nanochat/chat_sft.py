@@ -18,18 +18,19 @@ SmolTalk, identity, spelling), one conversation per row.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import at_least, float_in, is_distributed, print0
-from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
-                                     rng_state, run_main, save_stage_checkpoint, write_stage_metrics)
-from nanochat.tasks.custom_chat import add_data_args, with_custom_data
+from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import at_least, print0, sum_over_ranks
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, add_checkpoint_args, add_horizon_args, add_optimizer_args,
+                                     add_runtime_args, add_source_args, apply_update, eval_due, finish_stage,
+                                     iterations_for, load_source, masked_mean_loss, record_eval, resume_stage,
+                                     right_padded, rng_state, run_main, save_due, save_stage_checkpoint,
+                                     stage_optimizer, stopped_on_non_finite)
+from nanochat.tasks.custom_chat import add_data_args
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -46,8 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="conversations per rank per forward/backward")
     p.add_argument("--examples-per-step", type=at_least(1), default=32,
                    help="conversations per optimizer step, all ranks")
-    p.add_argument("--num-epochs", type=float_in(0.0), default=1.0, help="passes over the mixture (sets the horizon)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
+    add_horizon_args(p, "mixture")
     g = p.add_argument_group("optimization")
     add_optimizer_args(g, init_lr_frac=0.02)
     g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
@@ -67,8 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-mc-problems", type=at_least(0), default=0,
                    help="ARC-Easy test questions at the end (0: skip)")
     add_checkpoint_args(g)
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -78,19 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def conversation_rows(tokenizer, conversations: list[dict], max_len: int, device="cpu"):
     """-> inputs (B, T) and targets (B, T): targets are the next token where the mask is 1, else -1; right-padded."""
-    pad = tokenizer.get_bos_token_id()
     xs, ys = [], []
     for conv in conversations:
         ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
         xs.append(ids[:-1])
         ys.append([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    T = max(len(x) for x in xs)
-    inputs = torch.full((len(xs), T), pad, dtype=torch.long)
-    targets = torch.full((len(xs), T), -1, dtype=torch.long)
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        inputs[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        targets[i, :len(y)] = torch.tensor(y, dtype=torch.long)
-    return inputs.to(device), targets.to(device)
+    return right_padded(xs, ys, tokenizer.get_bos_token_id(), device)
 
 
 class ConversationBatches:
@@ -121,22 +113,11 @@ class ConversationBatches:
         return conversation_rows(self.tokenizer, chunk, self.max_len, self.device)
 
 
-@torch.no_grad()
 def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, device, batch_size: int = 8) -> float:
     """Mean negative log-probability (nats) of the assistant tokens of `conversations` (summed over ranks' shares)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for lo in range(0, len(conversations), batch_size):
-        x, y = conversation_rows(tokenizer, conversations[lo:lo + batch_size], max_len, device)
-        total += model(x, y, loss_reduction="sum").double()
-        count += (y >= 0).sum()
-    if is_distributed():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    model.train(was_training)
-    return float(total / count.clamp(min=1))
+    batches = (conversation_rows(tokenizer, conversations[lo:lo + batch_size], max_len, device)
+               for lo in range(0, len(conversations), batch_size))
+    return masked_mean_loss(model, batches, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,87 +125,69 @@ def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, de
 
 
 def train(args: argparse.Namespace, rt) -> int:
-    from nanochat.tasks.mixtures import MixtureSizes, sft_mixture
+    from nanochat.tasks.mixtures import sft_mixture, stage_mixtures
 
     device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
-    torch.manual_seed(args.seed)
-    model, tokenizer, source_meta = load_model(args.source, device=device, model_tag=args.source_tag,
-                                               step=args.source_step)
+    model, tokenizer, source_meta = load_source(args, rt)
     config = model.config
     max_len = args.max_seq_len or config.sequence_len
     model_tag = args.model_tag or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("sft", model_tag)
 
-    sizes = MixtureSizes(smoltalk=args.smoltalk_limit, arc=args.arc_limit, gsm8k=args.gsm8k_limit,
-                         spelling=args.spelling_size, arithmetic=args.arithmetic_size)
-    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
-        lambda split: sft_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
-        args.seed)
+    # -- data, batch and horizon ------------------------------------------------------------------------------------
+    train_task, val_task = stage_mixtures(args, sft_mixture)
     val_convs = [val_task[i] for i in range(rank, min(args.eval_conversations, len(val_task)), world)]
     per_micro = args.device_batch_size * world
     if args.examples_per_step % per_micro:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device batch x ranks "
                          f"= {per_micro}")
     grad_accum = args.examples_per_step // per_micro
-    num_iterations = args.num_iterations if args.num_iterations > 0 else \
-        max(1, int(args.num_epochs * len(train_task) // args.examples_per_step))
+    num_iterations = iterations_for(args, len(train_task), args.examples_per_step)
     print0(f"sft: {len(train_task):,} training conversations ({train_task.skipped or 'no sources skipped'}); "
            f"{num_iterations} steps of {args.examples_per_step} conversations ({grad_accum} accumulation step(s))")
 
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
-                                      embedding_lr=args.embedding_lr * args.init_lr_frac,
-                                      matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, data_state, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations)
-                                          if args.resume else (0, None, {}))
-    loop = {"val_loss": None, "initial_val_loss": None, **saved_loop}
-    model.train()
+    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
+    optimizer = stage_optimizer(model, args)
+    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
+    start_step = resumed.step
+    loop = {"val_loss": None, "initial_val_loss": None, **resumed.loop_state}
     batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, device, rank, world,
-                                  data_state)
+                                  resumed.data_state)
     log = TrainLog(ckpt_dir, master)
 
-    def save(step: int) -> None:
-        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                              metrics={"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
-                              loop_state=loop, loader=batches, rng=rng_state(), source_meta=source_meta)
-
+    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
+    model.train()
     step, t_start = start_step, time.time()
     try:
         while True:
             last = step == num_iterations
-            if last or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
-                loop["val_loss"] = assistant_loss(model, tokenizer, val_convs, max_len, device)
-                if loop["initial_val_loss"] is None:
-                    loop["initial_val_loss"] = loop["val_loss"]
-                print0(f"step {step:05d} | held-out assistant loss {loop['val_loss']:.4f}")
-                log({"step": step, "val_loss": loop["val_loss"]})
-            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                save(step)
+            if eval_due(step, start_step, last, args.eval_every):
+                val_loss = assistant_loss(model, tokenizer, val_convs, max_len, device)
+                record_eval(loop, "val_loss", val_loss, step, log, "held-out assistant loss")
+            if save_due(step, start_step, last, args.save_every):
+                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                                      metrics={k: loop[k] for k in ("val_loss", "initial_val_loss")},
+                                      loop_state=loop, loader=batches, rng=rng_state(), source_meta=source_meta)
             if last:
                 break
+
+            # every assistant token of the step weighs the same, however it splits into micro-batches and ranks;
+            # the optimizer averages gradients over ranks, so each rank divides by its share of the targets
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(grad_accum)]
-            num_targets = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)), device=device)
-            if world > 1:
-                dist.all_reduce(num_targets)
-            # the optimizer averages gradients over ranks, so each rank divides by the per-rank share of targets
+            num_targets, = sum_over_ranks(torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)),
+                                                       device=device))
             denom = num_targets.clamp(min=1) / world
             loss_sum = torch.zeros((), device=device)
             for x, y in micro:
                 loss = model(x, y, loss_reduction="sum") / denom
                 loss.backward()
                 loss_sum += loss.detach()
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                print0(f"error: loss is {loss_value} at step {step}; stopping")
+            loss_value = float(sum_over_ranks(loss_sum)[0] / world)
+            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
                 return 1
             lrm = 1.0 - step / num_iterations
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, lrm)
             dt = time.perf_counter() - t0
             print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
                    f"targets {int(num_targets)} | dt {dt * 1000:.0f}ms")
@@ -245,10 +208,7 @@ def train(args: argparse.Namespace, rt) -> int:
             metrics["arc_easy_accuracy"] = report["tasks"]["ARC-Easy"]["accuracy"]
         except FileNotFoundError as e:
             print0(f"skipping the ARC-Easy check: {e}")
-    write_stage_metrics(ckpt_dir, metrics, master, t_start)
-    print0(f"done: held-out assistant loss {loop['initial_val_loss']:.4f} -> {loop['val_loss']:.4f}; "
-           f"checkpoints in {ckpt_dir}")
-    return 0
+    return finish_stage(ckpt_dir, metrics, master, t_start, "val_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

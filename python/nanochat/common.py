@@ -294,6 +294,14 @@ def is_distributed() -> bool:
     return rank_and_world()[1] > 1
 
 
+def sum_over_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All-reduce (sum) each tensor in place over the process group; a no-op in a single process."""
+    if is_distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+    return tensors
+
+
 def init_process_group(backend: str, **kwargs) -> None:
     """dist.init_process_group, with torch._dynamo imported first.
 

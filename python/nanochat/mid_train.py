@@ -17,21 +17,20 @@ with tool calls, identity, spelling) so the model learns the chat format, the sp
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir, latest_step, load_model
-from nanochat.common import at_least, float_in, is_distributed, print0
+from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import at_least, float_in, print0
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.stage_plumbing import (TrainLog, accumulate_gradients, add_checkpoint_args, add_optimizer_args,
-                                     add_source_args, resume_stage, rng_state, run_main, save_stage_checkpoint,
-                                     write_stage_metrics)
-from nanochat.tasks.custom_chat import add_data_args, with_custom_data
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, add_checkpoint_args,
+                                     add_optimizer_args, add_runtime_args, add_source_args, apply_update, eval_due,
+                                     finish_stage, load_source, masked_mean_loss, record_eval, resume_stage, rng_state,
+                                     run_main, save_due, save_stage_checkpoint, stage_optimizer, stopped_on_non_finite)
+from nanochat.tasks.custom_chat import add_data_args
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -66,13 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-tokens", type=at_least(1), default=20 * 524288 // 8, help="validation tokens per evaluation")
     add_checkpoint_args(g)
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA)")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="matmul dtype on CPU: auto = bf16 autocast when the CPU has native bf16 dot products, as in "
-                        "base-train; CUDA always runs bf16 autocast")
+    add_runtime_args(p, compile_help="torch.compile the model (default: on for CUDA)", dtype=True)
     return p.parse_args(argv)
 
 
@@ -131,33 +124,15 @@ def mean_tokens_per_conversation(tokenizer, task, sample: int = 256, seed: int =
     return sum(len(tokenizer.render_conversation(task[i], max_tokens=1 << 20)[0]) for i in idx) / len(idx)
 
 
-@torch.no_grad()
-def validation_loss(model, loader, steps: int, device) -> float:
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(steps):
-        x, y = next(loader)
-        total += model(x, y, loss_reduction="sum").double()
-        count += (y >= 0).sum()
-    if is_distributed():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
-    model.train()
-    return float(total / count)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
 
 def train(args: argparse.Namespace, rt) -> int:
-    from nanochat.tasks.mixtures import MixtureSizes, mid_mixture
+    from nanochat.tasks.mixtures import mid_mixture, stage_mixtures
 
     device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
-    torch.manual_seed(args.seed)
-    model, tokenizer, source_meta = load_model(args.source, device=device, model_tag=args.source_tag,
-                                               step=args.source_step)
+    model, tokenizer, source_meta = load_source(args, rt)
     config = model.config
     seq_len = args.max_seq_len or config.sequence_len
     if seq_len > config.sequence_len:
@@ -165,11 +140,8 @@ def train(args: argparse.Namespace, rt) -> int:
     model_tag = args.model_tag or (source_meta.get("args", {}) or {}).get("model_tag") or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("mid", model_tag)
 
-    sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=args.mmlu_limit, gsm8k=args.gsm8k_limit,
-                         spelling=args.spelling_size, arithmetic=args.arithmetic_size)
-    train_task, val_task = with_custom_data(  # the built-in mixture, plus or replaced by the --data files
-        lambda split: mid_mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data, args.data_only,
-        args.seed)
+    # -- data, batch and horizon: by default one pass over the mixture --------------------------------------------
+    train_task, val_task = stage_mixtures(args, mid_mixture)
     tokens_per_micro = args.device_batch_size * seq_len
     total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
     if total_batch % (tokens_per_micro * world):
@@ -184,57 +156,48 @@ def train(args: argparse.Namespace, rt) -> int:
     print0(f"mid: {len(train_task):,} training conversations, {len(val_task):,} validation; {num_iterations} steps "
            f"of {total_batch:,} tokens ({grad_accum} accumulation step(s)); skipped sources: {train_task.skipped}")
 
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * args.init_lr_frac,
-                                      embedding_lr=args.embedding_lr * args.init_lr_frac,
-                                      matrix_lr=args.matrix_lr * args.init_lr_frac, weight_decay=args.weight_decay)
-    start_step, data_state, saved_loop = (resume_stage(ckpt_dir, model, optimizer, rt, num_iterations)
-                                          if args.resume else (0, None, {}))
-    loop = {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0, **saved_loop}
-    model.train()
+    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
+    optimizer = stage_optimizer(model, args)
+    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
+    start_step = resumed.step
+    loop = {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0, **resumed.loop_state}
+
+    # -- what the loop runs on -------------------------------------------------------------------------------------
     loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, device, rank, world,
-                                 data_state)
+                                 resumed.data_state)
     eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world))
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    log = TrainLog(ckpt_dir, master)
     print0(f"runtime: dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); compile "
            f"{'on' if use_compile else 'off'}")
+    log = TrainLog(ckpt_dir, master)
 
-    def save(step: int) -> None:
-        save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                              metrics={"val_loss": loop["val_loss"], "initial_val_loss": loop["initial_val_loss"]},
-                              loop_state=loop, loader=loader, rng=rng_state(), source_meta=source_meta)
-
+    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
+    model.train()
     step, t_start = start_step, time.time()
     try:
         while True:
             last = step == num_iterations
-            if last or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
+            if eval_due(step, start_step, last, args.eval_every):
                 val_loader = PackedConversations(tokenizer, val_task, args.device_batch_size, seq_len, device, rank,
                                                  world)
-                loop["val_loss"] = validation_loss(model, val_loader, eval_steps, device)
-                if loop["initial_val_loss"] is None:
-                    loop["initial_val_loss"] = loop["val_loss"]
-                print0(f"step {step:05d} | validation loss {loop['val_loss']:.4f}")
-                log({"step": step, "val_loss": loop["val_loss"]})
-            if last or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-                save(step)
+                val_loss = masked_mean_loss(model, (next(val_loader) for _ in range(eval_steps)), device)
+                record_eval(loop, "val_loss", val_loss, step, log, "validation loss")
+            if save_due(step, start_step, last, args.save_every):
+                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                                      metrics={k: loop[k] for k in ("val_loss", "initial_val_loss")},
+                                      loop_state=loop, loader=loader, rng=rng_state(), source_meta=source_meta)
             if last:
                 break
+
             t0 = time.perf_counter()
             loss_value = accumulate_gradients(train_model, loader, grad_accum, device, world, rt.autocast)
-            if not math.isfinite(loss_value):
-                print0(f"error: loss is {loss_value} at step {step}; stopping (last good checkpoint: "
-                       f"{latest_step(ckpt_dir)})")
+            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
                 return 1
             lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group["kind"] == "muon":
-                    group["momentum"] = muon_momentum(step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_update(optimizer, lrm, muon_momentum(step))
             dt = time.perf_counter() - t0
+
             loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
             print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
                    f"dt {dt * 1000:.0f}ms | tok/s {total_batch / dt:,.0f} | pass {loader.progress:.3f}")
@@ -242,13 +205,10 @@ def train(args: argparse.Namespace, rt) -> int:
             step += 1
     finally:
         log.close()
-    write_stage_metrics(ckpt_dir, {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
+    return finish_stage(ckpt_dir, {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
                                    "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
                                    "train_conversations": len(train_task), "skipped_sources": train_task.skipped},
-                        master, t_start)
-    print0(f"done: validation loss {loop['initial_val_loss']:.4f} -> {loop['val_loss']:.4f}; "
-           f"checkpoints in {ckpt_dir}")
-    return 0
+                        master, t_start, "val_loss")
 
 
 def main(argv: list[str] | None = None) -> int:

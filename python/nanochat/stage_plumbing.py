@@ -4,6 +4,11 @@ objectives and loop.
 - `run_main`: the `main(argv)` of every stage: drops the leading "--" that `torchrun ... -m nanochat.X -- ...`
   passes, parses, starts the runtime and always shuts it down; a FloatingPointError (non-finite weights at a save)
   becomes a message and exit status 1
+- flags (`add_source_args`, `add_optimizer_args`, `add_checkpoint_args`, `add_runtime_args`) and what follows
+  from them (`stage_optimizer`, `iterations_for`)
+- the loop's recurring pieces: when to evaluate and save (`eval_due`, `save_due`), the update at the scheduled lr
+  (`apply_update`), the stop on a NaN/inf loss before the update (`stopped_on_non_finite`)
+- rows and losses: `right_padded` (B, T) batches of unequal rows, `masked_mean_loss` over target tokens, all ranks
 - `accumulate_gradients`: the backward passes of one optimizer step of base_train and mid_train (packed rows,
   every token learned), returning the step's loss averaged over micro-batches and ranks
 - `TrainLog`: train_log.jsonl beside the checkpoints, one JSON object per line, appended and flushed by the master
@@ -20,8 +25,10 @@ objectives and loop.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -31,9 +38,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import latest_step, load_checkpoint, load_model, save_checkpoint
 from nanochat.common import (at_least, atomic_write, float_in, git_commit, init_runtime, print0, shutdown_runtime,
-                             system_info)
+                             sum_over_ranks, system_info)
 
 TRAIN_LOG = "train_log.jsonl"
 METRICS = "metrics.json"
@@ -59,7 +66,7 @@ def run_main(train, parse_args, argv: list[str] | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One optimizer step's gradients
+# Flags the stages share
 
 
 def add_source_args(p, sources: list[str]) -> None:
@@ -86,6 +93,131 @@ def add_checkpoint_args(g) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --model-tag")
 
 
+def add_runtime_args(p, compile_help: str | None = None, dtype: bool = False):
+    """The "runtime" group: --device, and --dtype / --compile for the stages that offer them. Returns the group."""
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    if dtype:
+        g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                       help="matmul dtype on CPU: auto = bf16 autocast when the CPU has native bf16 dot products "
+                            "(avx512_bf16, amx_bf16), else fp32; CUDA always runs bf16 autocast")
+    if compile_help is not None:
+        g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help=compile_help)
+    return g
+
+
+def add_horizon_args(p, what: str) -> None:
+    """--num-epochs and --num-iterations: how long a finetuning stage runs (see iterations_for)."""
+    p.add_argument("--num-epochs", type=float_in(0.0), default=1.0, help=f"passes over the {what} (sets the horizon)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
+
+
+def load_source(args, rt):
+    """Seed torch with --seed, then load the checkpoint a finetuning stage starts from: (model, tokenizer, meta)."""
+    torch.manual_seed(args.seed)
+    return load_model(args.source, device=rt.device, model_tag=args.source_tag, step=args.source_step)
+
+
+def stage_optimizer(model, args):
+    """MuonAdamW at the --*-lr flags x --init-lr-frac (the finetuning stages)."""
+    frac = args.init_lr_frac
+    return model.setup_optimizer(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
+                                 matrix_lr=args.matrix_lr * frac, weight_decay=args.weight_decay)
+
+
+def iterations_for(args, num_items: int, items_per_step: int) -> int:
+    """--num-iterations when given (> 0), else the steps of --num-epochs passes over num_items (at least 1)."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    return max(1, int(args.num_epochs * num_items // items_per_step))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop's recurring pieces
+
+
+def eval_due(step: int, start_step: int, last: bool, every: int) -> bool:
+    """Evaluate at the end, at the untrained start of a fresh run, and every `every` steps (<= 0: never between)."""
+    return last or step == start_step == 0 or (every > 0 and step % every == 0)
+
+
+def save_due(step: int, start_step: int, last: bool, every: int) -> bool:
+    """Save at the end and every `every` steps, but not at the step the run started from (already on disk)."""
+    return last or (every > 0 and step > start_step and step % every == 0)
+
+
+def record_eval(loop: dict, key: str, value, step: int, log, label: str = "") -> None:
+    """loop[key] = value, and loop["initial_" + key] the first time; printed and logged. A dict value (several
+    numbers) is printed and logged key by key."""
+    loop[key] = value
+    if loop.get("initial_" + key) is None:
+        loop["initial_" + key] = value
+    if isinstance(value, dict):
+        print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in value.items()))
+        log({"step": step, **value})
+    else:
+        print0(f"step {step:05d} | {label} {value:.4f}")
+        log({"step": step, key: value})
+
+
+def apply_update(optimizer, lrm: float, momentum: float | None = None) -> None:
+    """One optimizer step at every group's initial lr x lrm (and this momentum for the Muon groups when one is
+    given), then the gradients cleared for the next step."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if momentum is not None and group["kind"] == "muon":
+            group["momentum"] = momentum
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def stopped_on_non_finite(value: float, what: str, step: int, ckpt_dir: Path, log) -> bool:
+    """True, after saying so, when `value` is NaN or inf. Stages check before the optimizer step: a non-finite
+    value would poison the weights, and stopping first keeps the newest checkpoint the last good one."""
+    if math.isfinite(value):
+        return False
+    print0(f"error: {what} is {value} at step {step}; stopping before the optimizer step. The newest checkpoint in "
+           f"{ckpt_dir} (step {latest_step(ckpt_dir)}) is the last good one; resume from it with a lower learning "
+           f"rate (--matrix-lr / --embedding-lr) or look for bad data.")
+    log({"step": step, what: None, "error": f"non-finite {what} ({value})"})
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows and losses
+
+
+def right_padded(inputs: list[list[int]], targets: list[list[int]], pad: int, device="cpu"):
+    """Rows of unequal lengths as (B, T) tensors, T the longest row: inputs padded with `pad`, targets with -1, so
+    padding carries no loss."""
+    T = max(1, max(len(x) for x in inputs))
+    x = torch.full((len(inputs), T), pad, dtype=torch.long)
+    y = torch.full((len(inputs), T), -1, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(inputs, targets)):
+        x[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        y[i, :len(target)] = torch.tensor(target, dtype=torch.long)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def masked_mean_loss(model, batches, device) -> float:
+    """Mean loss (nats) per target token over (inputs, targets) batches, -1 targets left out, over all ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in batches:
+        total += model(x, y, loss_reduction="sum").double()
+        count += (y >= 0).sum()
+    sum_over_ranks(total, count)
+    model.train(was_training)
+    return float(total / count.clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step's gradients
+
+
 def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int,
                          autocast=contextlib.nullcontext) -> float:
     """Backward through `grad_accum` micro-batches of `loader` (each loss / grad_accum) -> the step's mean loss over
@@ -98,11 +230,8 @@ def accumulate_gradients(model, loader, grad_accum: int, device, world_size: int
             loss = model(x, y)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
-    loss_step = loss_sum / grad_accum
-    if world_size > 1:
-        dist.all_reduce(loss_step)
-        loss_step /= world_size
-    return float(loss_step.item())
+    loss_step, = sum_over_ranks(loss_sum / grad_accum)
+    return float((loss_step / world_size).item())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,6 +286,17 @@ def write_stage_metrics(ckpt_dir: Path, metrics: dict, master: bool, t_start: fl
         metrics.update(seconds=round(time.time() - t_start, 1), commit=git_commit())
         with atomic_write(ckpt_dir / METRICS, "w") as f:
             json.dump(metrics, f, indent=2)
+
+
+def finish_stage(ckpt_dir: Path, metrics: dict, master: bool, t_start: float, key: str) -> int:
+    """The end of a finetuning stage: metrics.json, then one line from the first to the last evaluation. Returns
+    the exit status (0)."""
+    write_stage_metrics(ckpt_dir, metrics, master, t_start)
+    first, final = metrics["initial_" + key], metrics[key]
+    if isinstance(final, float):
+        first, final = f"{first:.4f}", f"{final:.4f}"
+    print0(f"done: {key} {first} -> {final}; checkpoints in {ckpt_dir}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_distributed
+from nanochat.common import sum_over_ranks
 
 
 @torch.no_grad()
@@ -42,9 +41,7 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
         counted = num_bytes > 0
         total_nats += (loss.to(device).double() * counted).sum()
         total_bytes += num_bytes.sum()
-    if is_distributed():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+    sum_over_ranks(total_nats, total_bytes)
     n_bytes = int(total_bytes.item())
     if n_bytes == 0:
         raise ValueError("no target bytes to evaluate (empty batches, or only special / ignored targets)")

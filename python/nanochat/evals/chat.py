@@ -18,9 +18,8 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_distributed, rank_and_world
+from nanochat.common import rank_and_world, sum_over_ranks
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
@@ -31,11 +30,8 @@ NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
 
 
 def _sum_counts(correct: int, total: int, device) -> tuple[int, int]:
-    if is_distributed():
-        counts = torch.tensor([correct, total], dtype=torch.long, device=device)
-        dist.all_reduce(counts)
-        return int(counts[0]), int(counts[1])
-    return correct, total
+    counts, = sum_over_ranks(torch.tensor([correct, total], dtype=torch.long, device=device))
+    return int(counts[0]), int(counts[1])
 
 
 def letter_ids(tokenizer, letters: str) -> list[int]:

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import MissingInputError, rank_and_world
+from nanochat.common import MissingInputError, rank_and_world, sum_over_ranks
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -356,8 +356,6 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
 
     Under torchrun each rank scores a strided share and the counts are summed with all_reduce.
     """
-    import torch.distributed as dist
-
     name, loaded, missing = load_core_data(data_dir)
     rank, world = rank_and_world()
     bos = tokenizer.get_bos_token_id()
@@ -375,10 +373,8 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
         t0 = time.time()
         forward = score_tokens if task.task_type == "language_modeling" else score_losses
         correct, total = evaluate_task(task, examples, encode, forward, max_len, rank, world)
-        if world > 1:
-            counts = torch.tensor([correct, total], dtype=torch.long, device=device)
-            dist.all_reduce(counts)
-            correct, total = int(counts[0]), int(counts[1])
+        counts, = sum_over_ranks(torch.tensor([correct, total], dtype=torch.long, device=device))
+        correct, total = int(counts[0]), int(counts[1])
         accuracy = correct / max(total, 1)
         results[task.label] = {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline),
                                "n": total, "baseline": task.baseline, "type": task.task_type,

@@ -58,47 +58,60 @@ def _synthetic(task: Task) -> list[Task]:
     return [task] if len(task) else []
 
 
+def _mid_train_tasks(s: MixtureSizes, strict: bool, skipped: list[str]) -> list[Task]:
+    return (_maybe(lambda: SmolTalk("train"), s.smoltalk, strict, skipped)
+            + _maybe(lambda: MMLU("train"), s.mmlu, strict, skipped)
+            + _maybe(lambda: GSM8K("train"), s.gsm8k, strict, skipped)
+            + _maybe(Identity, None, strict, skipped) * s.identity_repeats
+            + [SimpleSpelling(size=s.spelling, split="train"), SpellingBee(size=s.spelling, split="train")]
+            + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
+
+
+def _sft_train_tasks(s: MixtureSizes, strict: bool, skipped: list[str]) -> list[Task]:
+    return (_maybe(lambda: ARC("ARC-Easy", "train"), s.arc, strict, skipped)
+            + _maybe(lambda: ARC("ARC-Challenge", "train"), s.arc, strict, skipped)
+            + _maybe(lambda: GSM8K("train"), s.gsm8k, strict, skipped)
+            + _maybe(lambda: SmolTalk("train"), s.smoltalk, strict, skipped)
+            + _maybe(Identity, None, strict, skipped) * s.identity_repeats
+            + [SimpleSpelling(size=s.spelling // 2, split="train"), SpellingBee(size=s.spelling // 2, split="train")]
+            + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
+
+
+def _validation_tasks(s: MixtureSizes, strict: bool, skipped: list[str]) -> list[Task]:
+    """Held-out conversations of both chat stages: SmolTalk test and test streams of the synthetic tasks."""
+    return (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
+            + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
+               SpellingBee(size=max(1, s.spelling // 20), split="test")]
+            + _synthetic(Arithmetic(size=s.arithmetic // 20, split="test")))
+
+
+def _mixture(train_tasks, split: str, sizes: MixtureSizes | None, strict: bool, seed: int) -> TaskMixture:
+    s, skipped = sizes or MixtureSizes(), []
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    tasks = train_tasks(s, strict, skipped) if split == "train" else _validation_tasks(s, strict, skipped)
+    mixture = TaskMixture(tasks, seed=seed)
+    mixture.skipped = skipped  # what was missing, for the stage's log and metrics
+    return mixture
+
+
 def mid_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict: bool = False,
                 seed: int = 42) -> TaskMixture:
-    s, skipped = sizes or MixtureSizes(), []
-    if split == "train":
-        tasks = (_maybe(lambda: SmolTalk("train"), s.smoltalk, strict, skipped)
-                 + _maybe(lambda: MMLU("train"), s.mmlu, strict, skipped)
-                 + _maybe(lambda: GSM8K("train"), s.gsm8k, strict, skipped)
-                 + _maybe(Identity, None, strict, skipped) * s.identity_repeats
-                 + [SimpleSpelling(size=s.spelling, split="train"), SpellingBee(size=s.spelling, split="train")]
-                 + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
-    elif split == "val":
-        tasks = (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
-                 + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
-                    SpellingBee(size=max(1, s.spelling // 20), split="test")]
-                 + _synthetic(Arithmetic(size=s.arithmetic // 20, split="test")))
-    else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    mixture = TaskMixture(tasks, seed=seed)
-    mixture.skipped = skipped
-    return mixture
+    return _mixture(_mid_train_tasks, split, sizes, strict, seed)
 
 
 def sft_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict: bool = False,
                 seed: int = 42) -> TaskMixture:
-    s, skipped = sizes or MixtureSizes(), []
-    if split == "train":
-        tasks = (_maybe(lambda: ARC("ARC-Easy", "train"), s.arc, strict, skipped)
-                 + _maybe(lambda: ARC("ARC-Challenge", "train"), s.arc, strict, skipped)
-                 + _maybe(lambda: GSM8K("train"), s.gsm8k, strict, skipped)
-                 + _maybe(lambda: SmolTalk("train"), s.smoltalk, strict, skipped)
-                 + _maybe(Identity, None, strict, skipped) * s.identity_repeats
-                 + [SimpleSpelling(size=s.spelling // 2, split="train"),
-                    SpellingBee(size=s.spelling // 2, split="train")]
-                 + _synthetic(Arithmetic(size=s.arithmetic, split="train")))
-    elif split == "val":
-        tasks = (_maybe(lambda: SmolTalk("test"), s.smoltalk, strict, skipped)
-                 + [SimpleSpelling(size=max(1, s.spelling // 20), split="test"),
-                    SpellingBee(size=max(1, s.spelling // 20), split="test")]
-                 + _synthetic(Arithmetic(size=s.arithmetic // 20, split="test")))
-    else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    mixture = TaskMixture(tasks, seed=seed)
-    mixture.skipped = skipped
-    return mixture
+    return _mixture(_sft_train_tasks, split, sizes, strict, seed)
+
+
+def stage_mixtures(args, mixture: Callable[..., TaskMixture]) -> tuple[TaskMixture, TaskMixture]:
+    """(train, val) of a chat stage from its flags: `mixture` (mid_mixture or sft_mixture) capped by the stage's
+    --*-limit / --*-size flags, plus or replaced by the --data files (tasks/custom_chat.py)."""
+    from nanochat.tasks.custom_chat import with_custom_data
+
+    sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=getattr(args, "mmlu_limit", None),
+                         arc=getattr(args, "arc_limit", None), gsm8k=args.gsm8k_limit, spelling=args.spelling_size,
+                         arithmetic=args.arithmetic_size)
+    return with_custom_data(lambda split: mixture(split, sizes, strict=args.strict_data, seed=args.seed), args.data,
+                            args.data_only, args.seed)
