@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import at_least, float_in, print0, rank_and_world
-from nanochat.evals.chat import generate_samples
+from nanochat.engine import Engine
 from nanochat.stage_plumbing import (TrainLog, add_checkpoint_args, add_optimizer_args, add_source_args, resume_stage,
                                      run_main, save_stage_checkpoint, write_stage_metrics)
 
@@ -105,8 +105,9 @@ def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens
     mine = indices[rank::world]
     convs = [task[i] for i in mine]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
-    outs = generate_samples(model, tokenizer, prompts, k, max_new_tokens, temperature, top_k,
-                            batch_size=max(batch_size, k), seeds=[seed + 7919 * i for i in mine])
+    engine = Engine(model, tokenizer, prefix_cache_tokens=0)
+    outs = engine.generate(prompts, k, max_new_tokens, temperature, top_k, batch_size=max(batch_size, k),
+                           seeds=[seed + 7919 * i for i in mine])
     solved = torch.zeros(k, dtype=torch.float64, device=device)
     for conv, samples in zip(convs, outs):
         ok = [bool(task.reward(conv, tokenizer.decode(ids)) > 0) for ids, _ in samples]
@@ -194,9 +195,9 @@ def train(args: argparse.Namespace, rt) -> int:
             convs = [train_task[i] for i in problems]
             prompts = [tokenizer.render_for_completion(c) for c in convs]
             model.eval()
-            outs = generate_samples(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
-                                    args.temperature, top_k, batch_size=2 * args.num_samples,
-                                    seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
+            outs = Engine(model, tokenizer, prefix_cache_tokens=0).generate(
+                prompts, args.num_samples, args.max_new_tokens, args.temperature, top_k,
+                batch_size=2 * args.num_samples, seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
             model.train()
             groups, step_rewards = [], []
             for conv, prompt, samples in zip(convs, prompts, outs):
