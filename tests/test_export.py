@@ -99,7 +99,8 @@ FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.checkpoint import load_chat_model
+    from nanochat.engine import Engine
 
     folder, conversations, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     model, tokenizer, meta, stage = load_chat_model(model_dir=folder)

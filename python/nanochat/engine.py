@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Iterator
 
 
-from nanochat.common import MissingInputError
 from nanochat.kv_cache import PrefixStore, round_up
 from nanochat.sampling import SamplingParams
 from nanochat.scheduler import TERMINAL_TOKENS, GenerationRequest, Scheduler, TokenEvent
@@ -125,32 +124,3 @@ class Engine:
                                     prefix_cache=self.prefix_store, cuda_graphs=self.cuda_graphs,
                                     step_tokens=self.step_tokens)
         return self._scheduler
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading a chat model (shared by `nanochat chat` and `nanochat serve`)
-
-CHAT_STAGES = ("rl", "sft", "mid")  # preference order when no --source is given
-
-
-def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None,
-                    model_dir=None):
-    """(model, tokenizer, meta, stage) from the checkpoint of `source`, or of the most finished chat stage that has
-    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`."""
-    from nanochat.checkpoint import checkpoint_dir, load_exported, load_model
-
-    if model_dir is not None:
-        model, tokenizer, meta = load_exported(model_dir, device)
-        return model, tokenizer, meta, meta.get("stage") or "exported"
-
-    if source is not None:
-        return (*load_model(source, device=device, model_tag=model_tag, step=step), source)
-    for stage in CHAT_STAGES:
-        stage_dir = checkpoint_dir(stage, "x").parent
-        if stage_dir.is_dir() and any(p.is_dir() for p in stage_dir.iterdir()):
-            try:
-                return (*load_model(stage, device=device, model_tag=model_tag, step=step), stage)
-            except FileNotFoundError:
-                continue
-    raise MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
-                            f"train one (`nanochat chat-sft`) or name one with --source base")
