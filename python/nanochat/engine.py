@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-
 from nanochat.kv_cache import PrefixStore, round_up
 from nanochat.sampling import SamplingParams
 from nanochat.scheduler import TERMINAL_TOKENS, GenerationRequest, Scheduler, TokenEvent

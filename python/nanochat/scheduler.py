@@ -34,6 +34,10 @@ TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
 MAX_TOOL_EXPRESSION_TOKENS = 512  # a longer python block is not evaluated (the model is rambling)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Requests and events
+
+
 @dataclass
 class TokenEvent:
     """One generated token of one sample; `token` is None only on a final event without a token (cancelled)."""
@@ -88,7 +92,6 @@ class GenerationRequest:
                 self.cancelled = True
         if self.unfinished_samples == 0:
             self.finished.set()
-
 
 
 # ---------------------------------------------------------------------------------------------------------------
