@@ -23,7 +23,9 @@ import time
 import torch
 
 from nanochat.common import system_info
-from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams
+from nanochat.scheduler import GenerationRequest, Scheduler
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 

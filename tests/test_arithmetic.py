@@ -150,7 +150,8 @@ format or a calculator result unlike the reference would make the replay diverge
     ids, mask = tok.render_conversation(conv)
     prompt = tok.render_for_completion(conv)
     engine = Engine(ReplayModel(tok.vocab_size, ids), tok)
-    results, masks = engine.generate_batch(prompt, max_tokens=100, temperature=0.0)
+    [[(generated, generated_mask)]] = engine.generate([prompt], max_tokens=100, temperature=0.0)
+    results, masks = [prompt + generated], [[0] * len(prompt) + generated_mask]
     # the engine stops at <|assistant_end|> and leaves it out
     assert results[0] == ids[:-1] and masks[0][len(prompt):] == mask[len(prompt):-1]
     assert task.evaluate(conv, tok.decode(results[0][len(prompt):]))
@@ -166,11 +167,15 @@ def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_cha
 
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, *args, tools=True, **kwargs):
-        calls.append(tools)
-        return [[(list(tokenizer.encode("The answer is 1.")), [1] * 3)] for _ in prompts]
+    class FakeEngine:
+        def __init__(self, model, tokenizer, tools=True, **kwargs):
+            self.tokenizer, self.tools = tokenizer, tools
 
-    monkeypatch.setattr(chat, "generate_samples", fake_generate)
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(self.tools)
+            return [[(list(self.tokenizer.encode("The answer is 1.")), [1] * 3)] for _ in prompts]
+
+    monkeypatch.setattr(chat, "Engine", FakeEngine)
     always = Arithmetic(size=3, split="test")
     always.evaluate = lambda conv, completion: True
     report = chat.run_chat_eval(None, tok, "cpu", ["GSM8K", "Arithmetic", "Arithmetic-NoTool"], max_problems=2,

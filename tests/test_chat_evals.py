@@ -14,6 +14,7 @@ tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tok
                                     exc_type=ImportError)
 
 from nanochat.common import init_process_group  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
 from nanochat.evals import chat  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tasks import ListTask  # noqa: E402
@@ -86,8 +87,8 @@ def test_letters_must_be_single_tokens(tokenizer):
 
 def test_batched_generation_equals_naive_sampler(model, tokenizer):
     prompts = [tokenizer.encode(t, prepend=tokenizer.bos_token_id) for t in ["Question 1", "which colour", "pink=D"]]
-    outs = chat.generate_samples(model, tokenizer, prompts, num_samples=2, max_tokens=10, temperature=0.0,
-                                 batch_size=3)
+    outs = Engine(model, tokenizer, prefix_cache_tokens=0).generate(prompts, num_samples=2, max_tokens=10,
+                                                                    temperature=0.0, batch_size=3)
     terminal = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.encode_special("<|bos|>")}
     for prompt, samples in zip(prompts, outs):
         ref = []

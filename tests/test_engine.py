@@ -10,7 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.engine import (Engine, GenerationRequest, SamplingParams, Scheduler, TextStream, sample_tokens)
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams, sample_tokens
+from nanochat.scheduler import GenerationRequest, Scheduler
+from nanochat.text_stream import TextStream
 from nanochat.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -36,6 +39,12 @@ def reference(model, tok, prompt, max_tokens):
     return out
 
 
+def with_prompt(engine, prompt, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    """Engine.generate over one prompt, as (prompt + generated ids, prompt zeros + mask) per sample."""
+    [samples] = engine.generate([prompt], **kwargs)
+    return [prompt + ids for ids, _ in samples], [[0] * len(prompt) + mask for _, mask in samples]
+
+
 PROMPTS = ["Hello there, how are you?", "The quick brown fox", "x", "Tell me a story about the sea and the sky."]
 
 
@@ -57,15 +66,16 @@ def test_greedy_several_samples_share_one_prefill(model, tok):
     prompt = prompt_of(tok, PROMPTS[0])
     expected = reference(model, tok, prompt, 30)
     engine = Engine(model, tok, tools=False)
-    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=30, temperature=0.0)
+    results, masks = with_prompt(engine, prompt, num_samples=3, max_tokens=30, temperature=0.0)
     terminal = {tok.encode_special("<|assistant_end|>"), tok.encode_special("<|bos|>")}
     body = [t for t in expected if t not in terminal]
     for ids, mask in zip(results, masks):
         assert ids == prompt + body
         assert mask == [0] * len(prompt) + [1] * len(body)
-    columns = list(engine.generate(prompt, num_samples=3, max_tokens=30, temperature=0.0))
-    assert [c[0][0] for c in columns] == expected[:len(columns)]
-    assert all(col[0] == col[1] == col[2] for col, _ in columns)
+    streamed = [[ev.token for ev in engine.stream(prompt, num_samples=3, max_tokens=30, temperature=0.0)
+                 if ev.sample == s and ev.token is not None] for s in range(3)]
+    assert streamed[0] == expected[:len(streamed[0])]
+    assert streamed[0] == streamed[1] == streamed[2]
 
 
 def test_ragged_continuous_batch_matches_reference(model, tok):
@@ -105,9 +115,9 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(model, tok):
     prompt = prompt_of(tok, PROMPTS[1])
     engine = Engine(model, tok, tools=False)
     kw = dict(max_tokens=20, temperature=1.0, top_k=50, top_p=0.95)
-    a = engine.generate_batch(prompt, num_samples=2, seed=7, **kw)[0]
-    b = engine.generate_batch(prompt, num_samples=2, seed=7, **kw)[0]
-    c = engine.generate_batch(prompt, num_samples=2, seed=8, **kw)[0]
+    a = with_prompt(engine, prompt, num_samples=2, seed=7, **kw)[0]
+    b = with_prompt(engine, prompt, num_samples=2, seed=7, **kw)[0]
+    c = with_prompt(engine, prompt, num_samples=2, seed=8, **kw)[0]
     assert a == b
     assert a != c
     assert a[0] != a[1]  # samples of one request differ
@@ -216,7 +226,7 @@ def test_tool_call_forces_the_evaluated_output(tok, expression, result):
     S = tok.encode_special
     model, expr, tail = scripted(tok, expression)
     engine = Engine(model, tok)
-    results, masks = engine.generate_batch(prompt_of(tok, "calc"), num_samples=2, max_tokens=60, temperature=0.0)
+    results, masks = with_prompt(engine, prompt_of(tok, "calc"), num_samples=2, max_tokens=60, temperature=0.0)
     prompt_len = len(prompt_of(tok, "calc"))
     expected = ([S("<|python_start|>"), *expr, S("<|python_end|>")]
                 + [S("<|output_start|>"), *tok.encode(result), S("<|output_end|>")] + tail)
@@ -230,7 +240,7 @@ def test_tool_call_forces_the_evaluated_output(tok, expression, result):
 
 def test_tools_off_forces_nothing(tok):
     model, expr, _ = scripted(tok, "2+3")
-    results, masks = Engine(model, tok, tools=False).generate_batch(prompt_of(tok, "c"), max_tokens=20, temperature=0)
+    results, masks = with_prompt(Engine(model, tok, tools=False), prompt_of(tok, "c"), max_tokens=20, temperature=0)
     assert 0 not in masks[0][len(prompt_of(tok, "c")):]
     assert tok.encode_special("<|output_start|>") not in results[0]
 

@@ -57,8 +57,8 @@ def exported(tmp_path_factory):
         reference = []
         for conv in CONVERSATIONS:
             prompt = tokenizer.render_for_completion(conv)
-            rows, _ = engine.generate_batch(prompt, max_tokens=MAX_TOKENS, temperature=0.0)
-            reference.append({"prompt": prompt, "tokens": rows[0][len(prompt):]})
+            [[(tokens, _)]] = engine.generate([prompt], max_tokens=MAX_TOKENS, temperature=0.0)
+            reference.append({"prompt": prompt, "tokens": tokens})
         yield {"dir": out, "root": root, "reference": reference, "tokenizer": tokenizer}
     finally:
         if old is None:
@@ -90,16 +90,17 @@ def test_exported_model_loads_with_the_same_weights(exported):
     assert (meta["stage"], meta["model_tag"], meta["step"]) == ("sft", "tiny", 7)
     assert tokenizer.mergeable_ranks() == exported["tokenizer"].mergeable_ranks()
     for conv, ref in zip(CONVERSATIONS, exported["reference"]):
-        rows, _ = Engine(model, tokenizer, tools=False).generate_batch(ref["prompt"], max_tokens=MAX_TOKENS,
-                                                                       temperature=0.0)
-        assert rows[0][len(ref["prompt"]):] == ref["tokens"]
+        [[(tokens, _)]] = Engine(model, tokenizer, tools=False).generate([ref["prompt"]], max_tokens=MAX_TOKENS,
+                                                                          temperature=0.0)
+        assert tokens == ref["tokens"]
 
 
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.checkpoint import load_chat_model
+    from nanochat.engine import Engine
 
     folder, conversations, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     model, tokenizer, meta, stage = load_chat_model(model_dir=folder)
@@ -108,9 +109,9 @@ FRESH_PROCESS = textwrap.dedent("""
     result = {"stage": stage, "ours": [], "hf": [], "template": [], "max_logit_diff": 0.0}
     for conv in conversations:
         prompt = tokenizer.render_for_completion(conv)
-        rows, _ = Engine(model, tokenizer, tools=False).generate_batch(prompt, max_tokens=max_tokens,
-                                                                       temperature=0.0)
-        result["ours"].append(rows[0][len(prompt):])
+        [[(tokens, _)]] = Engine(model, tokenizer, tools=False).generate([prompt], max_tokens=max_tokens,
+                                                                          temperature=0.0)
+        result["ours"].append(tokens)
         ids = torch.tensor([prompt])
         out = hf_model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
         result["hf"].append(out[0, len(prompt):].tolist())

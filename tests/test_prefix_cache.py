@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.engine import Engine, GenerationRequest, SamplingParams, Scheduler
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams
+from nanochat.scheduler import GenerationRequest, Scheduler
 from nanochat.kv_cache import KVCache, PrefixStore
 from nanochat.serve.app import ServerConfig, create_app
 from nanochat.tiny import tiny_model
@@ -87,8 +89,8 @@ def test_shared_system_prompt_and_sampled_requests(model, tok):
 def test_identical_prompt_recomputes_its_last_token(model, tok):
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": SYSTEM}]})
     engine = Engine(model, tok, tools=False)
-    a = engine.generate_batch(prompt, max_tokens=8, temperature=0.0)[0]
-    b = engine.generate_batch(prompt, max_tokens=8, temperature=0.0)[0]
+    a = engine.generate([prompt], max_tokens=8, temperature=0.0)[0]
+    b = engine.generate([prompt], max_tokens=8, temperature=0.0)[0]
     assert a == b
     assert engine.prefix_store.hits == 1 and engine.prefix_store.reused_tokens == len(prompt) - 1
 

@@ -11,7 +11,9 @@ import random
 import pytest
 import torch
 
-from nanochat.engine import DecodeGraphs, Engine, GenerationRequest, SamplingParams, Scheduler
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams
+from nanochat.scheduler import DecodeGraphs, GenerationRequest, Scheduler
 from nanochat.kv_cache import KVCache, PackedBatch
 from nanochat.tiny import tiny_model
 

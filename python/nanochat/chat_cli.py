@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nanochat.common import UserError, autodetect_device
-    from nanochat.engine import Engine, load_chat_model
+    from nanochat.checkpoint import load_chat_model
+    from nanochat.engine import Engine
 
     if not 0.0 <= args.temperature <= 2.0:
         raise UserError(f"--temperature must be in [0, 2], got {args.temperature}")

@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     rt = init_runtime(args.device)
     try:
-        from nanochat.checkpoint import checkpoint_dir
-        from nanochat.engine import load_chat_model
+        from nanochat.checkpoint import checkpoint_dir, load_chat_model
         from nanochat.evals.chat import run_chat_eval
 
         model, tokenizer, meta, stage = load_chat_model(args.source, device=rt.device, model_tag=args.model_tag,

@@ -28,7 +28,7 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import at_least, float_in, print0, rank_and_world, sum_over_ranks
-from nanochat.evals.chat import generate_samples
+from nanochat.engine import Engine
 from nanochat.stage_plumbing import (FRESH_START, TrainLog, add_checkpoint_args, add_horizon_args, add_optimizer_args,
                                      add_runtime_args, add_source_args, apply_update, eval_due, finish_stage,
                                      iterations_for, load_source, record_eval, resume_stage, right_padded, run_main,
@@ -97,8 +97,9 @@ def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens
     mine = indices[rank::world]
     convs = [task[i] for i in mine]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
-    outs = generate_samples(model, tokenizer, prompts, k, max_new_tokens, temperature, top_k,
-                            batch_size=max(batch_size, k), seeds=[seed + 7919 * i for i in mine])
+    engine = Engine(model, tokenizer, prefix_cache_tokens=0)
+    outs = engine.generate(prompts, k, max_new_tokens, temperature, top_k, batch_size=max(batch_size, k),
+                           seeds=[seed + 7919 * i for i in mine])
     solved = torch.zeros(k, dtype=torch.float64, device=device)
     for conv, samples in zip(convs, outs):
         ok = [bool(task.reward(conv, tokenizer.decode(ids)) > 0) for ids, _ in samples]
@@ -151,6 +152,7 @@ def train(args: argparse.Namespace, rt) -> int:
     start_step = resumed.step  # no data state: the problems and the samples of a step are seeded by the step
     loop = {"eval": None, "initial_eval": None, **resumed.loop_state}
     log = TrainLog(ckpt_dir, master)
+    engine = Engine(model, tokenizer, prefix_cache_tokens=0)  # rollouts share no prefixes across steps
 
     # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
     step, t_start, rewards_seen = start_step, time.time(), []
@@ -174,11 +176,9 @@ def train(args: argparse.Namespace, rt) -> int:
             problems = [order[p % len(order)] for p in positions]
             convs = [train_task[i] for i in problems]
             prompts = [tokenizer.render_for_completion(c) for c in convs]
-            model.eval()
-            outs = generate_samples(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
-                                    args.temperature, top_k, batch_size=2 * args.num_samples,
-                                    seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
-            model.train()
+            outs = engine.generate(prompts, args.num_samples, args.max_new_tokens, args.temperature, top_k,
+                                   batch_size=2 * args.num_samples,
+                                   seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
             groups, step_rewards = [], []
             for conv, prompt, samples in zip(convs, prompts, outs):
                 rewards = [float(train_task.reward(conv, tokenizer.decode(ids))) for ids, _ in samples]

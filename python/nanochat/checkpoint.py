@@ -15,6 +15,7 @@
 - keep_last K prunes older step directories after the new one is in place
 - loading picks the newest complete step (the `latest` marker when it is valid, else a scan)
 - `load_exported` reads a folder written by `nanochat export` (`--model DIR` of every command that loads a model)
+- `load_chat_model` picks the model a chat command talks to: a named stage, the most finished chat stage, or an export
 """
 
 from __future__ import annotations
@@ -283,6 +284,33 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     meta = {"config": asdict(config), "step": info.get("step"), "model_tag": info.get("model_tag"),
             "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder)}
     return model, tokenizer, meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a chat model (`nanochat chat`, `nanochat serve`, `nanochat chat-eval`)
+
+CHAT_STAGES = ("rl", "sft", "mid")  # preference order when no --source is given
+
+
+def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None,
+                    model_dir=None):
+    """(model, tokenizer, meta, stage) from the checkpoint of `source`, or of the most finished chat stage that has
+    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`."""
+    if model_dir is not None:
+        model, tokenizer, meta = load_exported(model_dir, device)
+        return model, tokenizer, meta, meta.get("stage") or "exported"
+
+    if source is not None:
+        return (*load_model(source, device=device, model_tag=model_tag, step=step), source)
+    for stage in CHAT_STAGES:
+        stage_dir = checkpoint_dir(stage, "x").parent
+        if stage_dir.is_dir() and any(p.is_dir() for p in stage_dir.iterdir()):
+            try:
+                return (*load_model(stage, device=device, model_tag=model_tag, step=step), stage)
+            except FileNotFoundError:
+                continue
+    raise MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
+                            f"train one (`nanochat chat-sft`) or name one with --source base")
 
 
 def add_chat_model_args(p) -> None:

@@ -3,8 +3,8 @@ and ChatCORE.
 
 - categorical: render the conversation up to <|assistant_start|>, run one batched forward, and take the argmax of
   the logits restricted to the answer letters (each letter must be one token); no sampling, so no format failures.
-- generative: `generate_samples` drives the engine's continuous-batching Scheduler over many prompts at once, k
-  samples per prompt, each sample's seed fixed by (seed, problem index) so results do not depend on batching;
+- generative: `Engine.generate` samples many prompts at once (continuous batching), k samples per prompt, each
+  sample's seed fixed by (seed, problem index) so results do not depend on batching;
   a problem passes when any of its k samples passes (pass@k), judged by the task (`task.evaluate`).
 - distributed: each rank takes problems rank, rank + world, ...; counts are summed with all_reduce.
 - ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline), with baseline 0.25 for the
@@ -20,6 +20,7 @@ import time
 import torch
 
 from nanochat.common import rank_and_world, sum_over_ranks
+from nanochat.engine import Engine
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
@@ -91,58 +92,6 @@ def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, ma
 # Generative
 
 
-@torch.no_grad()
-def generate_samples(model, tokenizer, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
-                     temperature: float = 0.0, top_k: int | None = None, seed: int = 42, batch_size: int = 16,
-                     seeds: list[int] | None = None, tools: bool = True) -> list[list[tuple[list[int], list[int]]]]:
-    """For each prompt, `num_samples` (generated ids, mask) pairs; mask 1 = sampled, 0 = forced by the tool.
-
-    All prompts go through one Scheduler (continuous batching, `batch_size` KV-cache rows); terminal tokens
-    (<|assistant_end|>, <|bos|>) are left out. Prompt i uses seed `seeds[i]` (default seed + i). `tools=False`
-    runs no calculator: whatever the model writes after a python call is its own.
-    """
-    from nanochat.engine import (
-        TERMINAL_TOKENS,
-        GenerationRequest,
-        SamplingParams,
-        Scheduler,
-    )
-
-    if not prompts:
-        return []
-    context = model.config.sequence_len
-    batch_size = max(batch_size, num_samples)
-    sched = Scheduler(model, tokenizer, batch_size=batch_size, max_len=context, tools=tools)
-    terminal = {tokenizer.encode_special(name) for name in TERMINAL_TOKENS}
-    requests = []
-    for i, prompt in enumerate(prompts):
-        prompt = prompt[-(context - 1):]
-        budget = max(1, min(max_tokens, context - len(prompt)))
-        params = SamplingParams(max_tokens=budget, temperature=temperature, top_k=top_k,
-                                seed=(seeds[i] if seeds is not None else seed + i))
-        req = GenerationRequest(prompt, params, n=num_samples)
-        sched.submit(req)
-        requests.append(req)
-    outputs = [[([], []) for _ in range(num_samples)] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        while sched.has_work():
-            sched.step()
-            for i, req in enumerate(requests):
-                while req.events:
-                    ev = req.events.popleft()
-                    if ev.finish_reason == "error":
-                        raise RuntimeError(f"generation failed for prompt {i}: {ev.text}")
-                    if ev.token is None or (ev.mask == 1 and ev.token in terminal):
-                        continue
-                    outputs[i][ev.sample][0].append(ev.token)
-                    outputs[i][ev.sample][1].append(ev.mask)
-    finally:
-        model.train(was_training)
-    return outputs
-
-
 def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, max_tokens: int = 256,
                         temperature: float = 0.0, top_k: int | None = 50, batch_size: int = 16,
                         max_problems: int | None = None, seed: int = 42):
@@ -152,9 +101,9 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
     indices = list(range(rank, n, world))
     conversations = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
-    samples = generate_samples(model, tokenizer, prompts, num_samples, max_tokens, temperature, top_k,
-                               batch_size=batch_size, seeds=[seed + 1000 * i for i in indices],
-                               tools=getattr(task, "tools", True))
+    engine = Engine(model, tokenizer, tools=getattr(task, "tools", True), prefix_cache_tokens=0)
+    samples = engine.generate(prompts, num_samples, max_tokens, temperature, top_k,
+                              batch_size=batch_size, seeds=[seed + 1000 * i for i in indices])
     correct = 0
     for conv, outs in zip(conversations, samples):
         correct += any(task.evaluate(conv, tokenizer.decode(ids)) for ids, _ in outs)

@@ -2,9 +2,9 @@
 the routes, `nanochat serve` (serve/cli.py) runs it with uvicorn.
 
 Two choices shape it:
-- Each replica (one model on one device) runs `Scheduler.serve_forever` in its own worker thread; the event loop only
-  parses, validates, queues and streams, so /health and /metrics answer at once however busy the model is. Tokens
-  cross back to the loop in bursts (EventRelay) into a per-request asyncio.Queue.
+- Each replica (one model on one device) runs its engine's serving scheduler (`Scheduler.serve_forever`) in its own
+  worker thread; the event loop only parses, validates, queues and streams, so /health and /metrics answer at once
+  however busy the model is. Tokens cross back to the loop in bursts (EventRelay) into a per-request asyncio.Queue.
 - Nothing waits forever: every wait for the worker has a deadline (ServerConfig: first token, then each step), a
   handler notices within WORKER_POLL_S that its worker died (503, or 504 for a missed deadline), and a client that
   goes away cancels its request. Bad input is a 4xx with an OpenAI-style error object, never a 5xx.
@@ -29,7 +29,9 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from nanochat.common import get_logger
-from nanochat.engine import GenerationRequest, SamplingParams, Scheduler, TokenEvent
+from nanochat.engine import Engine
+from nanochat.sampling import SamplingParams
+from nanochat.scheduler import GenerationRequest, TokenEvent
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
 
@@ -197,13 +199,12 @@ class EventRelay:
 
 
 class Replica:
-    """One model + scheduler + worker thread."""
+    """One model + the engine's serving scheduler + the worker thread that runs it."""
 
     def __init__(self, model, tokenizer, config: ServerConfig):
-        self.scheduler = Scheduler(model, tokenizer, batch_size=config.batch_size, tools=config.tools,
-                                   max_waiting=config.max_waiting, step_tokens=config.step_tokens,
-                                   prefix_cache=config.prefix_cache_tokens, cuda_graphs=config.cuda_graphs,
-                                   policy=config.policy)
+        engine = Engine(model, tokenizer, tools=config.tools, prefix_cache_tokens=config.prefix_cache_tokens,
+                        cuda_graphs=config.cuda_graphs, step_tokens=config.step_tokens)
+        self.scheduler = engine.serving_scheduler(config.batch_size, config.max_waiting, config.policy)
         self.context = self.scheduler.max_len
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None

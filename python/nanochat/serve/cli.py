@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from nanochat.common import UserError, autodetect_device, get_logger
-    from nanochat.engine import load_chat_model
+    from nanochat.checkpoint import load_chat_model
 
     device = autodetect_device(args.device)
     if device.type == "cuda":

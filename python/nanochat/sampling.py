@@ -1,0 +1,77 @@
+"""How the next token is chosen: the sampling parameters of a request and the batched sampler.
+
+Every row of a batch has its own temperature (0 = greedy), top-k, then top-p on the top-k distribution, and its own
+`torch.Generator` seeded from (seed, sample index): a request's output depends only on its own seed, never on which
+other requests share the batch. Inverse-CDF sampling from one uniform per row keeps the batch vectorised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None  # None or 0: off
+    top_p: float | None = None  # None or 1.0: off; 0 keeps only the most likely token
+    seed: int | None = None  # None: a random seed
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k must be None or an int >= 0, got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0.0 <= self.top_p <= 1.0):
+            raise ValueError(f"top_p must be None or a number in [0, 1], got {self.top_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """One id per row of logits (B, V). Per-row temperature (B,) (0 = argmax), top_k (B,) long (0 = off),
+    top_p (B,) (1 = off) applied after top-k, and uniform (B,) in [0, 1) drawn by each row's generator."""
+    B, V = logits.shape
+    greedy = logits.argmax(dim=-1)
+    if not bool((temperature > 0).any()):
+        return greedy
+    scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
+    use_p, use_k = bool((top_p < 1.0).any()), bool((top_k > 0).any())
+    if use_p or use_k:
+        k_max = V if use_p else min(V, int(top_k.max()))
+        values, indices = torch.topk(scaled, k_max, dim=-1)  # (B, K) sorted descending
+        pos = torch.arange(k_max, device=logits.device).unsqueeze(0)
+        values = values.masked_fill((top_k.unsqueeze(1) > 0) & (pos >= top_k.unsqueeze(1)), float("-inf"))
+        probs = F.softmax(values, dim=-1)
+        if use_p:  # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+            mass_before = probs.cumsum(dim=-1) - probs
+            probs = probs.masked_fill((mass_before >= top_p.unsqueeze(1)) & (pos > 0), 0.0)
+    else:
+        indices = None
+        probs = F.softmax(scaled, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = uniform.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(1) - 1)  # (B, 1)
+    sampled = choice.squeeze(1) if indices is None else indices.gather(1, choice).squeeze(1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + sample * 7919) % (2 ** 63))
+    return g
+
