@@ -9,7 +9,7 @@
 - documents longer than --doc-cap characters (default 4,000, ~1k tokens) are cut into consecutive pieces at
   paragraph, then line, then space boundaries; the pieces concatenate back to the document. The loader starts
   every row at a document and crops what does not fit a row, so a 50 MB document kept whole would give one row
-  of text; see offline_corpus.py for the measured loss at 4,000 characters (7% of tokens at T=2048)
+  of text (the cropping measured: bench/RESULTS.md, "Document length and cropping")
 - --dedup drops exact duplicate documents (SHA-256 of the text, before cutting)
 - deterministic: the same inputs and --seed give the same shards. Documents are shuffled, then the first ones
   whose characters fit in --val-fraction of the total go to the validation shard (the LAST shard, as the loader

@@ -9,9 +9,8 @@ pipeline run on a machine that reaches only the package registries. Real runs us
   source's characters, split per original document so the pieces of one chapter never straddle train and val)
 - deterministic: sorted inputs and a seeded shuffle give the same rows in the same order on every build
 - documents are cut into pieces of <= 4,000 characters (plaintext.split_long): the loader starts every row at a
-  document and crops what does not fit, so with whole doc pages (~5k tokens on average) it dropped 68% of the
-  tokens at T=2048 and 90% at T=512; with 4k-char pieces 7% at T=2048, 12% at T=1024 and 50% at T=512 (measured
-  with an 8k-vocab tokenizer; a 65k vocab gives fewer tokens per document, so less)
+  document and crops what does not fit a row, so whole pages would lose most of their tokens (measured in
+  bench/RESULTS.md, "Document length and cropping")
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ objectives and loop.
   rank only (other ranks hold a no-op log); optionally mirrored to a wandb run
 - `save_stage_checkpoint`: refuses non-finite weights (the last good checkpoint stays the newest), gathers every
   rank's data-loader state, and writes weights, each rank's optimizer shard (plus the RNG state the stage asks for)
-  and a meta.json whose keys, in order, are: config, step, data_state, [data_states], metrics, loop_state,
-  num_iterations, world_size, [source], commit, args, system
+  and a meta.json (config, step, data state, metrics, loop state, provenance)
 - `resume_stage`: the inverse: newest checkpoint into model and optimizer (this run's lr flags win over the saved
   initial lrs) and RNG; checks config and process count; truncates train_log.jsonl to the resumed step so the log
   of a resumed run reads like an uninterrupted one; returns the step, data-loader state and loop state (`Resumed`)
