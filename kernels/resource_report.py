@@ -84,7 +84,7 @@ def compile_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_s
 def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, group: int = 1) -> list[Report]:
     from . import flash_attention as fa
 
-    B, T, H, D = 8, 2048, 10, head_dim
+    T, H, D = 2048, 10, head_dim  # strides of a (B, T, H, D) tensor do not depend on B
     strides = dict(b=T * H * D, t=H * D, h=D)
     kv_strides = dict(b=T * (H // group) * D, t=(H // group) * D, h=D)
     common = dict(T=T, H=H, H_KV=H // group, GROUP=group, qk_scale=1.0, sm_scale=1.0)

@@ -43,7 +43,8 @@ PATTERNS = {"nanochat": NANOCHAT_PATTERN, "gpt4": GPT4_PATTERN, "gpt2": GPT2_PAT
 def resolve_pattern(pattern: str) -> str:
     """A built-in pattern name -> its regex; any other string is taken as a regex itself."""
     if not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a str (a name in {sorted(PATTERNS)} or a regex), got {type(pattern).__name__}")
+        raise TypeError(f"pattern must be a str (a name in {sorted(PATTERNS)} or a regex), "
+                        f"got {type(pattern).__name__}")
     return PATTERNS.get(pattern, pattern)
 
 

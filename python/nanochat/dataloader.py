@@ -206,7 +206,8 @@ class DataLoader:
             if rg >= n:
                 empty_shards = empty_shards + 1 if n == 0 else 0
                 if empty_shards > len(self.shards):
-                    raise RuntimeError(f"no readable row groups in the {self.split} shards {[str(s) for s in self.shards]}")
+                    raise RuntimeError(f"no readable row groups in the {self.split} shards "
+                                       f"{[str(s) for s in self.shards]}")
                 shard, rg = shard + 1, 0
                 continue
             empty_shards = 0

@@ -94,7 +94,8 @@ def docs_austen(root: Path) -> Iterator[tuple[str, str]]:
         blob = index_path.with_suffix(".rdb").read_bytes()
         for name, (offset, length) in sorted(index["variables"].items()):
             offset, length = int(offset), int(length)
-            vector = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[offset + 4:offset + length])))
+            raw = zlib.decompress(blob[offset + 4:offset + length])
+            vector = rdata.conversion.convert(rdata.parser.parse_data(raw))
             lines = [str(x) for x in list(vector)]
             for k, chapter in enumerate(_austen_chapters(lines), 1):
                 yield f"austen/{name}/{k:02d}", austen_paragraphs(chapter)

