@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline CPU default: the whole pipeline on a tiny model, on a machine with no GPU and no Hugging Face hub
-# (only the package registries), in about 15 minutes on 2 idle cores (13m29s measured; README). It shows every
+# (only the package registries), in about 15 minutes on 2 idle cores (13m15s measured; README). It shows every
 # stage working; the model is far too small and too briefly trained to know anything (that is what
 # runs/speedrun.sh on 8 GPUs is for), but it learns to call its calculator.
 #   data:  a demo corpus built from Debian packages (Python docs, Jane Austen), not FineWeb-Edu;

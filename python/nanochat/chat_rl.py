@@ -152,7 +152,6 @@ def train(args: argparse.Namespace, rt) -> int:
     start_step = resumed.step  # no data state: the problems and the samples of a step are seeded by the step
     loop = {"eval": None, "initial_eval": None, **resumed.loop_state}
     log = TrainLog(ckpt_dir, master)
-    engine = Engine(model, tokenizer, prefix_cache_tokens=0)  # rollouts share no prefixes across steps
 
     # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
     step, t_start, rewards_seen = start_step, time.time(), []
@@ -176,9 +175,12 @@ def train(args: argparse.Namespace, rt) -> int:
             problems = [order[p % len(order)] for p in positions]
             convs = [train_task[i] for i in problems]
             prompts = [tokenizer.render_for_completion(c) for c in convs]
+            # a new engine per step: its KV cache is freed before the backward passes need the memory
+            engine = Engine(model, tokenizer, prefix_cache_tokens=0)
             outs = engine.generate(prompts, args.num_samples, args.max_new_tokens, args.temperature, top_k,
                                    batch_size=2 * args.num_samples,
                                    seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
+            del engine
             groups, step_rewards = [], []
             for conv, prompt, samples in zip(convs, prompts, outs):
                 rewards = [float(train_task.reward(conv, tokenizer.decode(ids))) for ids, _ in samples]
