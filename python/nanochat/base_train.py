@@ -35,9 +35,9 @@ from nanochat.common import at_least, choose_compile, configure_threads, float_i
 from nanochat.evals.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.schedules import lr_multiplier, muon_momentum
-from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, add_checkpoint_args, add_runtime_args,
-                                     apply_update, resume_stage, rng_state, run_main, save_due, save_stage_checkpoint,
-                                     stopped_on_non_finite)
+from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, add_checkpoint_args,
+                                     add_optimizer_args, add_runtime_args, apply_update, resume_stage, rng_state,
+                                     run_main, save_due, save_stage_checkpoint, stopped_on_non_finite)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
                   "The opposite of hot is", "The planets of the solar system are:"]
@@ -81,13 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
     g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
     g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2,
-                   help="AdamW lr of the embedding (before width scaling)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004,
-                   help="AdamW lr of lm_head (before width scaling)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay (all groups)")
+    g = add_optimizer_args(p, seed_help="seed of the weight initialisation")
     g.add_argument("--ns-coeffs", choices=["quintic", "polar_express"], default="quintic",
                    help="Newton-Schulz coefficients of Muon")
     g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0), default=0.0, help="fraction of steps of linear lr warmup")
@@ -95,7 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fraction of steps of linear lr warmdown")
     g.add_argument("--final-lr-frac", type=float_in(0.0, 1.0), default=0.0,
                    help="lr multiplier at the end of the warmdown")
-    g.add_argument("--seed", type=int, default=42, help="seed of the weight initialisation")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (<= 0: only at the end)")
     g.add_argument("--eval-tokens", type=int, default=None,

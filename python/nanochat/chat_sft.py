@@ -48,9 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--examples-per-step", type=at_least(1), default=32,
                    help="conversations per optimizer step, all ranks")
     add_horizon_args(p, "mixture")
-    g = p.add_argument_group("optimization")
-    add_optimizer_args(g, init_lr_frac=0.02)
-    g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
+    add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=0.02)
     g = p.add_argument_group("data (caps make small runs fast)")
     g.add_argument("--smoltalk-limit", type=int, default=10000, help="max SmolTalk conversations")
     g.add_argument("--arc-limit", type=int, default=None, help="max ARC questions per subset")

@@ -47,11 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--total-batch-size", type=int, default=-1,
                    help="tokens per optimizer step over all ranks (-1: one micro-batch per rank)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
-    g = p.add_argument_group("optimization")
-    add_optimizer_args(g, init_lr_frac=1.0)
+    g = add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=1.0)
     g.add_argument("--warmdown-ratio", type=float_in(0.0, 1.0), default=0.2,
                    help="fraction of steps of linear decay to 0")
-    g.add_argument("--seed", type=int, default=42, help="seed of the mixture shuffle")
     g = p.add_argument_group("data (caps make small runs fast)")
     g.add_argument("--smoltalk-limit", type=int, default=None, help="max SmolTalk conversations")
     g.add_argument("--mmlu-limit", type=int, default=None, help="max MMLU training questions")

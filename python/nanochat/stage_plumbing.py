@@ -75,15 +75,22 @@ def add_source_args(p, sources: list[str]) -> None:
     p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
 
 
-def add_optimizer_args(g, init_lr_frac: float) -> None:
-    """The MuonAdamW learning rates (nanochat's base values) and the stage's multiplier on all of them."""
+def add_optimizer_args(p, seed_help: str, init_lr_frac: float | None = None):
+    """The "optimization" group: the MuonAdamW learning rates (nanochat's base values), a finetuning stage's
+    multiplier on all of them (--init-lr-frac, when init_lr_frac is given), weight decay and --seed. Returns the
+    group for the stage's own schedule flags."""
+    g = p.add_argument_group("optimization")
     g.add_argument("--embedding-lr", type=float, default=0.2,
                    help="AdamW lr of the embedding (before width scaling)")
     g.add_argument("--unembedding-lr", type=float, default=0.004,
                    help="AdamW lr of lm_head (before width scaling)")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--init-lr-frac", type=float_in(0.0), default=init_lr_frac, help="multiplier on all the lrs above")
+    if init_lr_frac is not None:
+        g.add_argument("--init-lr-frac", type=float_in(0.0), default=init_lr_frac,
+                       help="multiplier on all the lrs above")
     g.add_argument("--weight-decay", type=float_in(0.0), default=0.0, help="decoupled weight decay")
+    g.add_argument("--seed", type=int, default=42, help=seed_help)
+    return g
 
 
 def add_checkpoint_args(g) -> None:
