@@ -52,6 +52,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def loopback_listener():
+    """A TCP socket listening on 127.0.0.1 (any free port), accept() timing out after 0.3 s: sandbox tests check
+    that no connection from the sandboxed program ever reaches it."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.3)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

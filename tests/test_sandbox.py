@@ -46,19 +46,12 @@ def test_socket_fails():
     assert not r.success and "connected" not in r.stdout
 
 
-def test_listening_parent_socket_is_unreachable():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    try:
-        r = run_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('in')", FAST)
-        assert not r.success and "in" not in r.stdout
-        with pytest.raises(socket.timeout):
-            server.accept()
-    finally:
-        server.close()
+def test_listening_parent_socket_is_unreachable(loopback_listener):
+    port = loopback_listener.getsockname()[1]
+    r = run_code(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('in')", FAST)
+    assert not r.success and "in" not in r.stdout
+    with pytest.raises(socket.timeout):
+        loopback_listener.accept()
 
 
 def test_fork_bomb_fails():

@@ -190,32 +190,24 @@ def test_environment_secrets_stay_in_the_parent():
     assert "ESCAPED" not in out.stdout, out.stdout
 
 
-def test_no_socket_reaches_the_host(mode):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    server.settimeout(0.3)
-    port = server.getsockname()[1]
-    try:
-        r = attack(mode, f"""
-            import socket, _socket
-            P = {port}
-            attempt("create_connection", lambda: socket.create_connection(("127.0.0.1", P), timeout=1))
-            attempt("_socket", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).connect(("127.0.0.1", P)))
-            attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", P)))
-            attempt("unix", lambda: socket.socket(socket.AF_UNIX).connect("/run/dbus/system_bus_socket"))
-            def raw():  # socket(AF_INET, SOCK_STREAM) as a bare syscall, past the socket module
-                fd = get_ctypes().syscall(41, 2, 1, 0)
-                if fd < 0:
-                    raise OSError("socket() refused")
-                socket.socket(fileno=fd).connect(("127.0.0.1", P))
-            attempt("raw syscall", raw)
-        """)
-        assert_held(r)
-        with pytest.raises(socket.timeout):
-            server.accept()
-    finally:
-        server.close()
+def test_no_socket_reaches_the_host(mode, loopback_listener):
+    r = attack(mode, f"""
+        import socket, _socket
+        P = {loopback_listener.getsockname()[1]}
+        attempt("create_connection", lambda: socket.create_connection(("127.0.0.1", P), timeout=1))
+        attempt("_socket", lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM).connect(("127.0.0.1", P)))
+        attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", P)))
+        attempt("unix", lambda: socket.socket(socket.AF_UNIX).connect("/run/dbus/system_bus_socket"))
+        def raw():  # socket(AF_INET, SOCK_STREAM) as a bare syscall, past the socket module
+            fd = get_ctypes().syscall(41, 2, 1, 0)
+            if fd < 0:
+                raise OSError("socket() refused")
+            socket.socket(fileno=fd).connect(("127.0.0.1", P))
+        attempt("raw syscall", raw)
+    """)
+    assert_held(r)
+    with pytest.raises(socket.timeout):
+        loopback_listener.accept()
 
 
 def test_signals_to_other_processes(mode, victim):
