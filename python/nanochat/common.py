@@ -302,6 +302,14 @@ def sum_over_ranks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
+def sum_counts_over_ranks(*counts: int, device) -> tuple[int, ...]:
+    """Integer counts summed over the process group (one all-reduce); returned as they are in a single process."""
+    if not is_distributed():
+        return counts
+    total, = sum_over_ranks(torch.tensor(counts, dtype=torch.long, device=device))
+    return tuple(int(c) for c in total)
+
+
 def init_process_group(backend: str, **kwargs) -> None:
     """dist.init_process_group, with torch._dynamo imported first.
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nanochat.common import rank_and_world, sum_over_ranks
+from nanochat.common import rank_and_world, sum_counts_over_ranks
 from nanochat.engine import Engine
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
@@ -28,11 +28,6 @@ NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _sum_counts(correct: int, total: int, device) -> tuple[int, int]:
-    counts, = sum_over_ranks(torch.tensor([correct, total], dtype=torch.long, device=device))
-    return int(counts[0]), int(counts[1])
 
 
 def letter_ids(tokenizer, letters: str) -> list[int]:
@@ -85,7 +80,7 @@ def evaluate_categorical(model, tokenizer, task, device, batch_size: int = 8, ma
     mine = [task[i] for i in range(rank, n, world)]
     preds = categorical_predictions(model, tokenizer, mine, device, batch_size)
     correct = sum(p == c["answer"] for p, c in zip(preds, mine))
-    return _sum_counts(correct, len(mine), device)
+    return sum_counts_over_ranks(correct, len(mine), device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,7 +102,7 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
     correct = 0
     for conv, outs in zip(conversations, samples):
         correct += any(task.evaluate(conv, tokenizer.decode(ids)) for ids, _ in outs)
-    return _sum_counts(correct, len(conversations), device)
+    return sum_counts_over_ranks(correct, len(conversations), device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

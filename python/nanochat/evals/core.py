@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import MissingInputError, rank_and_world, sum_over_ranks
+from nanochat.common import MissingInputError, rank_and_world, sum_counts_over_ranks
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -373,8 +373,7 @@ def evaluate_core(model, tokenizer, device, max_per_task: int | None = None, dat
         t0 = time.time()
         forward = score_tokens if task.task_type == "language_modeling" else score_losses
         correct, total = evaluate_task(task, examples, encode, forward, max_len, rank, world)
-        counts, = sum_over_ranks(torch.tensor([correct, total], dtype=torch.long, device=device))
-        correct, total = int(counts[0]), int(counts[1])
+        correct, total = sum_counts_over_ranks(correct, total, device=device)
         accuracy = correct / max(total, 1)
         results[task.label] = {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline),
                                "n": total, "baseline": task.baseline, "type": task.task_type,
