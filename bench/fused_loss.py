@@ -29,13 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 try:
     import nanochat_kernels
-except ImportError:  # run from a checkout without an install: kernels/ is the package
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("nanochat_kernels", REPO / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(REPO / "kernels")])
-    nanochat_kernels = importlib.util.module_from_spec(spec)
-    sys.modules["nanochat_kernels"] = nanochat_kernels
-    spec.loader.exec_module(nanochat_kernels)
+except ImportError:  # run from a checkout without an install: the package lives in kernels/
+    sys.path.insert(0, str(REPO / "kernels"))
+    import nanochat_kernels
 
 SOFTCAP = 15.0
 

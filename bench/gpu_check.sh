@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu), bench/kernels.py and
 # bench/fused_loss.py (the fused loss against the materialized logits at d20, B=32, T=2048), then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
-# when `nanochat_kernels` does not import, a temporary folder maps it to kernels/. Without CUDA it runs the CPU
+# when `nanochat_kernels` does not import, kernels/ and python/ go on PYTHONPATH. Without CUDA it runs the CPU
 # smoke path instead (interpreter parity tests of the dispatch, bench in smoke mode), so it can be checked anywhere.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
@@ -22,9 +22,7 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET NANOCHAT_KERNELS
 
 if ! "$PY" -c "import nanochat_kernels" 2>/dev/null; then
-    SHIM="$(mktemp -d)"
-    ln -s "$REPO/kernels" "$SHIM/nanochat_kernels"
-    export PYTHONPATH="$SHIM:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$REPO/kernels:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 echo "== nanochat gpu_check  $(date -u '+%Y-%m-%d %H:%M UTC')  commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

@@ -15,6 +15,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def neutral_cwd(tmp_path_factory):
+    """Tests, and the subprocesses they start, run from an empty folder rather than the repository root: a Python
+    started at the root puts the root on sys.path, where a top-level folder could shadow an installed package. The
+    few that need the root (the recipes in runs/) pass cwd=REPO_ROOT themselves."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data (real text for tests); tests that need it skip when it is absent."""

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def nanochat_command() -> list[str]:
@@ -29,7 +28,7 @@ def nanochat_command() -> list[str]:
 def run(args: list[str], base: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_EVAL_DATA=str(base / "eval_data"),
                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    return subprocess.run(nanochat_command() + args, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+    return subprocess.run(nanochat_command() + args, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 

@@ -240,7 +240,7 @@ def test_interpreter_linear_ce():
     env = dict(os.environ, TRITON_INTERPRET="1", NANOCHAT_KERNELS="triton")
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
            "-k", "test_interp_"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"

@@ -31,7 +31,6 @@ import nanochat_kernels
 from nanochat_kernels import reference
 from nanochat_kernels._common import interpreting
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 interp = pytest.mark.skipif(not interpreting(), reason="runs in the TRITON_INTERPRET=1 subprocess of "
                                                        "test_interpreter_group")
@@ -51,7 +50,7 @@ def test_interpreter_group(group):
     env = dict(os.environ, TRITON_INTERPRET="1", NANOCHAT_KERNELS="triton")
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
            "-k", f"{group} and not test_interpreter_group"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter group {group} failed:\n{tail}"
     # Every selected test must have run in the child: a skip there would hide a kernel from CI.

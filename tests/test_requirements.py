@@ -16,8 +16,8 @@ TORCH_FEATURES = {
 }
 
 
-def torch_lower_bound() -> tuple[int, ...]:
-    text = (REPO_ROOT / "pyproject.toml").read_text()
+def torch_lower_bound(pyproject: Path = REPO_ROOT / "pyproject.toml") -> tuple[int, ...]:
+    text = pyproject.read_text()
     match = re.search(r'"torch>=([0-9.]+)"', text)
     assert match, "pyproject.toml must pin a torch lower bound"
     return tuple(int(x) for x in match.group(1).split("."))
@@ -31,7 +31,12 @@ def test_torch_lower_bound_covers_the_features_used():
         for feature, version in TORCH_FEATURES.items():
             if feature in text:
                 needed.setdefault(feature, (version, path.relative_to(REPO_ROOT)))
-    assert "enable_gqa=" in needed  # the scan sees the code (kernels/reference.py)
+    assert "enable_gqa=" in needed  # the scan sees the code (kernels/nanochat_kernels/reference.py)
     bound = torch_lower_bound()
     for feature, (version, where) in needed.items():
         assert bound >= version, f"{where} uses {feature} (torch {version}), but pyproject allows torch {bound}"
+
+
+def test_both_packages_state_the_same_torch_floor():
+    """nanochat_kernels is installed on its own too: its pyproject carries the same real lower bound."""
+    assert torch_lower_bound(REPO_ROOT / "kernels" / "pyproject.toml") == torch_lower_bound()
