@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -73,8 +74,10 @@ def test_nanochat_kernels_editable_install_points_at_the_checkout():
 def test_nanochat_kernels_imports_from_a_built_wheel(tmp_path):
     """Build the wheel (setuptools from the locked environment, no isolation), unpack it on its own, import it from a
     neutral folder and check that it is the wheel's copy and that every module of the package is in it."""
+    source = tmp_path / "kernels"  # a copy: setuptools writes build/ and egg-info into the folder it builds
+    shutil.copytree(REPO_ROOT / "kernels", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                            "--wheel-dir", str(tmp_path / "dist"), str(REPO_ROOT / "kernels")],
+                            "--wheel-dir", str(tmp_path / "dist"), str(source)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("nanochat_kernels-*.whl")
