@@ -2,8 +2,9 @@
 
 - Loads the newest checkpoint of the most finished chat stage (rl, then sft, then mid) unless --source, --model-tag
   or --step name one.
-- Keeps the conversation as token ids (tool calls and their outputs stay exactly as generated) and streams the reply
-  token by token; the python calculator tool runs inside the engine.
+- Keeps the conversation as token ids (tool calls and their outputs stay exactly as generated, each turn closed by
+  <|assistant_end|> as the server renders it) and streams the reply token by token; the python calculator tool runs
+  inside the engine.
 - Commands: /clear, /temperature X, /topk K (0 = off), /help, /quit. `-p "prompt"` answers once and exits.
 """
 
@@ -62,8 +63,12 @@ class ChatSession:
                 pieces.append(ev.text)
             finish = ev.finish_reason or finish
         out.write("\n")
-        if not generated or generated[-1] != self.assistant_end:
-            generated.append(self.assistant_end)  # a reply cut by the token budget still closes its turn
+        # the turn closes with <|assistant_end|>, as the chat format (and the server's history) writes it: a reply
+        # that ended with <|bos|> has it in its place, one cut by the token budget gets it appended
+        if generated and finish == "stop" and generated[-1] in self.engine.terminal:
+            generated[-1] = self.assistant_end
+        else:
+            generated.append(self.assistant_end)
         self.tokens = prompt + generated
         self.turns += 1
         return "".join(pieces)

@@ -8,6 +8,9 @@ Two choices shape it:
 - Nothing waits forever: every wait for the worker has a deadline (ServerConfig: first token, then each step), a
   handler notices within WORKER_POLL_S that its worker died (503, or 504 for a missed deadline), and a client that
   goes away cancels its request. Bad input is a 4xx with an OpenAI-style error object, never a 5xx.
+- A reply sent back in a later request's history renders as the tokens that were generated for it, tool calls
+  included (serve/history.py: the server remembers its replies' tokens by their text), so the model sees its own
+  past and the prefix store hits on every turn.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from starlette.routing import Route
 from nanochat.common import get_logger
 from nanochat.engine import Engine
 from nanochat.sampling import SamplingParams
-from nanochat.scheduler import GenerationRequest, TokenEvent
+from nanochat.scheduler import TERMINAL_TOKENS, GenerationRequest, TokenEvent
+from nanochat.serve.history import ReplyMemory, render_prompt
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
 
@@ -59,6 +63,8 @@ class ServerConfig:
     policy: str = "chunked"  # "serial": the old scheduling, each new prompt prefilled alone (benchmarks)
     first_token_timeout_s: float = 600.0  # queue wait + prefill: the longest a request waits for its first event
     step_timeout_s: float = 120.0  # the longest between two events of a running request (a decode step, a tool call)
+    reply_memory_tokens: int = 1 << 20  # tokens of sent replies kept to render them exactly when sent back (~4 MB)
+    exact_history: bool = True  # False: history assistant messages as plain text, the old rendering (benchmarks)
 
 
 WORKER_POLL_S = 0.25  # how often a waiting handler checks that its replica's worker is still alive
@@ -116,7 +122,7 @@ class Metrics:
             self.ttft_counts[i] += 1
             self.ttft_sum += seconds
 
-    def render(self, replicas: list["Replica"]) -> str:
+    def render(self, replicas: list["Replica"], memory: ReplyMemory | None = None) -> str:
         with self.lock:
             out = ["# HELP nanochat_requests_total Chat completion requests by HTTP status.",
                    "# TYPE nanochat_requests_total counter"]
@@ -156,6 +162,14 @@ class Metrics:
                     "# HELP nanochat_prefix_cache_tokens Tokens whose KV the prefix cache holds.",
                     "# TYPE nanochat_prefix_cache_tokens gauge",
                     f"nanochat_prefix_cache_tokens {sum(s.tokens_held for s in stores)}",
+                    "# HELP nanochat_reply_memory_hits_total History assistant messages rendered as the tokens "
+                    "this server generated for them.",
+                    "# TYPE nanochat_reply_memory_hits_total counter",
+                    f"nanochat_reply_memory_hits_total {memory.hits if memory else 0}",
+                    "# HELP nanochat_reply_memory_misses_total History assistant messages not held (read from "
+                    "their text).",
+                    "# TYPE nanochat_reply_memory_misses_total counter",
+                    f"nanochat_reply_memory_misses_total {memory.misses if memory else 0}",
                     "# HELP nanochat_time_to_first_token_seconds From request arrival to its first token.",
                     "# TYPE nanochat_time_to_first_token_seconds histogram"]
             cumulative = 0
@@ -417,11 +431,31 @@ class Completion:
     waits for every sample and answers one JSON body."""
 
     def __init__(self, req: GenerationRequest, queue: asyncio.Queue, replica: Replica, parsed: ParsedRequest,
-                 prompt_tokens: int, t0: float, config: ServerConfig, metrics: Metrics):
+                 prompt_tokens: int, t0: float, config: ServerConfig, metrics: Metrics,
+                 memory: ReplyMemory | None = None, terminal: frozenset[int] = frozenset()):
         self.req, self.queue, self.replica, self.parsed = req, queue, replica, parsed
         self.prompt_tokens, self.t0, self.config, self.metrics = prompt_tokens, t0, config, metrics
+        self.memory, self.terminal = memory, terminal
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.received = 0  # final events seen here (the worker sets req.finished a moment later)
+        self.texts = [""] * parsed.n  # each sample's content so far, and the tokens that produced it
+        self.tokens: list[list[int]] = [[] for _ in range(parsed.n)]
+
+    def record(self, ev: TokenEvent) -> None:
+        """Add an event to its sample; a sample that ended on its own or at max_tokens goes into the reply memory
+        (its text -> its tokens, the terminal token left out: the renderer closes the turn). A reply cut by a stop
+        string is not remembered: its text lacks the stop string its tokens hold, so it is read from its text."""
+        s = ev.sample
+        self.texts[s] += ev.text
+        if ev.token is not None:
+            self.tokens[s].append(ev.token)
+        if ev.finish_reason is None or self.memory is None:
+            return
+        tokens = self.tokens[s]
+        if ev.finish_reason == "stop" and ev.token in self.terminal:
+            self.memory.remember(self.texts[s], tokens[:-1])
+        elif ev.finish_reason == "length":
+            self.memory.remember(self.texts[s], tokens)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.req.completion_tokens,
@@ -477,6 +511,7 @@ class Completion:
                 texts: dict[int, str] = {}
                 finals = []
                 for ev in batch:
+                    self.record(ev)
                     if ev.text:
                         texts[ev.sample] = texts.get(ev.sample, "") + ev.text
                     if ev.finish_reason is not None:
@@ -510,12 +545,12 @@ class Completion:
 
         n = self.parsed.n
         watcher = asyncio.create_task(watch_disconnect())
-        texts, reasons = [""] * n, [None] * n
+        reasons = [None] * n
         try:
             remaining = n
             while remaining:
                 ev = await self.wait_event()
-                texts[ev.sample] += ev.text
+                self.record(ev)
                 if ev.finish_reason is not None:
                     reasons[ev.sample] = FINISH[ev.finish_reason]
                     remaining -= 1
@@ -535,7 +570,7 @@ class Completion:
             return error_response(500, "generation failed on the server; see its log")
         body = {"id": self.id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.config.model_name, "system_fingerprint": None,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": self.texts[i], "refusal": None},
                              "logprobs": None, "finish_reason": reasons[i]} for i in range(n)],
                 "usage": self.usage()}
         return JSONResponse(body)
@@ -552,6 +587,8 @@ class ChatService:
         self.batch_rows = min(r.scheduler.batch_size for r in self.replicas)
         self.vocab_size = tokenizer.get_vocab_size()
         self.metrics = Metrics()
+        self.memory = ReplyMemory(config.reply_memory_tokens) if config.exact_history else None
+        self.terminal = frozenset(tokenizer.encode_special(name) for name in TERMINAL_TOKENS)
         self.created = int(time.time())
         self.ui_page = load_ui_page()
         self.relays: dict[asyncio.AbstractEventLoop, EventRelay] = {}
@@ -578,7 +615,7 @@ class ChatService:
         payload = decode_json(await read_body(request, self.config.max_body_bytes))
         parsed = parse_request(payload, self.config, self.context, self.vocab_size, self.batch_rows)
         try:  # user text is ordinary text: typing "<|assistant_end|>" gives that string's bytes, never the id
-            prompt = self.tokenizer.render_for_completion({"messages": parsed.messages})
+            prompt = render_prompt(self.tokenizer, parsed.messages, self.memory)
         except ValueError as e:
             raise BadRequest(str(e), "messages") from None
         if len(prompt) >= self.context:
@@ -618,7 +655,8 @@ class ChatService:
         metrics.request(200)
         with metrics.lock:
             metrics.prompt_tokens += len(prompt)
-        completion = Completion(req, queue, replica, parsed, len(prompt), t0, config, metrics)
+        completion = Completion(req, queue, replica, parsed, len(prompt), t0, config, metrics, self.memory,
+                                self.terminal)
         if parsed.stream:
             return StreamingResponse(completion.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -639,7 +677,7 @@ class ChatService:
                              "down": down}, status_code=200 if any(alive) else 503, headers=headers)
 
     async def metrics_page(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(self.replicas), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.render(self.replicas, self.memory), media_type="text/plain; version=0.0.4")
 
     async def index(self, request: Request) -> Response:
         return HTMLResponse(self.ui_page)
