@@ -1,18 +1,23 @@
 """The web UI in headless Chromium (Playwright for Python driving the system `chromium`): type, stream, stop,
-regenerate, edit, new chat, the error bubble, code-block rendering, and a screenshot."""
+regenerate, edit, new chat, the error bubble, code-block rendering, a screenshot, and a tool conversation whose
+history round-trips token for token (the page reads the server's tool-call format as the server does)."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from nanochat.serve.app import ServerConfig, create_app
+from nanochat.serve.history import parse_reply
 from nanochat.serve.thread import ServerThread
 from nanochat.tiny import tiny_model
+from test_server_history import PIECES, play, random_text, replay_server, script
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -129,3 +134,41 @@ def test_error_bubble_code_blocks_and_new_chat(page):
     assert html == ["print(1 + 2)", "python", "x", 0]
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0
+
+
+def test_tool_conversation_round_trips_exactly(page, server, tok):
+    """The scripted tool conversation of test_server_history typed into the page: every turn's prompt is the
+    exact conversation so far and the prefix store reuses all of it; the page shows each call and result as its
+    own block (a failed one marked, cut ones labelled), as the server reads the text."""
+    turns = script(tok)
+    with replay_server(tok, turns) as replay:
+        page.goto(replay.url + "/")
+        page.fill("#temperature", "0")
+
+        def send(messages, max_tokens):
+            page.fill("#max-tokens", str(max_tokens))
+            page.fill("#input", messages[-1]["content"])
+            page.press("#input", "Enter")
+            page.wait_for_function(f"state.controller === null && state.messages.length === {len(messages) + 1}")
+            return page.evaluate("state.messages[state.messages.length - 1].content")
+
+        contents = play(tok, replay, send)
+        calls = [p for c in contents for p in parse_reply(c) if p.kind == "python"]
+        labels = page.locator("pre.tool-call .lang").all_inner_texts()
+        assert len(labels) == len(calls) == 6 and labels.count("calculator (cut off)") == 1
+        assert page.locator("pre.tool-call code").all_inner_texts() == [p.text for p in calls]
+        assert page.locator("pre.tool-output .lang").all_inner_texts().count("result (cut off)") == 1
+        assert page.locator("pre.tool-output.failed code").all_inner_texts() == ["Error: division by zero"]
+        bubbles = page.locator(".msg.assistant .bubble")
+        for i, content in enumerate(contents):
+            kinds = [p.kind for p in parse_reply(content)]
+            assert bubbles.nth(i).locator("pre.tool-call").count() == kinds.count("python")
+            assert bubbles.nth(i).locator("pre.tool-output").count() == kinds.count("python_output")
+    page.goto(server.url + "/")
+
+
+def test_page_reads_replies_as_the_server_does(page):
+    rng = random.Random(2)
+    texts = [random_text(rng, PIECES + ["😀"], most=16) for _ in range(2000)]
+    assert page.evaluate("(texts) => texts.map(parseReply)", texts) == [
+        [asdict(p) for p in parse_reply(t)] for t in texts]
