@@ -6,6 +6,12 @@
 - Multi-turn: one client holds a 10-turn conversation (~50 tokens of user text and a 50-token reply per turn, so
   ~1,000 tokens of history at turn 10) and resends the whole history each turn, as OpenAI clients do; TTFT of the
   last turn with prefix reuse against without. Target >= 4x.
+- Tool conversation (`--cases tools`): the same 10 turns, each reply opening with a calculator call (forced:
+  <|python_start|>12*34<|python_end|>, the engine adds the output) and then free text; the content goes back as the
+  client got it, fences and all. Servers: "exact" (history replies rendered as the tokens generated for them, the
+  default), "fences only" (no reply memory: the fence format read back from the text, the path after a restart) and
+  "plain text" (`exact_history=False`, the rendering before: a reply's tool call becomes backticks, so the prefix
+  store stops matching at the first call). TTFT per turn and the prompt tokens the prefix store reused.
 
 Servers (one child process each, started together, measured in turn so that load changes hit all alike): "new"
 (chunked prefill batched with decode, prefix reuse), "old" (`--old-policy`, default serial: each new prompt
@@ -15,7 +21,7 @@ model and a tokenizer trained on a little real text; clients are asyncio + httpx
 The model's stop tokens are never sampled (their logits are -inf), so replies run to max_tokens and every run does
 the same work.
 
-Usage: python bench/serve_load.py [--depth 4 --max-tokens 64 --streams 16 --repeats 3]
+Usage: python bench/serve_load.py [--depth 4 --max-tokens 64 --streams 16 --repeats 3 --cases load,multiturn,tools]
 """
 
 from __future__ import annotations
@@ -95,6 +101,17 @@ async def conversation(url: str, turns: int, reply_tokens: int, tag: int) -> lis
     return ttfts
 
 
+def prefix_reuse(url: str) -> tuple[int, int, int, int]:
+    """(prefix hits, lookups, prompt tokens reused, prompt tokens computed) from a server's /metrics."""
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = int(float(value))
+    return (values["nanochat_prefix_cache_hits_total"], values["nanochat_prefix_cache_lookups_total"],
+            values["nanochat_prefix_cache_reused_tokens_total"], values["nanochat_prefill_tokens_total"])
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -115,8 +132,36 @@ class NoStopModel(torch.nn.Module):
         return logits
 
 
-def build_app(args, policy: str, prefix_cache_tokens: int):
-    """The server under test: a random depth-`args.depth` GPT (stop tokens silenced) and a small real tokenizer."""
+class ToolCallModel(torch.nn.Module):
+    """The model made to open every reply with a calculator call: the token after <|assistant_start|> is forced to
+    <|python_start|>, then the call's code tokens one after the other, then <|python_end|> (a bigram script on the
+    last input token, so the real forward still runs). Elsewhere the special tokens and the code's tokens are never
+    sampled, so no other call starts and every reply runs to max_tokens."""
+
+    def __init__(self, inner, tok, code: str = "12*34"):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        S = tok.encode_special
+        chain = [S("<|assistant_start|>"), S("<|python_start|>"), *tok.encode(code), S("<|python_end|>")]
+        if len(set(chain)) != len(chain):
+            raise ValueError(f"the call's tokens must be distinct for a bigram script, got {chain}")
+        dev = next(inner.parameters()).device
+        self.script = torch.full((inner.config.vocab_size,), -1, dtype=torch.long, device=dev)
+        self.script[torch.tensor(chain[:-1])] = torch.tensor(chain[1:])
+        self.silenced = torch.tensor(sorted(set(chain[1:]) | set(tok.special_tokens.values())), device=dev)
+
+    def forward(self, idx, kv_cache=None):
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.silenced] = float("-inf")
+        forced = self.script[kv_cache.select(idx)]  # the next token where the last input token is in the script
+        has = (forced >= 0).unsqueeze(-1)
+        hot = torch.nn.functional.one_hot(forced.clamp(min=0), logits.size(-1)).bool() & has
+        return logits.masked_fill(has, float("-inf")).masked_fill(hot, 0.0)
+
+
+def build_app(args, policy: str, prefix_cache_tokens: int, tools: bool = False, **config):
+    """The server under test: a random depth-`args.depth` GPT (stop tokens silenced; `tools`: every reply opens
+    with a calculator call) and a small real tokenizer; `config`: more ServerConfig fields."""
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = tiny_tokenizer(args.vocab_size)
@@ -126,14 +171,15 @@ def build_app(args, policy: str, prefix_cache_tokens: int):
         for prm in model.parameters():
             prm.normal_(0, 0.05)
     silenced = [tok.encode_special(name) for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
+    served = ToolCallModel(model, tok) if tools else NoStopModel(model, silenced)
     config = ServerConfig(batch_size=max(16, args.streams), max_waiting=256, policy=policy,
-                          step_tokens=args.step_tokens, prefix_cache_tokens=prefix_cache_tokens)
-    return create_app(NoStopModel(model, silenced), tok, config), model, tok
+                          step_tokens=args.step_tokens, prefix_cache_tokens=prefix_cache_tokens, **config)
+    return create_app(served, tok, config), model, tok
 
 
-def serve(args, policy, prefix_cache_tokens, ready, stop) -> None:
+def serve(args, setup, ready, stop) -> None:
     """Child process: run one server until `stop` is set (clients live in the parent: no shared GIL)."""
-    app, model, tok = build_app(args, policy, prefix_cache_tokens)
+    app, model, tok = build_app(args, *setup[:2], **setup[2])
     with ServerThread(app) as server:
         ready.put((server.url, model.num_params(), tok.vocab_size))
         stop.wait()
@@ -154,15 +200,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="scheduling of the 'old' server (serial: each prompt prefilled alone, the old scheduler)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0 = torch's default)")
+    p.add_argument("--cases", default="load,multiturn,tools",
+                   help="comma-separated: load (throughput, TTFT), multiturn (prefix reuse), tools (tool conversation)")
     args = p.parse_args(argv)
+    cases = set(args.cases.split(","))
+    if not cases <= {"load", "multiturn", "tools"}:
+        p.error(f"--cases takes load, multiturn, tools; got {args.cases!r}")
+    if not args.turns:
+        cases -= {"multiturn", "tools"}
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
-    setups = {"new": ("chunked", 8 * args.context), "old": (args.old_policy, 0), "new, no prefix reuse": ("chunked", 0)}
+    prefix = 8 * args.context
+    setups = {}  # name: (policy, prefix cache tokens, more build_app arguments)
+    if cases & {"load", "multiturn"}:
+        setups["new"] = ("chunked", prefix, {})
+    if "load" in cases:
+        setups["old"] = (args.old_policy, 0, {})
+    if "multiturn" in cases:
+        setups["new, no prefix reuse"] = ("chunked", 0, {})
+    tool_setups = {"exact": {}, "fences only": {"reply_memory_tokens": 0}, "plain text": {"exact_history": False}}
+    if "tools" in cases:
+        setups.update({f"tools: {k}": ("chunked", prefix, {"tools": True, **v}) for k, v in tool_setups.items()})
     children, urls = [], {}
     try:
-        for name, (policy, prefix) in setups.items():
+        for name, setup in setups.items():
             ready = ctx.Queue()
-            child = ctx.Process(target=serve, args=(args, policy, prefix, ready, stop), daemon=True)
+            child = ctx.Process(target=serve, args=(args, setup, ready, stop), daemon=True)
             child.start()
             children.append(child)
             urls[name], num_params, vocab = ready.get(timeout=300)
@@ -174,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(url, 2, 1, 8))  # warm-up
         runs = {name: {"one": [], "many": [], "ttft1": [], "ttft": []} for name in ("new", "old")}
         last_turn = {"new": [], "new, no prefix reuse": []}
+        tool_turns = {name: [] for name in tool_setups}  # per repeat: the TTFT of every turn
+        before = {name: prefix_reuse(urls[f"tools: {name}"]) for name in tool_turns} if "tools" in cases else {}
         for rep in range(args.repeats):
-            for name in ("old", "new"):
+            for name in ("old", "new") if "load" in cases else ():
                 r = runs[name]
                 tps, ttft1 = asyncio.run(load(urls[name], 1, args.requests, args.max_tokens))
                 r["one"].append(tps)
@@ -183,29 +248,46 @@ def main(argv: list[str] | None = None) -> int:
                 tps, ttft = asyncio.run(load(urls[name], args.streams, args.requests, args.max_tokens))
                 r["many"].append(tps)
                 r["ttft"] += ttft
-            if args.turns:
-                for name in last_turn:
-                    last_turn[name].append(asyncio.run(conversation(urls[name], args.turns, args.turn_reply_tokens,
-                                                                    tag=rep))[-1])
+            for name in last_turn if "multiturn" in cases else ():
+                last_turn[name].append(asyncio.run(conversation(urls[name], args.turns, args.turn_reply_tokens,
+                                                                tag=rep))[-1])
+            for name in tool_turns if "tools" in cases else ():
+                tool_turns[name].append(asyncio.run(conversation(urls[f"tools: {name}"], args.turns,
+                                                                 args.turn_reply_tokens, tag=rep)))
+        if "tools" in cases:  # this case's requests only: less the warm-up's
+            reuse = {name: [a - b for a, b in zip(prefix_reuse(urls[f"tools: {name}"]), before[name])]
+                     for name in tool_turns}
         load_after = os.getloadavg()[0]
     finally:
         stop.set()
         for child in children:
             child.join(timeout=30)
-    print(f"| server | {args.streams} streams tokens/s | 1 stream tokens/s | ratio (>= 8x) | TTFT 1 stream p50 | "
-          f"TTFT {args.streams} streams p50 / p95 | p95 / 1-stream (<= 3x) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in ("old", "new"):
+    if "load" in cases:
+        print(f"| server | {args.streams} streams tokens/s | 1 stream tokens/s | ratio (>= 8x) | TTFT 1 stream p50 | "
+              f"TTFT {args.streams} streams p50 / p95 | p95 / 1-stream (<= 3x) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in ("old", "new") if "load" in cases else ():
         r = runs[name]
         one, many, single = statistics.median(r["one"]), statistics.median(r["many"]), statistics.median(r["ttft1"])
         print(f"| {name} | {many:.1f} | {one:.1f} | {many / one:.2f}x | {single * 1000:.0f} ms | "
               f"{percentile(r['ttft'], 0.5) * 1000:.0f} / {percentile(r['ttft'], 0.95) * 1000:.0f} ms | "
               f"{percentile(r['ttft'], 0.95) / single:.2f}x |")
-    if args.turns:
+    if "multiturn" in cases:
         warm, cold = statistics.median(last_turn["new"]), statistics.median(last_turn["new, no prefix reuse"])
         print(f"# multi-turn: TTFT of turn {args.turns} (~{args.turns * 100} tokens of history), median of "
               f"{args.repeats}: with prefix reuse {warm * 1000:.0f} ms, without {cold * 1000:.0f} ms, "
               f"{cold / warm:.2f}x (target >= 4x)")
+    if "tools" in cases:
+        print(f"# tool conversation: {args.turns} turns, each reply a calculator call then free text "
+              f"({args.turn_reply_tokens} tokens); TTFT median of {args.repeats} runs")
+        print("| history rendering | TTFT turn 1 | TTFT turns 2-" f"{args.turns} mean | TTFT turn {args.turns} | "
+              "prefix hits / lookups | prompt tokens reused / prefilled |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, runs_ in tool_turns.items():
+            per_turn = [statistics.median(r[t] for r in runs_) for t in range(args.turns)]
+            hits, lookups, reused, prefilled = reuse[name]
+            print(f"| {name} | {per_turn[0] * 1000:.0f} ms | {statistics.mean(per_turn[1:]) * 1000:.0f} ms | "
+                  f"{per_turn[-1] * 1000:.0f} ms | {hits} / {lookups} | {reused} / {prefilled} |")
     print(f"# loadavg {load_after:.1f} at the end")
     return 0
 
