@@ -20,7 +20,8 @@ from nanochat.calculator import evaluate
 from nanochat.chat_cli import ChatSession, ChatSettings
 from nanochat.engine import Engine
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.history import FENCE, PY_OPEN, Part, ReplyMemory, emit_parts, parse_reply, parts_to_ids, render_prompt
+from nanochat.serve.history import (FENCE, PY_OPEN, Part, ReplyMemory, emit_parts, parse_reply, parts_to_ids,
+                                    render_prompt)
 from nanochat.serve.thread import ServerThread
 
 openai = pytest.importorskip("openai")
@@ -271,6 +272,7 @@ def openai_sender(server, stream: bool):
     return send
 
 
+@pytest.mark.slow
 def test_conversation_round_trips_exactly_through_the_openai_client(tok):
     """Non-streamed replies, then streamed ones (these end with <|bos|>, the other terminal) on a fresh server:
     every turn exact, and the same contents both ways."""
@@ -292,6 +294,25 @@ def test_without_the_memory_replies_read_back_from_their_text(tok):
     turns = [t for i, t in enumerate(script(tok)) if i in (1, 3, 4, 5)]
     with replay_server(tok, turns, reply_memory_tokens=0) as server:
         play(tok, server, openai_sender(server, stream=False), memory_hits=False)
+
+
+def test_a_reply_cut_by_a_stop_string_reads_back_as_its_text(tok):
+    """Its tokens hold the stop string its text lacks, so it is not remembered: the next turn renders the text
+    the client has (tool tokens restored from the fences)."""
+    turns = script(tok)[1:2]
+    S = tok.encode_special
+    with replay_server(tok, turns) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": turns[0][0]}]
+        content = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=200,
+                                                 stop=["answer"]).choices[0].message.content
+        assert content.endswith(" The ") and "```output\n408" in content
+        messages += [{"role": "assistant", "content": content}, {"role": "user", "content": "next"}]
+        client.chat.completions.create(model="x", messages=messages, max_tokens=1)
+        user_turn = [S("<|user_start|>"), *tok.encode("next"), S("<|user_end|>"), S("<|assistant_start|>")]
+        assert server.tap.prompts[-1] == (server.tap.prompts[0] + parts_to_ids(tok, parse_reply(content))
+                                          + [S("<|assistant_end|>")] + user_turn)
+        assert S("<|python_start|>") in server.tap.prompts[-1]
 
 
 def test_user_text_in_the_call_format_stays_plain_text(tok):

@@ -677,7 +677,8 @@ class ChatService:
                              "down": down}, status_code=200 if any(alive) else 503, headers=headers)
 
     async def metrics_page(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(self.replicas, self.memory), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.render(self.replicas, self.memory),
+                                 media_type="text/plain; version=0.0.4")
 
     async def index(self, request: Request) -> Response:
         return HTMLResponse(self.ui_page)

@@ -47,7 +47,8 @@ class Part:
 
 
 def emit_parts(parts: list[Part]) -> str:
-    """The text the server streams for these parts (what TextStream writes for their tokens)."""
+    """The text the server streams for these parts (what TextStream writes for their tokens): the format's forward
+    direction, the reference that tests check `parse_reply` against."""
     out = []
     for p in parts:
         if p.kind == "text":
