@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per scheduler step: one per decoding row plus prefill chunks (tokens)")
     p.add_argument("--prefix-cache-tokens", type=int, default=8192,
                    help="KV of recent conversations kept for reuse, per replica (tokens; 0 = off)")
+    p.add_argument("--reply-memory-tokens", type=at_least(0), default=1 << 20,
+                   help="tokens of sent replies remembered, so that a reply sent back in the history renders as the "
+                        "tokens generated for it (tokens, ~4 bytes each; 0 = read replies back from their text)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs (debugging)")
     return p
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(model_name=args.model_name, batch_size=args.batch_size, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
                           tools=not args.no_tools, step_tokens=args.step_tokens,
-                          prefix_cache_tokens=args.prefix_cache_tokens,
+                          prefix_cache_tokens=args.prefix_cache_tokens, reply_memory_tokens=args.reply_memory_tokens,
                           cuda_graphs=False if args.no_cuda_graphs else None)
     app = create_app(models, tokenizer, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
