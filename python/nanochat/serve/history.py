@@ -9,6 +9,10 @@ Notable choices:
   server remembers what it generated: `ReplyMemory` maps each reply's text to its tokens (LRU, bounded in tokens),
   and a history assistant message whose text it holds renders as those tokens. Nothing changes on the wire and
   unmodified clients (and the web UI, which sends back exactly the text it received) get the exact round trip.
+  Rejected: an unambiguous text format (it needs an escape in the model's prose, or a marker in each tool fence
+  that breaks Markdown in clients, and still cannot carry a non-canonical split) and a structured field for
+  clients to echo (unmodified OpenAI clients send back only role and content). The memory is per server process
+  (its replicas share it); a reply cut by a stop string is not remembered (its tokens hold the stop string).
 - A text the memory does not hold (a server restart, an evicted or foreign reply) is read with `parse_reply`, the
   inverse of the fence format on what the server emits: a call is `\\n```python\\n` code `\\n```\\n` directly
   followed by ```` ```output\\n```` result `\\n```\\n`; a reply cut by max_tokens may end inside the code or the
