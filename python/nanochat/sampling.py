@@ -50,23 +50,23 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     if not bool((temperature > 0).any()):
         return greedy
     scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
-    use_p, use_k = bool((top_p < 1.0).any()), bool((top_k > 0).any())
-    if use_p or use_k:
-        k_max = V if use_p else min(V, int(top_k.max()))
-        values, indices = torch.topk(scaled, k_max, dim=-1)  # (B, K) sorted descending
-        pos = torch.arange(k_max, device=logits.device).unsqueeze(0)
-        values = values.masked_fill((top_k.unsqueeze(1) > 0) & (pos >= top_k.unsqueeze(1)), float("-inf"))
-        probs = F.softmax(values, dim=-1)
-        if use_p:  # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            mass_before = probs.cumsum(dim=-1) - probs
-            probs = probs.masked_fill((mass_before >= top_p.unsqueeze(1)) & (pos > 0), 0.0)
-    else:
-        indices = None
-        probs = F.softmax(scaled, dim=-1)
+    # Every sampled row draws from its tokens sorted by logit, whatever the other rows ask: a row's token depends
+    # only on its own logits, parameters and uniform. (Sorting only when some row used top-k or top-p gave a row
+    # without them a different token for the same uniform depending on its neighbours in the batch.)
+    whole = bool(((top_k == 0) & (temperature > 0)).any())  # a sampled row without top-k needs every token
+    k_max = V if whole else min(V, int(top_k.max()))
+    values, indices = torch.topk(scaled, k_max, dim=-1)  # (B, K) sorted descending
+    pos = torch.arange(k_max, device=logits.device).unsqueeze(0)
+    values = values.masked_fill((top_k.unsqueeze(1) > 0) & (pos >= top_k.unsqueeze(1)), float("-inf"))
+    probs = F.softmax(values, dim=-1)
+    if bool((top_p < 1.0).any()):  # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        cut = (mass_before >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1.0) & (pos > 0)  # rows at 1: untouched
+        probs = probs.masked_fill(cut, 0.0)
     cdf = probs.cumsum(dim=-1)
     target = uniform.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(1) - 1)  # (B, 1)
-    sampled = choice.squeeze(1) if indices is None else indices.gather(1, choice).squeeze(1)
+    sampled = indices.gather(1, choice).squeeze(1)
     return torch.where(temperature > 0, sampled, greedy)
 
 
