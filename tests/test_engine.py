@@ -137,10 +137,13 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(model, tok):
 
 
 def naive_sample(logits_row, temperature, top_k, top_p, u):
-    """Per-row reference: sort, keep top-k, keep the top-p prefix, inverse CDF at u."""
+    """Per-row reference: with top-k or top-p, sort, keep top-k, keep the top-p prefix; inverse CDF at u (over the
+    vocabulary in its own order without them)."""
     if temperature == 0:
         return int(torch.argmax(logits_row))
-    order = sorted(range(len(logits_row)), key=lambda i: (-float(logits_row[i]), i))
+    order = list(range(len(logits_row)))
+    if top_k or top_p < 1.0:
+        order.sort(key=lambda i: (-float(logits_row[i]), i))
     if top_k:
         order = order[:top_k]
     probs = torch.softmax(torch.tensor([float(logits_row[i]) / temperature for i in order], dtype=torch.float64), 0)
