@@ -279,15 +279,17 @@ def test_a_stream_whose_tool_output_is_not_text_errors_while_another_completes(t
     messages = [{"role": "user", "content": "calc"}]
     prompt = tok.render_for_completion({"messages": messages})
     engine = Engine(model, tok, prefix_cache_tokens=0)
-    first = {s: next(iter(engine.stream(prompt, max_tokens=1, temperature=1.0, seed=s))).token for s in range(64)}
-    tool_seed = next(s for s, t in first.items() if t == tok.encode_special("<|python_start|>"))
-    plain_seed = next(s for s, t in first.items() if t == model.loop[0])
-    plain_kw = dict(model="nanochat", messages=messages, temperature=1.0, seed=plain_seed, max_tokens=200)
+    seeds = {}  # the first token -> a seed that samples it
+    for seed in range(64):
+        events = list(engine.stream(prompt, max_tokens=1, temperature=1.0, seed=seed))
+        seeds.setdefault(events[0].token, seed)
+    tool_seed, plain_seed = seeds[tok.encode_special("<|python_start|>")], seeds[model.loop[0]]
+    plain_kw = dict(model="nanochat", messages=messages, temperature=1.0, seed=plain_seed, max_tokens=150)
     expected = {n: "".join(ev.text for ev in engine.stream(prompt, max_tokens=n, temperature=1.0, seed=plain_seed))
-                for n in (20, 200)}
+                for n in (20, 150)}
 
     monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
-    model.delay_s = 0.01  # the plain stream takes 200 steps (>= 2 s), the tool call fails within 6
+    model.delay_s = 0.01  # the plain stream takes 150 steps (>= 1.5 s), the tool call fails within 6
     app = create_app(model, tok, ServerConfig(batch_size=4, max_waiting=8))
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -312,7 +314,7 @@ def test_a_stream_whose_tool_output_is_not_text_errors_while_another_completes(t
         for chunk in plain:
             text += chunk.choices[0].delta.content or ""
             finish = chunk.choices[0].finish_reason or finish
-        assert text == expected[200] and finish == "length"
+        assert text == expected[150] and finish == "length"
 
         # without streaming: a 500 that names the cause (not the client's fault); the replica goes on serving
         with pytest.raises(openai.InternalServerError, match="encoding the tool output failed") as failed:
