@@ -270,6 +270,7 @@ class ForkModel(torch.nn.Module):
         return logits
 
 
+@pytest.mark.slow
 def test_a_stream_whose_tool_output_is_not_text_errors_while_another_completes(tok, monkeypatch):
     openai = pytest.importorskip("openai")
     from nanochat.serve.app import ServerConfig, create_app
