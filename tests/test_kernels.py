@@ -81,6 +81,71 @@ def test_dispatch_triton_on_cpu_needs_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sliding-window references (parent process): against a loop written from the definition
+
+
+def _windowed_loop(q, k, v, qpos, window, scale=None):
+    """Attention written from the definition, one query at a time: query at position qpos[b, t] sees the keys p with
+    0 <= qpos - p <= window (window None: no lower bound). q (B, T_q, H, D), k/v (B, T_k, H_kv, D), fp64."""
+    B, T_q, H, D = q.shape
+    group = H // k.size(2)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, T_q, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T_q):
+            p = int(qpos[b, t])
+            lo = 0 if window is None else max(0, p - window)
+            for h in range(H):
+                keys = k[b, lo:p + 1, h // group].double()
+                w = torch.softmax(keys @ q[b, t, h].double() * scale, dim=0)
+                out[b, t, h] = w @ v[b, lo:p + 1, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("T,window", [(11, 0), (11, 1), (11, 4), (11, 9), (11, 10), (11, 50), (1, 0)])
+def test_reference_attention_window_matches_definition(T, window):
+    g = torch.Generator().manual_seed(T + window)
+    q, k, v = (torch.randn(2, T, h, 16, generator=g) for h in (4, 2, 2))
+    out = reference.attention(q, k, v, window=window, scale=0.4)
+    qpos = torch.arange(T).expand(2, T)
+    _assert_close("out", out, _windowed_loop(q, k, v, qpos, window, scale=0.4).float(), 1e-5, 1e-5)
+    if window >= T - 1:  # the window covers every earlier key: exactly full causal attention
+        assert torch.equal(out, reference.attention(q, k, v, scale=0.4))
+    else:
+        assert not torch.allclose(out, reference.attention(q, k, v, scale=0.4), atol=1e-3)
+
+
+@pytest.mark.parametrize("T_q,window", [(1, 0), (1, 3), (3, 0), (3, 2), (4, 100), (1, None)])
+def test_reference_decode_window_matches_definition(T_q, window):
+    """Ragged rows; query t of row b at cache_lens[b] - T_q + t, as in the engine's decode and chunked prefill."""
+    g = torch.Generator().manual_seed(T_q)
+    q = torch.randn(3, T_q, 4, 16, generator=g)
+    k_cache, v_cache = (torch.randn(3, 13, 2, 16, generator=g) for _ in range(2))
+    lens = torch.tensor([T_q, 9, 13], dtype=torch.int32)
+    qpos = lens.view(3, 1) - T_q + torch.arange(T_q).view(1, T_q)
+    out = reference.decode_attention(q, k_cache, v_cache, lens, window=window)
+    _assert_close("out", out, _windowed_loop(q, k_cache, v_cache, qpos, window).float(), 1e-5, 1e-5)
+
+
+def test_window_public_api_and_validation(monkeypatch):
+    """The public functions take window=; the decode of a filled cache equals the last rows of windowed attention;
+    a bad window is a clear ValueError."""
+    monkeypatch.setenv("NANOCHAT_KERNELS", "auto")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 10, h, 16, generator=g) for h in (2, 1, 1))
+    full = nanochat_kernels.attention(q, k, v, window=3)
+    out = nanochat_kernels.decode_attention(q[:, -4:], k, v, torch.tensor([10]), window=3)
+    _assert_close("out", out, full[:, -4:], 1e-5, 1e-5)
+    for bad in (-1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="window must be None or an int"):
+            nanochat_kernels.attention(q, k, v, window=bad)
+        with pytest.raises(ValueError, match="window must be None or an int"):
+            nanochat_kernels.decode_attention(q, k, v, torch.tensor([10]), window=bad)
+    with pytest.raises(ValueError, match="causal=True"):
+        nanochat_kernels.attention(q, k, v, causal=False, window=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Attention
 
 
