@@ -149,13 +149,13 @@ def test_window_public_api_and_validation(monkeypatch):
 # Attention
 
 
-def _attention_case(B, T, H, H_kv, D, dtype, causal, device="cpu", seed=0):
+def _attention_case(B, T, H, H_kv, D, dtype, causal, device="cpu", seed=0, window=None):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, h, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
                for h in (H, H_kv, H_kv))
     do = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref_out = reference.attention(*ref_in, causal=causal)
+    ref_out = reference.attention(*ref_in, causal=causal, window=window)
     ref_grads = torch.autograd.grad(ref_out, ref_in, do.float())
     return (q, k, v, do), (ref_out, *ref_grads)
 
@@ -191,6 +191,75 @@ def test_interp_attention_matches_reference(B, T, H, H_kv, D, dtype, causal):
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert got.shape == want.shape and got.dtype == dtype
         _assert_close(name, got, want, tol["grad"], tol["rtol"])
+
+
+WINDOW_CASES = [  # (B, T, H, H_kv, D, dtype, window): T off the 16-blocks, GQA, window 0 / < block / > block /
+    # T - 2 (the widest that still masks) / > T (full causal)
+    (1, 37, 2, 1, 16, torch.float32, 5),
+    (1, 40, 2, 2, 16, torch.float32, 0),
+    (2, 45, 4, 2, 32, torch.float32, 20),
+    (1, 33, 2, 1, 16, torch.float32, 31),
+    (1, 21, 2, 2, 16, torch.float32, 100),
+    (1, 50, 4, 1, 64, torch.float16, 17),
+    (1, 29, 2, 2, 32, torch.float16, 0),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T,H,H_kv,D,dtype,window", WINDOW_CASES)
+def test_interp_attention_window_matches_reference(B, T, H, H_kv, D, dtype, window):
+    """Sliding-window forward and backward (dq, dk, dv) through the public dispatch, against the reference."""
+    (q, k, v, do), (ref_out, *ref_grads) = _attention_case(B, T, H, H_kv, D, dtype, True, window=window)
+    out = nanochat_kernels.attention(q, k, v, window=window)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    tol = TOL[dtype]
+    _assert_close("out", out, ref_out, tol["out"], tol["rtol"])
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        _assert_close(name, got, want, tol["grad"], tol["rtol"])
+
+
+@interp
+def test_interp_attention_window_skips_blocks_left_of_window():
+    """Key blocks left of a query block's window are never read, in the forward and both backward kernels: NaN in
+    v at an early key and in q at a late query stay out of every result that cannot see them (a kernel that
+    visits and masks them would spread the NaN through 0 * NaN)."""
+    T, W, bad_key, bad_query = 80, 5, 3, 76
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(1, T, 2, 16, generator=g) for _ in range(4))
+    q_nan, v_nan = q.clone(), v.clone()
+    q_nan[0, bad_query] = float("nan")
+    v_nan[0, bad_key] = float("nan")
+    q_nan, k_in, v_nan = (x.requires_grad_() for x in (q_nan, k.clone(), v_nan))
+    out = nanochat_kernels.attention(q_nan, k_in, v_nan, window=W)
+    dq, dk, dv = torch.autograd.grad(out, (q_nan, k_in, v_nan), do)
+    ref_in = [x.requires_grad_() for x in (q.clone(), k.clone(), v.clone())]
+    ref_out = reference.attention(*ref_in, window=W)
+    rdq, rdk, rdv = torch.autograd.grad(ref_out, ref_in, do)
+    # 16-row blocks: the NaN of v[3] reaches the outputs (and so delta) of the query blocks that read key block 0,
+    # rows 0..31; keys 32..47 are seen by queries 32..52 only, and queries 48..75 see neither bad position.
+    late, early = slice(48, bad_query), slice(32, 48)
+    _assert_close("out", out[:, late], ref_out[:, late], 5e-5, 1e-4)
+    _assert_close("dq", dq[:, late], rdq[:, late], 5e-5, 1e-4)
+    _assert_close("dk", dk[:, early], rdk[:, early], 5e-5, 1e-4)
+    _assert_close("dv", dv[:, early], rdv[:, early], 5e-5, 1e-4)
+
+
+@interp
+def test_interp_attention_window_dispatch(monkeypatch):
+    """With a window, NANOCHAT_KERNELS=triton runs the kernel (the reference booby-trapped); a window covering the
+    whole sequence gives full causal attention; a bad window is the same ValueError as the reference's."""
+    (q, k, v, _), (ref_out, *_) = _attention_case(1, 24, 2, 1, 16, torch.float32, True, window=6)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("reference called")
+
+    monkeypatch.setattr(reference, "attention", trap)
+    with torch.no_grad():
+        _assert_close("out", nanochat_kernels.attention(q, k, v, window=6), ref_out, 5e-5, 1e-4)
+        assert torch.equal(nanochat_kernels.attention(q, k, v, window=23), nanochat_kernels.attention(q, k, v))
+    with pytest.raises(ValueError, match="window must be None or an int"):
+        nanochat_kernels.attention(q, k, v, window=-2)
 
 
 @interp
@@ -343,6 +412,50 @@ def test_interp_decode_matches_reference(B, T_q, H, H_kv, D, T_max, dtype, num_s
     out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == dtype
     _assert_close("out", out, ref, TOL[dtype]["out"], TOL[dtype]["rtol"])
+
+
+DECODE_WINDOW_CASES = [  # (B, T_q, H, H_kv, D, T_max, dtype, num_splits, window): ragged rows, chunked prefill
+    # (T_q > 1), splits over the window span, window 0 / inside a block / across blocks / wider than the cache
+    (3, 1, 4, 2, 16, 70, torch.float32, None, 5),
+    (3, 3, 4, 2, 16, 70, torch.float32, 2, 0),
+    (2, 4, 2, 1, 32, 61, torch.float32, 3, 20),
+    (2, 2, 2, 2, 16, 40, torch.float32, 1, 39),
+    (2, 5, 4, 1, 64, 45, torch.float16, 2, 9),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T_q,H,H_kv,D,T_max,dtype,num_splits,window", DECODE_WINDOW_CASES)
+def test_interp_decode_window_matches_reference(B, T_q, H, H_kv, D, T_max, dtype, num_splits, window):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), _ = _decode_case(B, T_q, H, H_kv, D, T_max, dtype)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), lens, window=window)
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits, window=window)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close("out", out, ref, TOL[dtype]["out"], TOL[dtype]["rtol"])
+
+
+@interp
+def test_interp_decode_window_reads_only_the_window_and_slices(monkeypatch):
+    """Through the public dispatch (reference booby-trapped): a wide chunk (G * T_q > 128, sliced) with a window
+    equals the windowed attention rows of the full sequence, and NaN in the cache left of every window (rows 0..23
+    of a 64-key prefix under window 8 for the 20 last queries) is never read."""
+    B, T, H, H_kv, D, T_q, W = 1, 64, 8, 1, 16, 20, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, H_kv, H_kv))
+    full = reference.attention(q, k, v, window=W)
+    k_cache, v_cache = torch.zeros(B, 80, H_kv, D), torch.zeros(B, 80, H_kv, D)
+    k_cache[:, :T], v_cache[:, :T] = k, v
+    k_cache[:, :T - T_q - W - 12] = float("nan")
+    v_cache[:, :T - T_q - W - 12] = float("nan")
+
+    def trap(*args, **kwargs):
+        raise AssertionError("reference called")
+
+    monkeypatch.setattr(reference, "decode_attention", trap)
+    out = nanochat_kernels.decode_attention(q[:, -T_q:], k_cache, v_cache, torch.tensor([T]), window=W)
+    _assert_close("out", out, full[:, -T_q:], 5e-5, 1e-4)
 
 
 @interp

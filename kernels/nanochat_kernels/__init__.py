@@ -70,10 +70,9 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None, window: 
     """q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H, D); `window` None (full causal) or an int >= 0: key j
     visible to query i iff 0 <= i - j <= window. See reference.attention."""
     window = reference.check_window(window, causal)
-    # The Triton kernels do not take a window yet: windowed calls use the reference.
-    if use_triton(q, k, v, supported=q.shape[-1] in _HEAD_DIMS and window is None):
+    if use_triton(q, k, v, supported=q.shape[-1] in _HEAD_DIMS):
         from .flash_attention import flash_attention
-        return flash_attention(q, k, v, causal=causal, scale=scale)
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
     return reference.attention(q, k, v, causal=causal, scale=scale, window=window)
 
 
@@ -86,10 +85,10 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     """
     window = reference.check_window(window)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    supported = q.shape[-1] in _HEAD_DIMS and not needs_grad and window is None
+    supported = q.shape[-1] in _HEAD_DIMS and not needs_grad
     if use_triton(q, k_cache, v_cache, cache_lens, supported=supported):
         from .flash_decoding import flash_decode
-        return flash_decode(q, k_cache, v_cache, cache_lens, scale=scale)
+        return flash_decode(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
     return reference.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
 
 
