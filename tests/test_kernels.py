@@ -631,10 +631,12 @@ def test_kernels_compile_for_h100(monkeypatch):
 
     try:
         reports = (resource_report.attention_reports(64) + resource_report.attention_reports(128, group=2)
-                   + resource_report.decode_reports() + resource_report.newton_schulz_reports())
+                   + resource_report.attention_reports(128, group=2, windowed=True)
+                   + resource_report.decode_reports() + resource_report.decode_reports(windowed=True)
+                   + resource_report.newton_schulz_reports())
     except (FileNotFoundError, PermissionError) as exc:  # a triton build without its bundled ptxas
         pytest.skip(f"no ptxas to compile with: {exc}")
-    assert len(reports) == 13
+    assert len(reports) == 19
     for r in reports:
         assert 0 < r.shared <= resource_report.H100_SHARED_LIMIT, r
 

@@ -91,9 +91,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
                 valid = valid & (offs_m[:, None] - offs_k[None, :] <= window)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if WINDOWED:
+        if WINDOWED and MASK:
             # A row may see no key of the first blocks it visits (they hold the window starts of later rows):
-            # m stays -inf, and exp2 against a 0 stand-in keeps its p and alpha at 0 instead of NaN.
+            # m stays -inf, and exp2 against a 0 stand-in keeps its p and alpha at 0 instead of NaN. Unmasked
+            # blocks are visible to every row.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
