@@ -645,10 +645,10 @@ def test_kernels_compile_for_h100(monkeypatch):
 # GPU: bf16 at real shapes (bench/gpu_check.sh)
 
 
-def _sdpa_bf16_errors(q, k, v, do, causal, ref):
+def _sdpa_bf16_errors(q, k, v, do, causal, ref, window=None):
     """Errors of torch SDPA in bf16 against the fp32 reference: the noise floor for our kernel."""
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = reference.attention(qs, ks, vs, causal=causal)
+    out = reference.attention(qs, ks, vs, causal=causal, window=window)
     grads = torch.autograd.grad(out, (qs, ks, vs), do)
     return [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), ref)]
 
@@ -668,13 +668,30 @@ def test_gpu_attention_bf16(B, T, H, H_kv, D, monkeypatch):
 
 
 @gpu
-def test_gpu_attention_under_inductor(monkeypatch):
+@pytest.mark.parametrize("B,T,H,H_kv,D,window", [(4, 2048, 10, 5, 128, 256), (2, 1000, 8, 2, 64, 100),
+                                                 (1, 4097, 4, 4, 128, 1024), (2, 300, 4, 2, 128, 0),
+                                                 (2, 2048, 6, 6, 128, 2000)])
+def test_gpu_attention_window_bf16(B, T, H, H_kv, D, window, monkeypatch):
+    """Sliding-window forward and backward at real shapes, against the fp32 reference with SDPA-bf16 as the floor."""
+    monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
+    (q, k, v, do), ref = _attention_case(B, T, H, H_kv, D, torch.bfloat16, True, device="cuda", window=window)
+    out = nanochat_kernels.attention(q, k, v, window=window)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    floor = _sdpa_bf16_errors(q, k, v, do, True, ref, window=window)
+    for name, got, want, noise in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, floor):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * noise + 1e-3, f"{name}: error {err:.3g} vs SDPA bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_attention_under_inductor(window, monkeypatch):
     """base_train runs torch.compile (inductor) on CUDA: one graph around the custom ops, same output and grads."""
     monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
     (q, k, v, do), _ = _attention_case(2, 300, 8, 4, 128, torch.bfloat16, True, device="cuda")
 
     def loss_fn(q, k, v):
-        return (nanochat_kernels.attention(q, k, v).float() * do.float()).sum()
+        return (nanochat_kernels.attention(q, k, v, window=window).float() * do.float()).sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     loss = compiled(q, k, v)
@@ -694,6 +711,20 @@ def test_gpu_decode_bf16(B, T_q, num_splits):
     (q, k_cache, v_cache, lens), ref = _decode_case(B, T_q, 10, 5, 128, 2048, torch.bfloat16, device="cuda")
     out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
     noise = (reference.decode_attention(q, k_cache, v_cache, lens).float() - ref).abs().max().item()
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 2 * noise + 4e-3, f"error {err:.3g} vs reference-in-bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("B,T_q,num_splits,window", [(1, 1, None, 256), (32, 1, None, 1024), (4, 4, None, 100),
+                                                     (2, 3, 7, 300), (8, 1, None, 0), (1, 1, None, 2046)])
+def test_gpu_decode_window_bf16(B, T_q, num_splits, window):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), _ = _decode_case(B, T_q, 10, 5, 128, 2048, torch.bfloat16, device="cuda")
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), lens, window=window)
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits, window=window)
+    noise = (reference.decode_attention(q, k_cache, v_cache, lens, window=window).float() - ref).abs().max().item()
     err = (out.float() - ref).abs().max().item()
     assert err <= 2 * noise + 4e-3, f"error {err:.3g} vs reference-in-bf16 error {noise:.3g}"
 
