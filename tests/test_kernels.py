@@ -283,11 +283,13 @@ def test_interp_attention_strided_views_and_scale():
 @interp
 @pytest.mark.slow
 def test_interp_attention_under_torch_compile():
-    """base_train compiles the model: the dispatch and the custom ops must trace in one graph, grads unchanged."""
+    """base_train compiles the model: the dispatch and the custom ops must trace in one graph, grads unchanged;
+    a full-causal and a windowed layer in the same graph."""
     (q, k, v, do), _ = _attention_case(1, 20, 4, 2, 64, torch.float32, True)
 
     def loss_fn(q, k, v):
-        return (nanochat_kernels.attention(q, k, v) * do).sum()
+        out = nanochat_kernels.attention(q, k, v) + nanochat_kernels.attention(q, k, v, window=5)
+        return (out * do).sum()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
     loss = compiled(q, k, v)
