@@ -3,6 +3,9 @@ and to the plain-torch references in `nanochat_kernels.reference` elsewhere; and
 cross-entropy loss, whose non-Triton path is the chunked torch one (linear_ce_chunked), not the materialized
 reference, so it never holds the (N, V) logits unless NANOCHAT_KERNELS=reference asks for them.
 
+`attention` and `decode_attention` take `window` (None: full causal; an int: sliding-window attention, key j
+visible to query i iff 0 <= i - j <= window, as nanochat's short-window layers use it), on both paths.
+
 Dispatch, by the environment variable NANOCHAT_KERNELS (read at every call):
 - unset or "auto": Triton when every tensor is on CUDA, Triton is installed and the shape is one the kernels support
   (head dim a power of two in 16..256); the reference otherwise.

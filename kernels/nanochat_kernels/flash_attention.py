@@ -234,7 +234,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Query blocks past the diagonal: every one sees every key here without a window; with one, those from
-    # full_hi on see only part of the block (masked), and those from q_hi on (past the first key's window) none.
+    # full_hi on see only part of the block (masked), and those from q_hi on (past the window of the block's last
+    # key) none: skipped.
     diag_end = tl.minimum(start_n + BLOCK_N, T)
     full_hi = T
     q_hi = T
