@@ -64,3 +64,28 @@ def test_output_size_is_bounded():
     assert evaluate("'x' * 10", limits) == "x" * 10
     assert evaluate("'x' * 100", limits).startswith("Error: result too long")
     assert evaluate(12345) .startswith("Error:")  # not a string
+
+
+@pytest.mark.parametrize("expr,bad", [
+    (r"'\ud800'", "U+D800"), (r"'ok \udfff'.upper()", "U+DFFF"), (r"'\ud83d\ude00'", "U+D83D"),
+    (r"'a' + '\udc80'", "U+DC80"),
+])
+def test_results_that_are_not_valid_text_are_refused(expr, bad, tok):
+    """A lone surrogate is a Python string but not text: the tokenizer could not encode it as the tool output."""
+    out = evaluate(expr)
+    assert out.startswith("Error: the result is not valid text") and bad in out, (expr, out)
+    tok.encode(out)  # the error text itself is what the model then reads
+
+
+def test_an_expression_that_is_not_valid_text_is_refused():
+    """The character itself, not a spelled escape: refused before parsing, with the same kind of message."""
+    assert evaluate("'\ud800'") == ("Error: the expression is not valid text (it holds U+D800, a lone surrogate, "
+                                     "at character 1)")
+
+
+@pytest.mark.parametrize("expr,expected", [
+    (r"len('\ud800')", "1"), (r"'\ud800'.split('x')", r"['\ud800']"), (r"'\U0001F600'", "\U0001F600"),
+    (r"'caf\xe9'", "café"),
+])
+def test_valid_text_from_escapes_still_evaluates(expr, expected):
+    assert evaluate(expr) == expected

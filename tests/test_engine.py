@@ -137,10 +137,13 @@ def test_seeds_reproduce_and_do_not_depend_on_the_batch(model, tok):
 
 
 def naive_sample(logits_row, temperature, top_k, top_p, u):
-    """Per-row reference: sort, keep top-k, keep the top-p prefix, inverse CDF at u."""
+    """Per-row reference: with top-k or top-p, sort, keep top-k, keep the top-p prefix; inverse CDF at u (over the
+    vocabulary in its own order without them)."""
     if temperature == 0:
         return int(torch.argmax(logits_row))
-    order = sorted(range(len(logits_row)), key=lambda i: (-float(logits_row[i]), i))
+    order = list(range(len(logits_row)))
+    if top_k or top_p < 1.0:
+        order.sort(key=lambda i: (-float(logits_row[i]), i))
     if top_k:
         order = order[:top_k]
     probs = torch.softmax(torch.tensor([float(logits_row[i]) / temperature for i in order], dtype=torch.float64), 0)
@@ -171,6 +174,25 @@ def test_sampler_matches_naive_reference():
             want = naive_sample(logits[b], float(temperature[b]), int(top_k[b]), float(top_p[b]), float(u[b]))
             mismatches += got[b] != want
     assert mismatches <= 2  # float32 vs float64 CDFs may disagree on a boundary, nothing more
+
+
+def test_sampler_rows_do_not_depend_on_their_neighbours():
+    """A row's token depends only on its own logits, parameters and uniform: in mixed batches (plain, top-k,
+    top-p, greedy) each row samples what it samples alone, and a batch of plain rows agrees with the reference."""
+    g = torch.Generator().manual_seed(1)
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.0, 1.0, 0.9])
+    top_k = torch.tensor([0, 5, 0, 0, 3, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.8, 1.0, 0.5, 1.0])
+    for trial in range(40):
+        logits = torch.randn(6, 64, generator=g) * 3
+        u = torch.rand(6, generator=g)
+        batch = sample_tokens(logits, temperature, top_k, top_p, u).tolist()
+        alone = [sample_tokens(logits[b:b + 1], temperature[b:b + 1], top_k[b:b + 1], top_p[b:b + 1],
+                               u[b:b + 1]).item() for b in range(6)]
+        assert batch == alone, trial
+        plain = [0, 5]
+        got = sample_tokens(logits[plain], temperature[plain], top_k[plain], top_p[plain], u[plain]).tolist()
+        assert got == [naive_sample(logits[b], float(temperature[b]), 0, 1.0, float(u[b])) for b in plain]
 
 
 def test_sampler_respects_top_k_and_top_p_support():

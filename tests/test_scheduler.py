@@ -222,6 +222,7 @@ def test_a_failing_prompt_fails_alone_next_to_decoding_rows(tok):
     sched.submit(short)
     run(sched)
     assert [ev.finish_reason for ev in too_long.events] == ["error"]
+    assert too_long.events[-1].error == "the forward over its prompt failed: RuntimeError: simulated out of memory"
     assert tokens_by_sample(running) == [[loop] * 8] and running.events[-1].finish_reason == "length"
     assert tokens_by_sample(short) == [[loop] * 3]
     assert sched.num_active_rows == 0 and sched.requests_finished == 3

@@ -9,6 +9,8 @@ Notable choices:
   integer (checked *before* computing a product or a power), string lengths, float overflow, and the output length.
 - Failures return a short text starting with "Error:" and never raise, so a bad tool call can never crash a
   generation.
+- The result is always valid text (it encodes as UTF-8): a string literal may spell a lone surrogate ('\\ud800'),
+  which Python strings hold but no tokenizer can encode, so such a result is refused with an error text.
 """
 
 from __future__ import annotations
@@ -183,6 +185,16 @@ def format_result(value) -> str:
     return repr(value) if isinstance(value, list) else str(value)
 
 
+def _check_text(s: str, what: str) -> str:
+    """`s` when it is valid text (encodes as UTF-8), else a CalculatorError naming the first lone surrogate."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CalculatorError(f"{what} is not valid text (it holds U+{ord(s[e.start]):04X}, a lone surrogate, "
+                              f"at character {e.start})") from None
+    return s
+
+
 def evaluate(expression: str, limits: CalculatorLimits | None = None) -> str:
     """Evaluate one calculator expression; returns the result as text, or "Error: ..." (never raises)."""
     limits = limits or CalculatorLimits()
@@ -193,6 +205,7 @@ def evaluate(expression: str, limits: CalculatorLimits | None = None) -> str:
             raise CalculatorError(f"expression too long ({len(expression)} characters, limit {limits.max_chars})")
         if not expression.strip():
             raise CalculatorError("empty expression")
+        _check_text(expression, "the expression")
         try:
             tree = ast.parse(expression.strip(), mode="eval")
         except SyntaxError as e:
@@ -200,7 +213,7 @@ def evaluate(expression: str, limits: CalculatorLimits | None = None) -> str:
         out = format_result(_Evaluator(limits).visit(tree))
         if len(out) > limits.max_output_chars:
             raise CalculatorError(f"result too long ({len(out)} characters, limit {limits.max_output_chars})")
-        return out
+        return _check_text(out, "the result")
     except CalculatorError as e:
         return f"Error: {e}"
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:  # deep nesting, odd input

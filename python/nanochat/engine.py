@@ -82,7 +82,7 @@ class Engine:
         try:
             for i, ev in self._run(requests, max(batch_size, num_samples)):
                 if ev.finish_reason == "error":
-                    raise RuntimeError(f"generation failed for prompt {i}: {ev.text}")
+                    raise RuntimeError(f"generation failed for prompt {i}: {ev.error}")
                 if ev.token is None or (ev.mask == 1 and ev.token in self.terminal):
                     continue
                 ids, mask = outputs[i][ev.sample]

@@ -44,30 +44,42 @@ class SamplingParams:
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   uniform: torch.Tensor) -> torch.Tensor:
     """One id per row of logits (B, V). Per-row temperature (B,) (0 = argmax), top_k (B,) long (0 = off),
-    top_p (B,) (1 = off) applied after top-k, and uniform (B,) in [0, 1) drawn by each row's generator."""
+    top_p (B,) (1 = off) applied after top-k, and uniform (B,) in [0, 1) drawn by each row's generator.
+
+    Inverse CDF at the row's uniform: a row without top-k and top-p over its tokens in vocabulary order (no sort:
+    a full sort of a 65536-token vocabulary costs ~20 ms a row on a CPU core), a row with them over its tokens
+    sorted by logit. Which order a row gets depends only on its own parameters, so its token depends only on its
+    own logits, parameters and uniform, never on the other rows of the batch."""
     B, V = logits.shape
     greedy = logits.argmax(dim=-1)
-    if not bool((temperature > 0).any()):
+    sampling = temperature > 0
+    if not bool(sampling.any()):
         return greedy
     scaled = logits.float() / temperature.clamp_min(1e-5).unsqueeze(1)
-    use_p, use_k = bool((top_p < 1.0).any()), bool((top_k > 0).any())
-    if use_p or use_k:
-        k_max = V if use_p else min(V, int(top_k.max()))
+    plain = (top_k == 0) & (top_p >= 1.0)
+    filtered = sampling & ~plain
+    sampled = greedy
+    if bool((sampling & plain).any()):
+        sampled = torch.where(plain, _inverse_cdf(F.softmax(scaled, dim=-1), uniform), sampled)
+    if bool(filtered.any()):
+        k_max = V if bool((filtered & (top_k == 0)).any()) else min(V, int(top_k.max()))
         values, indices = torch.topk(scaled, k_max, dim=-1)  # (B, K) sorted descending
         pos = torch.arange(k_max, device=logits.device).unsqueeze(0)
         values = values.masked_fill((top_k.unsqueeze(1) > 0) & (pos >= top_k.unsqueeze(1)), float("-inf"))
         probs = F.softmax(values, dim=-1)
-        if use_p:  # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            mass_before = probs.cumsum(dim=-1) - probs
-            probs = probs.masked_fill((mass_before >= top_p.unsqueeze(1)) & (pos > 0), 0.0)
-    else:
-        indices = None
-        probs = F.softmax(scaled, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays); rows at 1 are untouched
+        mass_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill((mass_before >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1.0) & (pos > 0), 0.0)
+        choice = _inverse_cdf(probs, uniform)
+        sampled = torch.where(filtered, indices.gather(1, choice.unsqueeze(1)).squeeze(1), sampled)
+    return torch.where(sampling, sampled, greedy)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """probs (B, K) -> (B,) the index where each row's cumulative mass passes uniform * its total."""
     cdf = probs.cumsum(dim=-1)
     target = uniform.to(cdf.dtype).unsqueeze(1) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(1) - 1)  # (B, 1)
-    sampled = choice.squeeze(1) if indices is None else indices.gather(1, choice).squeeze(1)
-    return torch.where(temperature > 0, sampled, greedy)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(1) - 1).squeeze(1)
 
 
 def row_generator(seed: int, sample: int, device: torch.device) -> torch.Generator:

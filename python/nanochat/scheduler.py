@@ -10,12 +10,18 @@ Notable choices:
 - Stops: <|assistant_end|> and <|bos|> (sampled), the token budget, stop strings (on the decoded text),
   cancellation (checked before every step). A sampled <|python_start|> … <|python_end|> is evaluated by
   `nanochat.calculator.evaluate` and the result forced as <|output_start|> result <|output_end|> (mask 0).
+- Failures are attributed to rows: whatever belongs to one row (its sampling parameters and sampling, its text
+  decoding and stop strings, its tool call and the encoding of the tool output) ends that row alone with an "error"
+  event naming the cause, and the batch goes on; a failed forward over prefill chunks is retried part by part, so
+  a prompt the model fails on fails its own request; only a failure of the batch step itself (the decode forward)
+  fails every request in flight, after which the replica starts clean (`serve_forever`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -46,6 +52,7 @@ class TokenEvent:
     mask: int  # 1 sampled, 0 forced by the tool
     text: str  # text delta safe to show now
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
+    error: str | None = None  # with finish_reason "error": what failed, in words (never empty)
 
 
 class GenerationRequest:
@@ -106,6 +113,7 @@ class _Row:
     budget: int  # tokens this row may still emit in total
     cache_len: int  # valid positions in its cache row (mirrors cache.cache_lens, kept on the host)
     text: TextStream
+    sampling: tuple[float, int, float]  # (temperature, top_k, top_p) as the sampler takes them (0 = off)
     last_token: int = -1  # emitted but not yet fed to the model
     generated: list = field(default_factory=list)  # every emitted token, sampled or forced
     forced: collections.deque = field(default_factory=collections.deque)
@@ -117,6 +125,26 @@ class _Row:
 
 class _PackedForwardFailed(RuntimeError):
     """The model failed on a forward with prefill chunks, before any length or row changed."""
+
+
+class _RowFailed(Exception):
+    """One row's own part of a step failed (see `_row_stage`): that row ends with an error, the batch goes on."""
+
+
+def _describe(e: BaseException) -> str:
+    """An exception in words: its type, and its message when it has one."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+@contextlib.contextmanager
+def _row_stage(what: str):
+    """Attribute a failure inside to one row's `what` (e.g. "the tool call"): it becomes a _RowFailed naming both."""
+    try:
+        yield
+    except _RowFailed:
+        raise
+    except Exception as e:
+        raise _RowFailed(f"{what} failed: {_describe(e)}") from e
 
 
 @dataclass(eq=False)
@@ -308,9 +336,9 @@ class Scheduler:
                     continue
             try:
                 self.step()
-            except Exception as e:  # a model failure fails the requests in flight, not the worker
+            except Exception as e:  # the batch step failed: fail the requests in flight, not the worker
                 get_logger().exception("decode step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._fail_all(f"the batch step failed: {_describe(e)}")
 
     # -- one step -----------------------------------------------------------------------------------------------
 
@@ -392,27 +420,29 @@ class Scheduler:
         retry sees the same state. Any other failure propagates (serve_forever fails every request in flight)."""
         try:
             return self._forward(rows, chunks)
-        except _PackedForwardFailed:
+        except _PackedForwardFailed as e:
             get_logger().exception("a forward with prefill chunks failed")
-        if len(chunks) == 1 and not rows:
-            self._fail_prefill(chunks[0][0])
-            return 0
+            if len(chunks) == 1 and not rows:
+                self._fail_prefill(chunks[0][0], str(e))
+                return 0
         emitted = 0
         for p, take in chunks:
             try:
                 emitted += self._forward([], [(p, take)])
-            except _PackedForwardFailed:
+            except _PackedForwardFailed as e:
                 get_logger().exception("prefill failed; failing the request")
-                self._fail_prefill(p)
+                self._fail_prefill(p, str(e))
         if rows:
-            emitted += self._forward(self.rows, [])
+            self._retire()  # a row started above may have ended on its first token (or failed)
+            if self.rows:
+                emitted += self._forward(self.rows, [])
         return emitted
 
-    def _fail_prefill(self, p: _Prefill) -> None:
+    def _fail_prefill(self, p: _Prefill, cause: str) -> None:
         self.prefilling.remove(p)
         self.cache.reset([p.row])
         for s in range(p.request.n):
-            p.request._emit(TokenEvent(s, None, 0, "", "error"))
+            p.request._emit(TokenEvent(s, None, 0, "", "error", error=cause))
         self._count_finished(p.request)
 
     def _forward(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
@@ -441,7 +471,7 @@ class Scheduler:
             try:
                 logits = self.model(ids, kv_cache=batch)[0]  # (n + len(finishing), V)
             except Exception as e:  # nothing changed yet: the parts can be retried one by one
-                raise _PackedForwardFailed(str(e)) from e
+                raise _PackedForwardFailed(f"the forward over its prompt failed: {_describe(e)}") from e
             for p, take in chunks:
                 p.done += take
                 self.prefill_tokens += take
@@ -460,11 +490,11 @@ class Scheduler:
         chosen = dict(zip(picks[:len(free)], sampled))
         for i, r in enumerate(rows):
             if i in chosen:
-                self._accept(r, chosen[i], 1)
+                self._accept_row(r, chosen[i], 1)
             else:
-                self._accept(r, r.forced.popleft(), 0)
+                self._accept_row(r, r.forced.popleft(), 0)
         for (r, _), tok in zip(started, sampled[len(free):]):
-            self._accept(r, tok, 1)
+            self._accept_row(r, tok, 1)
         return n + len(started)
 
     def _decode_logits(self, rows: list[_Row], ids: torch.Tensor) -> torch.Tensor:
@@ -479,8 +509,27 @@ class Scheduler:
     def _start_rows(self, p: _Prefill) -> list[_Row]:
         """A prompt is in: move its row down to the decoding rows (row d = len(self.rows)), give its other samples
         copies, and make their _Rows. A prefilling request in the way moves to a free row; the admission count
-        (rows reserved for every sample) guarantees one."""
+        (rows reserved for every sample) guarantees one. When the request's own settings fail (its sampling
+        parameters, seed or stop strings), its samples end with an error instead and its row is freed."""
         req, P, d = p.request, len(p.request.prompt), len(self.rows)
+        try:
+            with _row_stage("checking the sampling parameters"):
+                # checked again (SamplingParams checks them when built, but they are plain attributes): a bad
+                # value fails this request here, not the batched sampler of every row later
+                params = dataclasses.replace(req.params)
+                sampling = (float(params.temperature), int(params.top_k or 0),
+                            1.0 if params.top_p is None else float(params.top_p))
+                seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                generators = [row_generator(seed, s, self.device) for s in range(req.n)]
+            with _row_stage("setting up the stop strings"):
+                texts = [TextStream(self.tokenizer, params.stop, self.special_text) for _ in range(req.n)]
+        except _RowFailed as e:
+            get_logger().warning("request failed at its start: %s", e)
+            self.cache.reset([p.row])
+            for s in range(req.n):
+                req._emit(TokenEvent(s, None, 0, "", "error", error=str(e)))
+            self._count_finished(req)
+            return []
         holder = {q.row: q for q in self.prefilling}
         if p.row != d:
             q = holder.pop(d, None)
@@ -500,32 +549,69 @@ class Scheduler:
                 q.row = free
                 holder[free] = q
             self.cache.copy_row(self.cache, d, d + s, P)
-        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        budget = min(req.params.max_tokens, self.max_len - P)
-        new_rows = [_Row(req, s, row_generator(seed, s, self.device), budget, P,
-                         TextStream(self.tokenizer, req.params.stop, self.special_text)) for s in range(req.n)]
+        budget = min(params.max_tokens, self.max_len - P)
+        new_rows = [_Row(req, s, generators[s], budget, P, texts[s], sampling) for s in range(req.n)]
         self.rows.extend(new_rows)
         return new_rows
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        dev = logits.device
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | None]:
+        """The next token of each row, all rows sampled at once. When that fails, each row is sampled alone with
+        the uniform it already drew (the sampler treats rows independently): a row whose sampling fails alone ends
+        with an error (None here), the others get the tokens the batch would have given them."""
         logits = logits[:, :self.sample_vocab]
-        temps = [float(r.request.params.temperature) for r in rows]
-        top_k = [int(r.request.params.top_k or 0) for r in rows]
-        top_p = [1.0 if r.request.params.top_p is None else float(r.request.params.top_p) for r in rows]
-        if not any(t > 0 for t in temps):  # all greedy: no random draws, no parameter tensors
+        if not any(r.sampling[0] > 0 for r in rows):  # all greedy: no random draws, no parameter tensors
             return logits.argmax(dim=-1).tolist()
-        u = [torch.rand(1, generator=r.generator, device=dev) if t > 0 else torch.zeros(1, device=dev)
-             for r, t in zip(rows, temps)]
+        dev = logits.device
+        u = [torch.rand(1, generator=r.generator, device=dev) if r.sampling[0] > 0 else torch.zeros(1, device=dev)
+             for r in rows]
+        try:
+            return self._sample_rows(logits, [r.sampling for r in rows], u)
+        except Exception:
+            get_logger().exception("batched sampling failed; sampling each row alone")
+        out: list[int | None] = []
+        for i, r in enumerate(rows):
+            try:
+                out += self._sample_rows(logits[i:i + 1], [r.sampling], u[i:i + 1])
+            except Exception as e:
+                self._fail_row(r, f"sampling failed: {_describe(e)}")
+                out.append(None)
+        return out
+
+    @staticmethod
+    def _sample_rows(logits: torch.Tensor, sampling: list[tuple[float, int, float]],
+                     u: list[torch.Tensor]) -> list[int]:
+        dev = logits.device
+        temps, top_k, top_p = zip(*sampling)
         out = sample_tokens(logits, torch.tensor(temps, device=dev), torch.tensor(top_k, device=dev),
                             torch.tensor(top_p, device=dev), torch.cat(u))
         return out.tolist()
 
+    def _accept_row(self, row: _Row, token: int | None, mask: int) -> None:
+        """`_accept`, and when the row's own part fails (its text, its stop strings, its tool call), that row
+        alone ends with an error event naming the cause. A row whose sampling failed (token None) has ended."""
+        if token is None:
+            return
+        try:
+            self._accept(row, token, mask)
+        except Exception as e:
+            get_logger().warning("a row failed; the batch goes on", exc_info=True)
+            self._fail_row(row, str(e) if isinstance(e, _RowFailed) else f"its step failed: {_describe(e)}")
+
+    def _fail_row(self, row: _Row, cause: str) -> None:
+        """End one row with an error event (unless it has ended already); `_retire` frees its cache row."""
+        if row.finished:
+            return
+        row.finished, row.finish_reason = True, "error"
+        row.forced.clear()
+        row.request._emit(TokenEvent(row.sample, None, 0, "", "error", error=cause))
+
     def _accept(self, row: _Row, token: int, mask: int) -> None:
-        """Record one emitted token of a row: stops, the tool state machine, the event."""
+        """Record one emitted token of a row: stops, the tool state machine, the event. A failure of the row's own
+        part raises _RowFailed naming it, before the row has ended or sent an event for the token."""
         row.last_token = token
         row.generated.append(token)
-        text, hit_stop = row.text.push(token)
+        with _row_stage("decoding the text (and matching the stop strings)"):
+            text, hit_stop = row.text.push(token)
         finish = None
         if mask == 1 and token in self.terminal:
             finish = "stop"
@@ -536,8 +622,9 @@ class Scheduler:
         elif self.tools:
             self._tool_step(row, token, mask)
         if finish is not None:
+            with _row_stage("decoding the text"):
+                text += row.text.flush()
             row.finished, row.finish_reason = True, finish
-            text += row.text.flush()
         row.request._emit(TokenEvent(row.sample, token, mask, text, finish))
 
     def _tool_step(self, row: _Row, token: int, mask: int) -> None:
@@ -546,15 +633,18 @@ class Scheduler:
         elif row.in_python and token == self.python_end:
             row.in_python = False
             if len(row.python_tokens) <= MAX_TOOL_EXPRESSION_TOKENS:
-                result = evaluate(self.tokenizer.decode(row.python_tokens))
-                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+                with _row_stage("the tool call"):
+                    result = evaluate(self.tokenizer.decode(row.python_tokens))
+                with _row_stage("encoding the tool output"):
+                    output = self.tokenizer.encode(result)
+                row.forced.extend([self.output_start, *output, self.output_end])
         elif row.in_python:
             row.python_tokens.append(token)
 
     def _retire(self, cancelled_only: bool = False) -> None:
         """Drop cancelled prefills (their rows free at once) and finished (or only cancelled) rows, moving the
         last decoding row into each hole. A row that finished normally leaves its KV in the prefix store first
-        (sample 0 only: the one a chat client continues); a cancelled one never does."""
+        (sample 0 only: the one a chat client continues); a cancelled or failed one never does."""
         # a row's cache is reset before the row is dropped: another thread that sees no rows sees empty lengths
         for p in [p for p in self.prefilling if p.request.cancelled]:
             self.cache.reset([p.row])
@@ -569,7 +659,7 @@ class Scheduler:
             if not row.finished or (cancelled_only and not row.request.cancelled):
                 i += 1
                 continue
-            if self.prefix_store is not None and row.sample == 0 and row.finish_reason is not None:
+            if self.prefix_store is not None and row.sample == 0 and row.finish_reason in ("stop", "length"):
                 fed = row.request.prompt + row.generated[:-1]  # the last token was never fed to the model
                 self.prefix_store.insert(fed[:row.cache_len], self.cache, i)
             last = len(self.rows) - 1
@@ -594,11 +684,11 @@ class Scheduler:
         for row in self.rows:
             if not row.finished:
                 row.finished = True
-                row.request._emit(TokenEvent(row.sample, None, 0, "", "error"))
+                row.request._emit(TokenEvent(row.sample, None, 0, "", "error", error=message))
             self._count_finished(row.request)
         for p in self.prefilling:
             for s in range(p.request.n):
-                p.request._emit(TokenEvent(s, None, 0, "", "error"))
+                p.request._emit(TokenEvent(s, None, 0, "", "error", error=message))
             self._count_finished(p.request)
         self.rows.clear()
         self.prefilling.clear()

@@ -425,6 +425,13 @@ async def next_event(queue: asyncio.Queue, replica: Replica, timeout_s: float) -
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
 
+def stream_error(message: str, code: str) -> str:
+    """An OpenAI-style error object as a server-sent event: how a stream whose status line is sent says it failed
+    (the openai client raises APIError with this message)."""
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return f"data: {json.dumps({'error': error})}\n\n"
+
+
 class Completion:
     """One admitted chat completion: its request in a replica's scheduler, the queue its events arrive on, and what
     both answers share (deadlines, cancelling, metrics). `stream()` yields it as server-sent events, `respond()`
@@ -502,9 +509,7 @@ class Completion:
                     batch = [await self.wait_event()]
                 except (ReplicaDown, GenerationTimeout) as e:  # the status line is sent: say it in-band
                     get_logger().error("stream %s ended early: %s", self.id, e)
-                    error = {"message": str(e), "type": "server_error", "param": None,
-                             "code": "replica_down" if isinstance(e, ReplicaDown) else "timeout"}
-                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield stream_error(str(e), "replica_down" if isinstance(e, ReplicaDown) else "timeout")
                     return
                 while not self.queue.empty():
                     batch.append(self.queue.get_nowait())
@@ -522,6 +527,10 @@ class Completion:
                     yield self.chunk([{"index": i, "delta": {"content": t}, "logprobs": None,
                                        "finish_reason": None}], None, parsed.include_usage)
                 for ev in finals:
+                    if ev.finish_reason == "error":  # a sample failed on the server (not the client's fault)
+                        get_logger().error("stream %s: sample %d failed: %s", self.id, ev.sample, ev.error)
+                        yield stream_error(f"generation failed: {ev.error}", "generation_failed")
+                        return
                     yield self.chunk([{"index": ev.sample, "delta": {}, "logprobs": None,
                                        "finish_reason": FINISH[ev.finish_reason]}], None, parsed.include_usage)
             if parsed.include_usage:
@@ -535,7 +544,7 @@ class Completion:
 
     async def respond(self, request: Request) -> Response:
         """Wait for every sample, cancelling if the client disconnects meanwhile; 503 when the replica died, 504
-        when a deadline passed, 500 when the model failed."""
+        when a deadline passed, 500 naming the cause when a sample failed on the server."""
         async def watch_disconnect():
             while True:
                 message = await request.receive()
@@ -545,7 +554,7 @@ class Completion:
 
         n = self.parsed.n
         watcher = asyncio.create_task(watch_disconnect())
-        reasons = [None] * n
+        reasons, errors = [None] * n, []
         try:
             remaining = n
             while remaining:
@@ -553,6 +562,8 @@ class Completion:
                 self.record(ev)
                 if ev.finish_reason is not None:
                     reasons[ev.sample] = FINISH[ev.finish_reason]
+                    if ev.finish_reason == "error":
+                        errors.append(ev.error)
                     remaining -= 1
                     self.received += 1
         except ReplicaDown as e:
@@ -566,8 +577,8 @@ class Completion:
             watcher.cancel()
             self.cancel()
             self.finish()
-        if "error" in reasons:  # the model failed (logged by the worker); not the client's fault
-            return error_response(500, "generation failed on the server; see its log")
+        if errors:  # a sample failed on the server (the worker logged it); not the client's fault
+            return error_response(500, f"generation failed: {errors[0]}", code="generation_failed")
         body = {"id": self.id, "object": "chat.completion", "created": int(time.time()),
                 "model": self.config.model_name, "system_fingerprint": None,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": self.texts[i], "refusal": None},
