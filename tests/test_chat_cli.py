@@ -42,6 +42,25 @@ def test_session_keeps_the_conversation_and_streams_engine_text(model, tok):
     assert second == greedy_text(model, tok, prompt2, 20)
 
 
+def test_a_failed_reply_says_why_and_leaves_the_conversation_as_it_was(model, tok, monkeypatch):
+    """A row-level failure (here: the sampler raises for this request) prints its cause; the turn is not kept."""
+    engine = Engine(model, tok)
+    session = ChatSession(engine, tok, ChatSettings(temperature=0.0, max_tokens=8))
+    session.reply("Hi", io.StringIO())
+    before = list(session.tokens)
+
+    def broken_stream(*args, **kwargs):
+        from nanochat.scheduler import TokenEvent
+        yield TokenEvent(sample=0, token=None, mask=0, text="", finish_reason="error",
+                         error="sampling failed: boom")
+
+    monkeypatch.setattr(engine, "stream", broken_stream)
+    out = io.StringIO()
+    assert session.reply("Again", out) == ""
+    assert "(generation failed: sampling failed: boom)" in out.getvalue()
+    assert session.tokens == before and session.turns == 1
+
+
 def test_repl_commands(model, tok):
     session = ChatSession(Engine(model, tok), tok, ChatSettings(temperature=0.7, top_k=50, max_tokens=5))
     lines = iter(["hi", "/temperature 0", "/topk 3", "/topk -1", "/temperature hot", "/help", "again", "/clear",

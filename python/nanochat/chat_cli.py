@@ -52,7 +52,7 @@ class ChatSession:
             raise ValueError(f"the conversation is {len(prompt)} tokens, the model's context is {self.context}; "
                              f"use /clear to start over")
         s = self.settings
-        generated, pieces, finish = [], [], None
+        generated, pieces, finish, error = [], [], None, None
         for ev in self.engine.stream(prompt, max_tokens=min(s.max_tokens, room), temperature=s.temperature,
                                      top_k=s.top_k or None, seed=s.seed):
             if ev.token is not None:
@@ -62,7 +62,11 @@ class ChatSession:
                 out.flush()
                 pieces.append(ev.text)
             finish = ev.finish_reason or finish
+            error = ev.error or error
         out.write("\n")
+        if finish == "error":  # the failed turn is not kept: the conversation stays as it was before it
+            out.write(f"(generation failed: {error})\n")
+            return ""
         # the turn closes with <|assistant_end|>, as the chat format (and the server's history) writes it: a reply
         # that ended with <|bos|> has it in its place, one cut by the token budget gets it appended
         if generated and finish == "stop" and generated[-1] in self.engine.terminal:
