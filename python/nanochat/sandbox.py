@@ -582,8 +582,10 @@ class _Child:
         if self.status is None and self.total > self.limits.max_output_bytes:
             self.status = "output_limit"
         if self.status is None and now >= self.next_disk_check:
-            self.next_disk_check = now + DISK_CHECK_INTERVAL_S
-            if self._over_disk_quota():
+            over = self._over_disk_quota()
+            took = time.monotonic() - now  # a deep tree takes a while to walk: keep the watchdog under 1/3 of a core
+            self.next_disk_check = now + max(DISK_CHECK_INTERVAL_S, 3 * took)
+            if over:
                 self.status = "disk_limit"
         if self.status is None and now >= self.deadline:
             self.status = "timeout"
@@ -788,89 +790,98 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def disk_usage(root: str, max_entries: int) -> tuple[int, int]:
-    """(bytes allocated, entries) under `root`, walked iteratively (no recursion, whatever the depth) and cut off
-    once `max_entries` entries were seen. Entries that vanish while walking are skipped."""
-    used, entries, stack = 0, 0, [root]
-    while stack and entries < max_entries:
-        path = stack.pop()
-        try:
-            with os.scandir(path) as it:
-                for entry in it:
-                    entries += 1
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
+def _walk(root: str, remove: bool, max_entries: int) -> tuple[int, int, bool]:
+    """Depth-first over `root` without recursion and without long paths: one directory descriptor open at a time,
+    each subdir opened by name relative to it (O_NOFOLLOW), and back up through ".." only after checking that it is
+    the dir we came from. Returns (bytes allocated, entries seen, complete). Stops counting past `max_entries`. With
+    `remove`, unlinks every file and removes every dir on the way back up, `root` last."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    used = entries = 0
+
+    def scan(fd: int) -> list[str]:
+        nonlocal used, entries
+        subdirs = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                if entries >= max_entries:
+                    break
+                entries += 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
                     used += st.st_blocks * 512
                     if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-                    if entries >= max_entries:
-                        break
-        except OSError:
-            continue
+                        subdirs.append(entry.name)
+                    elif remove:
+                        os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+        return subdirs
+
+    try:
+        fd = os.open(root, flags)
+    except FileNotFoundError:
+        return 0, 0, True
+    except OSError:
+        return 0, 0, False
+    try:
+        st = os.fstat(fd)
+        frames = [((st.st_dev, st.st_ino), scan(fd))]  # per dir from root down: its identity, subdirs to visit
+        names: list[str] = []                           # each entered dir's name in its parent
+        while True:
+            pending = frames[-1][1]
+            if pending and entries < max_entries:
+                name = pending.pop()
+                if remove:
+                    try:  # undo a mode the program set (where chmod was not faked)
+                        os.chmod(name, 0o700, dir_fd=fd)
+                    except OSError:
+                        pass
+                try:
+                    sub = os.open(name, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = sub
+                st = os.fstat(fd)
+                frames.append(((st.st_dev, st.st_ino), scan(fd)))
+                names.append(name)
+                continue
+            if len(frames) == 1:
+                break
+            frames.pop()
+            name = names.pop()
+            parent = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != frames[-1][0]:  # moved while we walked: stop here
+                return used, entries, False
+            if remove:
+                os.rmdir(name, dir_fd=fd)
+        if remove:
+            os.close(fd)
+            fd = -1
+            os.rmdir(root)
+        return used, entries, True
+    except OSError:
+        return used, entries, False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def disk_usage(root: str, max_entries: int) -> tuple[int, int]:
+    """(bytes allocated, entries) under `root`, counting stopped once `max_entries` entries were seen; any depth."""
+    used, entries, _ = _walk(root, remove=False, max_entries=max_entries)
     return used, entries
 
 
 def remove_tree(root: str) -> bool:
-    """Remove `root` and everything under it; True when it is gone. Never raises and never recurses: it walks down
-    holding one directory descriptor at a time (no path grows past PATH_MAX, no descriptor per level), and climbs
-    back through ".." only after checking that it is the dir it came from."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    """Remove `root` and everything under it, at any depth; True when it is gone. Never raises."""
     try:
-        fd = os.open(root, flags)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    path: list[tuple[str, int, int]] = []  # (name, st_dev, st_ino) of each dir entered below root
-    try:
-        st = os.fstat(fd)
-        top = (st.st_dev, st.st_ino)
-        while True:
-            descended = False
-            with os.scandir(fd) as it:
-                entries = list(it)
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        try:  # undo a mode the program set (where chmod was not faked)
-                            os.chmod(entry.name, 0o700, dir_fd=fd)
-                        except OSError:
-                            pass
-                        sub = os.open(entry.name, flags, dir_fd=fd)
-                        st = os.fstat(sub)
-                        path.append((entry.name, st.st_dev, st.st_ino))
-                        os.close(fd)
-                        fd, descended = sub, True
-                        break
-                    os.unlink(entry.name, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-            if descended:
-                continue
-            if not path:
-                break
-            name, dev, ino = path.pop()
-            parent = os.open("..", flags, dir_fd=fd)
-            os.close(fd)
-            fd = parent
-            st = os.fstat(fd)  # the parent must be the dir we came from (nothing moved it meanwhile)
-            if (st.st_dev, st.st_ino) != (path[-1][1:] if path else top):
-                return False
-            os.rmdir(name, dir_fd=fd)
-        os.close(fd)
-        fd = -1
-        os.rmdir(root)
-        return True
+        return _walk(root, remove=True, max_entries=sys.maxsize)[2]
     except Exception:
         return False
-    finally:
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def available_protections(limits: SandboxLimits | None = None) -> list[str]:
