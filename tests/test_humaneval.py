@@ -104,7 +104,9 @@ def test_the_entry_point_name_in_the_tests_is_the_candidate():
     ("    return add", "not plain data"),                                    # a function
     ("    class I(int):\n        pass\n    return I(a + b)", "not plain data"),  # a subclass of a plain type
     ("    import os\n    w = int(os.environ['NANOCHAT_CHANNEL'].split(',')[1])\n"
-     "    os.write(w, (9).to_bytes(4, 'big') + b'[\"ok\", 3]')\n    return a + b", "garbage"),  # forged frame
+     "    os.write(w, (9).to_bytes(4, 'big') + b'[\"ok\", 3]')\n    import time\n    time.sleep(10)", "garbage"),
+    ("    import os\n    w = int(os.environ['NANOCHAT_CHANNEL'].split(',')[1])\n"
+     "    os.write(w, (9).to_bytes(4, 'big') + b'[\"ok\", 3]')\n    return a + b", "more than"),  # an extra frame
     ("    import os\n    w = int(os.environ['NANOCHAT_CHANNEL'].split(',')[1])\n"
      "    os.write(w, (1 << 30).to_bytes(4, 'big'))\n    return a + b", "exceeds"),  # a huge frame announced
     ("    l = []\n    for _ in range(100):\n        l = [l]\n    return l", "not plain data"),  # too deep
@@ -164,6 +166,7 @@ def test_plain_data_round_trip_and_refusals():
             plain_decode(text)
 
 
+@pytest.mark.slow
 def test_many_nested_dirs_are_a_result_not_a_crash():
     """3,000 nested dirs in the scratch folder: the sample is judged, the evaluation goes on, the folder is gone."""
     before = set(os.listdir("/tmp"))

@@ -440,6 +440,7 @@ def test_disk_quota_over_many_fallocated_files(mode):
     assert "ESCAPED" not in r.stdout
 
 
+@pytest.mark.slow
 def test_deep_tree_is_removed_without_recursion(mode):
     """3,000 nested dirs (past PATH_MAX) made shutil.rmtree raise RecursionError in run_code and left the folder."""
     before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("nanochat_sandbox_")}

@@ -24,6 +24,9 @@ How a completion is scored (`passes`; chat-eval and anything else that scores Hu
   `CandidateError`), so a test that expects one still works. A failure of the channel (the program crashed, exited,
   hung past `call_timeout_s` or the problem's `timeout_s`, answered garbage or non-plain data) fails the sample, even
   if `check` swallows the error.
+- Time: the whole problem (the program's top level, every call, the test's own work) within the sandbox limits'
+  `timeout_s`, and each call within `call_timeout_s` of its request; the top level's time counts against the problem
+  only (the evaluator waits for the program to say it serves before the first call).
 - The sample passes only when `check` returned and no call failed on the channel.
 
 What this guarantees: the verdict is computed by code the program cannot reach (another process, another uid
@@ -168,7 +171,7 @@ def plain_decode(data: bytes):
 
 
 # The sandboxed side: after the prompt and the completion, answer calls until the evaluator closes the channel.
-# Requests are [args, kwargs]; answers ["ok", value], ["raise", exception name, message] or ["bad", why] (the
+# The first request is ["ready?"] (answer ["ready"]), then each is [args, kwargs]; answers ["ok", value], ["raise", exception name, message] or ["bad", why] (the
 # result was not plain data). Nothing here is trusted: the evaluator checks every answer.
 _SERVER = inspect.getsource(_encode_plain) + "\n\n" + inspect.getsource(_decode_plain) + r'''
 
@@ -187,7 +190,12 @@ def _nanochat_serve(candidate):
         head = read_exact(4)
         if head is None:
             return
-        args, kwargs = _decode_plain(read_exact(int.from_bytes(head, "big")).decode(), *_NANOCHAT_BOUNDS)
+        request = _decode_plain(read_exact(int.from_bytes(head, "big")).decode(), *_NANOCHAT_BOUNDS)
+        if request == ["ready?"]:
+            data = _encode_plain(["ready"], *_NANOCHAT_BOUNDS).encode()
+            os.write(w, len(data).to_bytes(4, "big") + data)
+            continue
+        args, kwargs = request
         try:
             value = candidate(*args, **kwargs)
         except Exception as e:
@@ -236,6 +244,19 @@ class _Proxy:
         self.failure: str | None = None
         self.calls = 0
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """The program's top level (imports, the prompt, the completion) ran and it serves: that time counts against
+        the problem's limit, not a call's."""
+        try:
+            if plain_decode(self.channel.call(plain_encode(["ready?"]), timeout_s)) == ["ready"]:
+                return True
+            self.failure = "malformed answer to the readiness check"
+        except ChannelError as e:
+            self.failure = f"the program never served: {e}"
+        except Exception as e:
+            self.failure = f"garbage on the channel ({type(e).__name__}: {e})"
+        return False
+
     def __call__(self, *args, **kwargs):
         if self.failure is not None:
             raise _SampleFailed(self.failure)
@@ -283,6 +304,9 @@ def judge(row: dict, completion: str, limits: SandboxLimits | None = None, allow
         # the tests call the candidate by its own name too (HumanEval/33 compares it with `sort_third(...)`), which
         # in the original harness is the completion's function, not the prompt's stub
         checker[row["entry_point"]] = proxy
+        if not proxy.wait_ready(limits.timeout_s):
+            verdict["why"] = proxy.failure
+            return
         state = random.getstate()  # a test that seeds the global generator leaves ours as it was
         try:
             checker["check"](proxy)
