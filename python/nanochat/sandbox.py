@@ -142,7 +142,7 @@ class SandboxLimits:
 @dataclass
 class SandboxResult:
     # "ok" | "incomplete" (exited 0 before its last line) | "error" | "timeout" | "memory" | "violation"
-    # | "output_limit" | "disk_limit"
+    # | "output_limit" | "disk_limit" | "stopped" (with a driver: it returned and the program was ended)
     status: str
     returncode: int | None
     stdout: str
@@ -529,8 +529,9 @@ def run_code(code: str, limits: SandboxLimits | None = None, stdin_text: str | N
              allow_unsandboxed: bool = False, driver: Callable[[Channel], object] | None = None) -> SandboxResult:
     """Execute `code` (a complete Python program) in the sandbox; never raises for anything the program does.
 
-    `driver`, when given, is called in the parent with a `Channel` to the running program (module docstring); the
-    program is killed when it returns, and an exception it raises propagates after the clean-up.
+    `driver`, when given, is called in the parent with a `Channel` to the running program (module docstring); once
+    it returns the program is killed (status "stopped" unless a limit ended it first), and an exception it raises
+    propagates after the clean-up.
     Raises SandboxUnavailable when the machine offers no kernel-enforced isolation and `allow_unsandboxed` is
     False (the program is then never started)."""
     if not isinstance(code, str):
@@ -563,6 +564,7 @@ class _Child:
         for f in self.outputs:
             self.sel.register(f, selectors.EVENT_READ)
         self.total, self.status, self.next_disk_check = 0, None, 0.0
+        self._header: dict | None = None
 
     def pump(self, timeout: float) -> set:
         """One round: reads what the program wrote and checks the limits; returns the other registered fds that are
@@ -594,11 +596,14 @@ class _Child:
         return ready
 
     def header(self) -> dict:
-        err = b"".join(self.chunks[self.proc.stderr])
-        marker = _MARKER.encode()
-        if not err.startswith(marker) or b"\n" not in err:
-            return {}
-        return json.loads(err[len(marker):err.index(b"\n")])
+        """The bootstrap's first stderr line (its layers), once it is complete."""
+        if self._header is None:
+            err = b"".join(self.chunks[self.proc.stderr])
+            marker = _MARKER.encode()
+            end = err.find(b"\n")
+            if end >= 0 or len(err) > 65536:
+                self._header = json.loads(err[len(marker):end]) if err.startswith(marker) and end >= 0 else {}
+        return self._header or {}
 
     def _over_disk_quota(self) -> bool:
         quota, max_files = self.limits.max_disk_mb << 20, self.limits.max_files
@@ -728,9 +733,15 @@ def _run(scratch: str, env: dict, limits: SandboxLimits, stdin_text: str | None,
             try:
                 driver(Channel(child, req_w, rep_r))
             finally:
-                os.close(req_w)  # EOF: the program's serving loop ends
+                os.close(req_w)
                 os.close(rep_r)
-        while child.status is None and any(k.fileobj in child.outputs for k in child.sel.get_map().values()):
+                if child.status is None:  # the caller is done with the program: no need to wait for it to exit
+                    child.status = "stopped"
+                    _kill_group(proc)
+        drain_end = time.monotonic() + 1.0  # after a stop by the driver: what the ended program left in the pipes
+        while any(k.fileobj in child.outputs for k in child.sel.get_map().values()):
+            if child.status is not None and time.monotonic() >= drain_end:
+                break
             child.pump(DISK_CHECK_INTERVAL_S)
         try:
             returncode = proc.wait(timeout=max(0.1, child.deadline - time.monotonic()) if child.status is None
