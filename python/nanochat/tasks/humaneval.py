@@ -24,8 +24,8 @@ How a completion is scored (`passes`; chat-eval and anything else that scores Hu
   `CandidateError`), so a test that expects one still works. A failure of the channel (the program crashed, exited,
   hung past `call_timeout_s` or the problem's `timeout_s`, answered garbage or non-plain data) fails the sample, even
   if `check` swallows the error.
-- Time: the whole problem (the program's top level, every call, the test's own work) within the sandbox limits'
-  `timeout_s`, and each call within `call_timeout_s` of its request; the top level's time counts against the problem
+- Time: the whole problem (the program's top level, every call, the test's own work) within `timeout_s` of the
+  SandboxLimits, and each call within `call_timeout_s` of its request; the top level's time counts against the problem
   only (the evaluator waits for the program to say it serves before the first call).
 - The sample passes only when `check` returned and no call failed on the channel.
 
