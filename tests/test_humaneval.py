@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import pytest
 
@@ -167,16 +168,21 @@ def test_plain_data_round_trip_and_refusals():
 
 
 @pytest.mark.slow
-def test_many_nested_dirs_are_a_result_not_a_crash():
+def test_many_nested_dirs_are_a_result_not_a_crash(monkeypatch):
     """3,000 nested dirs in the scratch folder: the sample is judged, the evaluation goes on, the folder is gone."""
-    before = set(os.listdir("/tmp"))
+    parent = tempfile.mkdtemp(prefix="nanochat_scratches_", dir="/tmp")
+    os.chmod(parent, 0o711)  # the sandbox's uid must reach its scratch dir inside
+    monkeypatch.setattr(tempfile, "tempdir", parent)
     completion = ("```python\nimport os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
                   "def add(a, b):\n    return a + b\n```")
     # on the real disk, not a tmpfs; without the audit hook, which cannot resolve paths past PATH_MAX (it would call
     # the first mkdir beyond that a violation)
     limits = SandboxLimits(timeout_s=20.0, cpu_s=20, namespaces=False, audit=False)
-    assert passes(ROW, completion, limits)
-    assert not [p for p in set(os.listdir("/tmp")) - before if p.startswith("nanochat_sandbox_")]
+    try:
+        assert passes(ROW, completion, limits)
+        assert os.listdir(parent) == []
+    finally:
+        os.rmdir(parent)
 
 
 @pytest.mark.slow
