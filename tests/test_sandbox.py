@@ -207,6 +207,32 @@ def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base
         assert "--allow-unsandboxed" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_remove_tree_any_depth_without_following_links(tmp_path):
+    """The scratch clean-up: 3,000 nested dirs (paths past PATH_MAX), a dir without permissions and a symlink to a
+    dir outside; the tree is gone, the link's target is untouched, and nothing raises."""
+    from nanochat.sandbox import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    root = tmp_path / "scratch"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.symlink(str(outside), "link", dir_fd=fd)
+    os.mkdir("locked", dir_fd=fd)
+    os.chmod("locked", 0, dir_fd=fd)
+    os.close(fd)
+    assert remove_tree(str(root)) and not root.exists()
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert remove_tree(str(root))  # already gone: fine
+
+
 def test_bad_code_type():
     with pytest.raises(TypeError, match="code must be a str"):
         run_code(b"print(1)")  # type: ignore[arg-type]

@@ -474,7 +474,7 @@ def test_no_daemon_outlives_run_code(open_dir):
         time.sleep(30)
     """)
     r = run_code(code, SandboxLimits(timeout_s=1.5, kernel_barrier=False, audit=False), allow_unsandboxed=True)
-    assert r.status == "timeout" and "pidns" in r.protections
     size = beat.stat().st_size
     time.sleep(0.5)
     assert size > 0 and beat.stat().st_size == size, "the daemon is still running"
+    assert r.status == "timeout" and "pidns" in r.protections
