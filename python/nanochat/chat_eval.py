@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
         protections = sb.available_protections()
         sandbox = {"mode": sb.sandbox_mode(protections), "protections": protections}
-        if sandbox["mode"] == "none" and not args.allow_unsandboxed:
-            print(f"chat-eval: no kernel sandbox for HumanEval here (layers: {', '.join(protections)}); pass "
-                  "--allow-unsandboxed to run model-written code without one", file=sys.stderr)
-            return 2
+        if sandbox["mode"] != "kernel":  # "namespace" leaves files, exec and the disk open: not a sandbox
+            if not args.allow_unsandboxed:
+                print(f"chat-eval: no kernel sandbox for HumanEval here (layers: {', '.join(protections)}); pass "
+                      "--allow-unsandboxed to run model-written code without one", file=sys.stderr)
+                return 2
+            sandbox["unsandboxed"] = True
     rt = init_runtime(args.device)
     try:
         from nanochat.checkpoint import checkpoint_dir, load_chat_model

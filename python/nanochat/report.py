@@ -94,6 +94,8 @@ def _eval_metrics(data: dict) -> dict:
     if isinstance(data.get("sandbox"), dict):  # chat-eval with HumanEval: how the model-written code was confined
         sandbox = data["sandbox"]
         out["HumanEval sandbox"] = f"{sandbox.get('mode')} ({', '.join(sandbox.get('protections', []))})"
+        if sandbox.get("mode") != "kernel":
+            out["HumanEval sandbox"] += ": UNSANDBOXED (no seccomp + Landlock; ran with --allow-unsandboxed)"
     return out
 
 
