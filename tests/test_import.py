@@ -9,12 +9,11 @@ never runs code from the files: a tokenizer.pkl built to run a command is refuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +86,15 @@ def test_eras_are_detected_and_assumptions_printed(tmp_path):
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["smear"] and config["backout"] and config["ve_layers"] == [1, 3] and config["ve_gate_channels"] == 12
     assert config["nanochat"]["nanochat_era"] == "head" and config["vocab_size"] == 300
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_state_shapes_match_the_model(loaded, era):
+    from nanochat.gpt import GPT, state_shapes
+
+    model, _ = loaded[era]
+    for config in (model.config, dataclasses.replace(model.config, n_layer=5, pad_vocab_to=128, ve_layers=[0, 4])):
+        assert state_shapes(config) == {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
 
 
 def test_a_wrong_preset_is_visible_in_the_logits(tmp_path):
@@ -241,30 +249,35 @@ def test_base_dir_layout_with_an_sft_meta_without_window_pattern(tmp_path):
     assert json.loads((folder / "config.json").read_text())["nanochat"]["stage"] == "sft"
 
 
-def run_cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanochat.cli", "import", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`nanochat import ARGS` in this process: (exit status, stderr)."""
+    from nanochat.cli import main
+
+    capsys.readouterr()
+    rc = main(["import", *map(str, args)])
+    return rc, capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_hub_id_from_a_local_mirror(tmp_path):
+def test_hub_id_from_a_local_mirror(tmp_path, monkeypatch, capsys):
     """A hub id resolves through huggingface_hub; here offline, from a hub cache laid out as a download leaves it."""
+    import huggingface_hub.constants
+
     cache = tmp_path / "hub"
     revision = "0" * 40
     snap = cache / "models--someone--nanochat-head" / "snapshots" / revision
     shutil.copytree(FIXTURES / "head", snap)
     (cache / "models--someone--nanochat-head" / "refs").mkdir()
     (cache / "models--someone--nanochat-head" / "refs" / "main").write_text(revision)
-    r = run_cli("someone/nanochat-head", "--out", tmp_path / "out",
-                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    rc, err = run_cli(capsys, "someone/nanochat-head", "--out", tmp_path / "out")
+    assert rc == 0, err
     model, _ = load_exported(tmp_path / "out")[:2]
     exp = expected("head")
     with torch.no_grad():
         assert (model(torch.tensor([exp["sequences"][2]]))[0] - exp["logits"][2]).abs().max().item() < TOL
-    missing = run_cli("someone/absent", "--out", tmp_path / "x", env={"HF_HUB_CACHE": str(cache),
-                                                                        "HF_HUB_OFFLINE": "1"})
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    rc, err = run_cli(capsys, "someone/absent", "--out", tmp_path / "x")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "someone/absent" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,18 +292,18 @@ class _RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_tokenizer_pickle_is_refused(tmp_path):
+def test_malicious_tokenizer_pickle_is_refused(tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(FIXTURES / "launch", src)
     marker = tmp_path / "pwned"
     (src / "tokenizer.pkl").write_bytes(pickle.dumps(_RunsACommand(marker)))
-    r = run_cli(src, "--out", tmp_path / "out")
-    assert r.returncode == 2, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "refused global" in r.stderr
+    rc, err = run_cli(capsys, src, "--out", tmp_path / "out")
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and "refused global posix.system" in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_corrupt_truncated_and_mismatched_files(tmp_path):
+def test_corrupt_truncated_and_mismatched_files(tmp_path, capsys):
     from nanochat.common import UserError
 
     def broken(name: str, edit) -> Path:
@@ -321,5 +334,5 @@ def test_corrupt_truncated_and_mismatched_files(tmp_path):
         with pytest.raises(UserError, match=words):
             import_checkpoint(str(broken(name, edit)), tmp_path / f"out-{name}", log=quiet)
     assert not (tmp_path / "pwned2").exists()
-    r = run_cli(tmp_path / "trunc", "--out", tmp_path / "out-cli")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    rc, err = run_cli(capsys, tmp_path / "trunc", "--out", tmp_path / "out-cli")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err

@@ -127,6 +127,30 @@ class GPTConfig:
                    n_kv_head=n_kv_head, n_embd=n_embd)
 
 
+def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in GPT(config).state_dict(), without building the model (a converter
+    checks a large checkpoint against it before loading anything)."""
+    C, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
+    kv = config.n_kv_head * config.head_dim
+    shapes = {"wte.weight": (V, C)}
+    for i in range(L):
+        p = f"blocks.{i}."
+        shapes |= {p + "attn.c_q.weight": (config.n_head * config.head_dim, C), p + "attn.c_k.weight": (kv, C),
+                   p + "attn.c_v.weight": (kv, C), p + "attn.c_proj.weight": (C, config.n_head * config.head_dim)}
+        if i in config.ve_layers:
+            shapes[p + "attn.ve_gate.weight"] = (config.n_kv_head, config.ve_gate_channels)
+        shapes |= {p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
+    shapes["lm_head.weight"] = (V, C)
+    shapes |= {f"value_embeds.{i}.weight": (V, kv) for i in config.ve_layers}
+    if config.lambdas:
+        shapes |= {"resid_lambdas": (L,), "x0_lambdas": (L,)}
+    if config.smear:
+        shapes |= {"smear_gate.weight": (1, SMEAR_CHANNELS), "smear_lambda": (1,)}
+    if config.backout:
+        shapes["backout_lambda"] = (1,)
+    return shapes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 
