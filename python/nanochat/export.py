@@ -76,12 +76,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def hf_state_dict(model_state: dict) -> dict:
-    """Our parameter names -> the exported ones (the embedding and blocks under `model.`, lm_head at the top)."""
-    return {(k if k.startswith("lm_head.") else "model." + k): v.detach().to("cpu").contiguous()
-            for k, v in model_state.items()}
-
-
 def save_fp32_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """Write tensors as fp32 safetensors one at a time: each is converted (and copied) only while it is written,
     so a memory-mapped bf16 state costs one tensor of extra memory, not a second copy of the model.
@@ -205,6 +199,7 @@ def write_model_folder(out: Path, model_state: dict, config: dict, tokenizer, in
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        # the exported names: the embeddings and blocks under `model.`, lm_head at the top
         names = {k: (k if k.startswith("lm_head.") else "model." + k) for k in model_state}
         save_fp32_safetensors({names[k]: v for k, v in model_state.items()}, staging / "model.safetensors",
                               metadata={"format": "pt"})

@@ -127,6 +127,11 @@ class GPTConfig:
                    n_kv_head=n_kv_head, n_embd=n_embd)
 
 
+def nanochat_ve_layers(n_layer: int) -> list[int]:
+    """nanochat's value-embedding layers: every other one, the last always included."""
+    return [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+
+
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor in GPT(config).state_dict(), without building the model (a converter
     checks a large checkpoint against it before loading anything)."""

@@ -47,7 +47,8 @@ from nanochat.common import CorruptInputError, MissingInputError, UserError
 
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
-HUB_FILES = ["*.pt", "*.json", "*.pkl", "tokenizer/*", "*/*.pt", "*/*.json"]  # not README/images
+# what a hub download fetches: weights, meta and tokenizer (not optimizer shards, which can be larger than the model)
+HUB_FILES = [f"{d}{name}" for d in ("", "*/") for name in ("model_*.pt", "meta_*.json", "tokenizer.pkl")]
 
 
 def _ceil_to(n: int, multiple: int) -> int:

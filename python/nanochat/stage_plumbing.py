@@ -379,7 +379,7 @@ def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int) -> R
     model_state, opt_state, meta = load_checkpoint(ckpt_dir, step, device=rt.device, load_optimizer=True,
                                                    rank=rt.rank)
     config = asdict(model.config)
-    if meta["config"] != config:
+    if asdict(type(model.config)(**meta["config"])) != config:  # a meta from before a switch existed has its default
         raise ValueError(f"checkpoint {ckpt_dir} was trained with config {meta['config']}, this run asks for "
                          f"{config}; use another --model-tag or the same flags")
     if meta.get("world_size", 1) != rt.world_size:
