@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu), bench/kernels.py and
-# bench/fused_loss.py (the fused loss against the materialized logits at d20, B=32, T=2048), then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
+# The one GPU check of nanochat's kernels: bf16 parity tests at real shapes (pytest -m gpu; full-causal and
+# sliding-window attention, decode, Newton-Schulz, fused loss), bench/kernels.py (its rows include the windowed
+# attention and decode) and bench/fused_loss.py (the fused loss against the materialized logits at d20, B=32,
+# T=2048), then a summary. Written for one H100 (python3 with torch, triton and pytest; no network); it needs no install:
 # when `nanochat_kernels` does not import, kernels/ and python/ go on PYTHONPATH. Without CUDA it runs the CPU
 # smoke path instead (interpreter parity tests of the dispatch, bench in smoke mode), so it can be checked anywhere.
 #
@@ -57,7 +59,7 @@ if [ "$HAS_CUDA" = "1" ]; then
 else
     echo "== no CUDA: CPU smoke path (dispatch tests + bench smoke mode in the Triton interpreter)"
     timeout 240 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -o addopts="" \
-        -k "dispatch or choose_num_splits or test_interpreter_group and attention" 2>&1 \
+        -k "dispatch or choose_num_splits or window_public or test_interpreter_group and attention" 2>&1 \
         | tee "$OUT_DIR/cpu_tests.log" || status=1
     timeout 300 "$PY" bench/kernels.py --smoke --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
     timeout 120 "$PY" bench/fused_loss.py --device cpu --rows 512 --dim 64 --vocab 4096 --reps 1 \

@@ -8,6 +8,11 @@
   20 layers, each with its own cache (so a batch-1 cache, 10.5 MB, is not served from the 50 MB L2), replayed from
   a CUDA graph so Python launch overhead (tens of us, more than the kernel at batch 1) is not counted; the eager
   per-call time is printed beside it.
+- sliding-window attention (nanochat's short-window layers), B=8 H=10 T=2048 D=128 bf16, window 512: forward+
+  backward TFLOP/s counted on the visible (query, key) pairs only, ours vs torch SDPA with the explicit window mask
+  (the reference's path; SDPA has no window in its flash backend), with our full-causal time beside it (the gain
+  from skipping blocks left of the window); and one decode step (as above) over a 2048-token cache under a
+  256-token window at batch 1 and 32: GB/s of the K/V bytes inside the window, ours vs the reference.
 - Newton-Schulz (5 quintic steps) on the stacks of a d20 and a d26 model (80 x 1280², 20 x 1280x5120, 104 x
   1664²): time of ours vs torch.compile(reference.newton_schulz); the issue's target is ratio <= 0.8. And one
   MuonAdamW step over a d20 model's matrices with our Newton-Schulz vs the same step on the eager reference.
@@ -41,13 +46,16 @@ import torch
 # Config
 
 
+BENCHES = ("attention", "decode", "window", "ns")
+
+
 @dataclass
 class BenchConfig:
     smoke: bool = False
     device: str = "cuda"  # "cpu" in smoke mode
     reps: int = 20
     warmup: int = 5
-    only: list[str] = field(default_factory=lambda: ["attention", "decode", "ns"])
+    only: list[str] = field(default_factory=lambda: list(BENCHES))
     peak_gbps: float | None = None  # None: from the device name
     json_path: str | None = None
     sweep: bool = False
@@ -218,6 +226,96 @@ def bench_decode(cfg: BenchConfig, device: str, peak: float | None) -> list[dict
                          ours=ours_gbps, anchor_value=ref_gbps, ratio=t_ref / t_ours, max_err=err,
                          note=f"{pct}; {mode}; eager call {t_eager * 1e6:.0f} us/layer",
                          ours_ms=t_ours * 1e3, anchor_ms=t_ref * 1e3))
+    return rows
+
+
+def visible_pairs(T: int, window: int) -> int:
+    """(query, key) pairs a causal sliding window of `window` keys back lets attend: query i sees min(i, window) + 1."""
+    full = min(T, window + 1)  # queries 0..window see every earlier key
+    return full * (full + 1) // 2 + (T - full) * (window + 1)
+
+
+def bench_window_attention(cfg: BenchConfig, device: str) -> list[dict]:
+    """Forward+backward of a short-window layer: ours vs SDPA with the window as a boolean mask (what the reference
+    runs), and ours at full causal for the gain of skipping key blocks."""
+    import torch.nn.functional as F
+
+    from nanochat_kernels import reference
+    from nanochat_kernels.flash_attention import flash_attention
+
+    if cfg.smoke:
+        B, H, H_kv, T, D, W, dtype = 1, 2, 1, 64, 32, 12, torch.float32
+    else:
+        B, H, H_kv, T, D, W, dtype = 8, 10, 10, 2048, 128, 512, torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(B, T, H_kv, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(B, T, H_kv, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+    qa, ka, va = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    doa = do.transpose(1, 2).contiguous()
+    pos = torch.arange(T, device=device)
+    back = pos.view(T, 1) - pos.view(1, T)
+    mask = (back >= 0) & (back <= W)
+
+    def fwd_bwd(window):
+        return lambda: torch.autograd.grad(flash_attention(q, k, v, window=window), (q, k, v), do)
+
+    def anchor():
+        out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, enable_gqa=H_kv != H)
+        torch.autograd.grad(out, (qa, ka, va), doa)
+
+    with torch.no_grad():
+        err = max_err(flash_attention(q, k, v, window=W),
+                      reference.attention(q.float(), k.float(), v.float(), window=W))
+    t_ours = time_fn(fwd_bwd(W), cfg)
+    t_full = time_fn(fwd_bwd(None), cfg)
+    t_anchor = time_fn(anchor, cfg)
+    flops = 4 * B * H * D * visible_pairs(T, W) * 3.5  # forward x (1 + 2.5 for the backward)
+    return [dict(bench="attention window fwd+bwd", shape=f"B={B} H={H} H_kv={H_kv} T={T} D={D} window={W} "
+                 f"{_dt(dtype)}", anchor="SDPA + window mask", unit="TFLOP/s", ours=flops / t_ours / 1e12,
+                 anchor_value=flops / t_anchor / 1e12, ratio=t_anchor / t_ours, max_err=err,
+                 note=f"ours at full causal {t_full * 1e3:.3g} ms vs windowed {t_ours * 1e3:.3g} ms "
+                      f"({t_full / t_ours:.2f}x)", ours_ms=t_ours * 1e3, anchor_ms=t_anchor * 1e3,
+                 full_causal_ms=t_full * 1e3)]
+
+
+def bench_window_decode(cfg: BenchConfig, device: str, peak: float | None) -> list[dict]:
+    """One decode step (T_q=1, `layers` caches) under a window: only the keys inside it count as bytes moved."""
+    from nanochat_kernels import reference
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    if cfg.smoke:
+        H, H_kv, D, T_max, W, dtype, batches, layers = 4, 2, 32, 128, 20, torch.float32, (1, 4), 2
+    else:
+        H, H_kv, D, T_max, W, dtype, batches, layers = 10, 10, 128, 2048, 256, torch.bfloat16, (1, 32), 20
+    rows = []
+    for B in batches:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(B, 1, H, D, device=device, dtype=dtype, generator=g)
+        caches = [(torch.randn(B, T_max, H_kv, D, device=device, dtype=dtype, generator=g),
+                   torch.randn(B, T_max, H_kv, D, device=device, dtype=dtype, generator=g)) for _ in range(layers)]
+        lens = torch.full((B,), T_max, device=device, dtype=torch.int32)
+
+        def step(attend, window):
+            return lambda: [attend(q, k_cache, v_cache, lens, window=window) for k_cache, v_cache in caches]
+
+        with torch.no_grad():
+            k0, v0 = caches[0]
+            err = max_err(flash_decode(q, k0, v0, lens, window=W),
+                          reference.decode_attention(q.float(), k0.float(), v0.float(), lens, window=W))
+            t_ours = graph_time(step(flash_decode, W), cfg)
+            t_full = graph_time(step(flash_decode, None), cfg)
+            t_ref = graph_time(step(reference.decode_attention, W), cfg)
+        nbytes = layers * (2 * B * (W + 1) * H_kv * D + 2 * B * H * D) * caches[0][0].element_size()
+        ours_gbps, ref_gbps = nbytes / t_ours / 1e9, nbytes / t_ref / 1e9
+        pct = f"{100 * ours_gbps / peak:.0f}% of peak {peak:.0f} GB/s" if peak else "peak unknown"
+        mode = "CUDA graph" if device == "cuda" else "eager"
+        rows.append(dict(bench="decode attention window", shape=f"B={B} T_q=1 H={H} H_kv={H_kv} cache={T_max} "
+                         f"window={W} D={D} {_dt(dtype)} x{layers} layers", anchor=f"reference (torch, {mode})",
+                         unit="GB/s", ours=ours_gbps, anchor_value=ref_gbps, ratio=t_ref / t_ours, max_err=err,
+                         note=f"{pct}; ours without the window {t_full / t_ours:.2f}x slower",
+                         ours_ms=t_ours * 1e3, anchor_ms=t_ref * 1e3, full_cache_ms=t_full * 1e3))
     return rows
 
 
@@ -426,7 +524,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--reps", type=int, default=None,
                         help="timed runs per figure, the median is reported (default 20 on GPU, 2 smoke)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5 on GPU, 1 smoke)")
-    parser.add_argument("--only", nargs="+", choices=["attention", "decode", "ns"], default=None,
+    parser.add_argument("--only", nargs="+", choices=BENCHES, default=None,
                         help="benchmarks to run (default: all)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM peak in GB/s for %% of peak "
                         "(default: from the device name)")
@@ -436,7 +534,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     return BenchConfig(smoke=smoke, device="cpu" if smoke else "cuda", reps=args.reps or (2 if smoke else 20),
-                       warmup=args.warmup or (1 if smoke else 5), only=args.only or ["attention", "decode", "ns"],
+                       warmup=args.warmup or (1 if smoke else 5), only=args.only or list(BENCHES),
                        peak_gbps=args.peak_gbps, json_path=args.json_path, sweep=args.sweep)
 
 
@@ -460,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += print_rows(bench_attention(cfg, device))
     if "decode" in cfg.only:
         rows += print_rows(bench_decode(cfg, device, peak))
+    if "window" in cfg.only:
+        rows += print_rows(bench_window_attention(cfg, device))
+        rows += print_rows(bench_window_decode(cfg, device, peak))
     if "ns" in cfg.only:
         rows += print_rows(bench_newton_schulz(cfg, device))
         rows += print_rows(bench_optimizer_step(cfg, device))

@@ -67,10 +67,12 @@ def recorder(monkeypatch):
 
 def test_every_launch_is_guarded(recorder):
     q, k = torch.randn(1, 16, 2, 16), torch.randn(1, 16, 1, 16)
-    o, lse = flash_attention._flash_forward(q, k, k, True, 0.25)
-    flash_attention._flash_backward(torch.randn_like(o), q, k, k, o, lse, True, 0.25)
+    for window in (-1, 4):  # full causal, sliding window
+        o, lse = flash_attention._flash_forward(q, k, k, True, 0.25, window)
+        flash_attention._flash_backward(torch.randn_like(o), q, k, k, o, lse, True, 0.25, window)
     cache = torch.randn(1, 256, 1, 16)  # long enough for two splits: decode + merge
-    flash_decoding.flash_decode(q[:, :2], cache, cache, torch.tensor([200]), num_splits=2)
+    for window in (None, 100):
+        flash_decoding.flash_decode(q[:, :2], cache, cache, torch.tensor([200]), num_splits=2, window=window)
     newton_schulz_triton.newton_schulz_triton(torch.randn(8, 12), steps=1)
     linear_ce_triton.triton_step(torch.randn(4, 32), torch.tensor([1, 2, 3, -1]), None, 0.0, -1)
     names = [name for name, _ in recorder.launches]
@@ -101,6 +103,8 @@ def test_gpu_kernels_run_on_their_inputs_device_from_any_thread(monkeypatch):
         torch.cuda.set_device(0)
         results["attn"] = nanochat_kernels.attention(q, k, k)
         results["decode"] = nanochat_kernels.decode_attention(q[:, :1], k, k, lens)
+        results["attn_window"] = nanochat_kernels.attention(q, k, k, window=32)
+        results["decode_window"] = nanochat_kernels.decode_attention(q[:, :1], k, k, lens, window=32)
         results["ns"] = nanochat_kernels.newton_schulz(G)
         torch.cuda.synchronize(dev)
 
@@ -112,6 +116,10 @@ def test_gpu_kernels_run_on_their_inputs_device_from_any_thread(monkeypatch):
     assert (results["attn"].float() - ref_attn).abs().max().item() < 3e-2
     ref_dec = reference.decode_attention(q[:, :1].float(), k.float(), k.float(), lens)
     assert (results["decode"].float() - ref_dec).abs().max().item() < 3e-2
+    ref_attn_w = reference.attention(q.float(), k.float(), k.float(), window=32)
+    assert (results["attn_window"].float() - ref_attn_w).abs().max().item() < 3e-2
+    ref_dec_w = reference.decode_attention(q[:, :1].float(), k.float(), k.float(), lens, window=32)
+    assert (results["decode_window"].float() - ref_dec_w).abs().max().item() < 3e-2
     assert torch.isfinite(results["ns"].float()).all()
     sv = torch.linalg.svdvals(results["ns"].float())
     assert sv.max().item() < 1.5 and sv.min().item() > 0.3  # orthogonalised, not garbage from the wrong GPU

@@ -81,16 +81,81 @@ def test_dispatch_triton_on_cpu_needs_interpreter(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sliding-window references (parent process): against a loop written from the definition
+
+
+def _windowed_loop(q, k, v, qpos, window, scale=None):
+    """Attention written from the definition, one query at a time: query at position qpos[b, t] sees the keys p with
+    0 <= qpos - p <= window (window None: no lower bound). q (B, T_q, H, D), k/v (B, T_k, H_kv, D), fp64."""
+    B, T_q, H, D = q.shape
+    group = H // k.size(2)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, T_q, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T_q):
+            p = int(qpos[b, t])
+            lo = 0 if window is None else max(0, p - window)
+            for h in range(H):
+                keys = k[b, lo:p + 1, h // group].double()
+                w = torch.softmax(keys @ q[b, t, h].double() * scale, dim=0)
+                out[b, t, h] = w @ v[b, lo:p + 1, h // group].double()
+    return out
+
+
+@pytest.mark.parametrize("T,window", [(11, 0), (11, 1), (11, 4), (11, 9), (11, 10), (11, 50), (1, 0)])
+def test_reference_attention_window_matches_definition(T, window):
+    g = torch.Generator().manual_seed(T + window)
+    q, k, v = (torch.randn(2, T, h, 16, generator=g) for h in (4, 2, 2))
+    out = reference.attention(q, k, v, window=window, scale=0.4)
+    qpos = torch.arange(T).expand(2, T)
+    _assert_close("out", out, _windowed_loop(q, k, v, qpos, window, scale=0.4).float(), 1e-5, 1e-5)
+    if window >= T - 1:  # the window covers every earlier key: exactly full causal attention
+        assert torch.equal(out, reference.attention(q, k, v, scale=0.4))
+    else:
+        assert not torch.allclose(out, reference.attention(q, k, v, scale=0.4), atol=1e-3)
+
+
+@pytest.mark.parametrize("T_q,window", [(1, 0), (1, 3), (3, 0), (3, 2), (4, 100), (1, None)])
+def test_reference_decode_window_matches_definition(T_q, window):
+    """Ragged rows; query t of row b at cache_lens[b] - T_q + t, as in the engine's decode and chunked prefill."""
+    g = torch.Generator().manual_seed(T_q)
+    q = torch.randn(3, T_q, 4, 16, generator=g)
+    k_cache, v_cache = (torch.randn(3, 13, 2, 16, generator=g) for _ in range(2))
+    lens = torch.tensor([T_q, 9, 13], dtype=torch.int32)
+    qpos = lens.view(3, 1) - T_q + torch.arange(T_q).view(1, T_q)
+    out = reference.decode_attention(q, k_cache, v_cache, lens, window=window)
+    _assert_close("out", out, _windowed_loop(q, k_cache, v_cache, qpos, window).float(), 1e-5, 1e-5)
+
+
+def test_window_public_api_and_validation(monkeypatch):
+    """The public functions take window=; the decode of a filled cache equals the last rows of windowed attention;
+    a bad window is a clear ValueError."""
+    monkeypatch.setenv("NANOCHAT_KERNELS", "auto")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 10, h, 16, generator=g) for h in (2, 1, 1))
+    full = nanochat_kernels.attention(q, k, v, window=3)
+    out = nanochat_kernels.decode_attention(q[:, -4:], k, v, torch.tensor([10]), window=3)
+    _assert_close("out", out, full[:, -4:], 1e-5, 1e-5)
+    for bad in (-1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="window must be None or an int"):
+            nanochat_kernels.attention(q, k, v, window=bad)
+        with pytest.raises(ValueError, match="window must be None or an int"):
+            nanochat_kernels.decode_attention(q, k, v, torch.tensor([10]), window=bad)
+    with pytest.raises(ValueError, match="causal=True"):
+        nanochat_kernels.attention(q, k, v, causal=False, window=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Attention
 
 
-def _attention_case(B, T, H, H_kv, D, dtype, causal, device="cpu", seed=0):
+def _attention_case(B, T, H, H_kv, D, dtype, causal, device="cpu", seed=0, window=None):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, h, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
                for h in (H, H_kv, H_kv))
     do = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref_out = reference.attention(*ref_in, causal=causal)
+    ref_out = reference.attention(*ref_in, causal=causal, window=window)
     ref_grads = torch.autograd.grad(ref_out, ref_in, do.float())
     return (q, k, v, do), (ref_out, *ref_grads)
 
@@ -128,6 +193,75 @@ def test_interp_attention_matches_reference(B, T, H, H_kv, D, dtype, causal):
         _assert_close(name, got, want, tol["grad"], tol["rtol"])
 
 
+WINDOW_CASES = [  # (B, T, H, H_kv, D, dtype, window): T off the 16-blocks, GQA, window 0 / < block / > block /
+    # T - 2 (the widest that still masks) / > T (full causal)
+    (1, 37, 2, 1, 16, torch.float32, 5),
+    (1, 40, 2, 2, 16, torch.float32, 0),
+    (2, 45, 4, 2, 32, torch.float32, 20),
+    (1, 33, 2, 1, 16, torch.float32, 31),
+    (1, 21, 2, 2, 16, torch.float32, 100),
+    (1, 50, 4, 1, 64, torch.float16, 17),
+    (1, 29, 2, 2, 32, torch.float16, 0),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T,H,H_kv,D,dtype,window", WINDOW_CASES)
+def test_interp_attention_window_matches_reference(B, T, H, H_kv, D, dtype, window):
+    """Sliding-window forward and backward (dq, dk, dv) through the public dispatch, against the reference."""
+    (q, k, v, do), (ref_out, *ref_grads) = _attention_case(B, T, H, H_kv, D, dtype, True, window=window)
+    out = nanochat_kernels.attention(q, k, v, window=window)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    tol = TOL[dtype]
+    _assert_close("out", out, ref_out, tol["out"], tol["rtol"])
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == dtype
+        _assert_close(name, got, want, tol["grad"], tol["rtol"])
+
+
+@interp
+def test_interp_attention_window_skips_blocks_left_of_window():
+    """Key blocks left of a query block's window are never read, in the forward and both backward kernels: NaN in
+    v at an early key and in q at a late query stay out of every result that cannot see them (a kernel that
+    visits and masks them would spread the NaN through 0 * NaN)."""
+    T, W, bad_key, bad_query = 80, 5, 3, 76
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(1, T, 2, 16, generator=g) for _ in range(4))
+    q_nan, v_nan = q.clone(), v.clone()
+    q_nan[0, bad_query] = float("nan")
+    v_nan[0, bad_key] = float("nan")
+    q_nan, k_in, v_nan = (x.requires_grad_() for x in (q_nan, k.clone(), v_nan))
+    out = nanochat_kernels.attention(q_nan, k_in, v_nan, window=W)
+    dq, dk, dv = torch.autograd.grad(out, (q_nan, k_in, v_nan), do)
+    ref_in = [x.requires_grad_() for x in (q.clone(), k.clone(), v.clone())]
+    ref_out = reference.attention(*ref_in, window=W)
+    rdq, rdk, rdv = torch.autograd.grad(ref_out, ref_in, do)
+    # 16-row blocks: the NaN of v[3] reaches the outputs (and so delta) of the query blocks that read key block 0,
+    # rows 0..31; keys 32..47 are seen by queries 32..52 only, and queries 48..75 see neither bad position.
+    late, early = slice(48, bad_query), slice(32, 48)
+    _assert_close("out", out[:, late], ref_out[:, late], 5e-5, 1e-4)
+    _assert_close("dq", dq[:, late], rdq[:, late], 5e-5, 1e-4)
+    _assert_close("dk", dk[:, early], rdk[:, early], 5e-5, 1e-4)
+    _assert_close("dv", dv[:, early], rdv[:, early], 5e-5, 1e-4)
+
+
+@interp
+def test_interp_attention_window_dispatch(monkeypatch):
+    """With a window, NANOCHAT_KERNELS=triton runs the kernel (the reference booby-trapped); a window covering the
+    whole sequence gives full causal attention; a bad window is the same ValueError as the reference's."""
+    (q, k, v, _), (ref_out, *_) = _attention_case(1, 24, 2, 1, 16, torch.float32, True, window=6)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("reference called")
+
+    monkeypatch.setattr(reference, "attention", trap)
+    with torch.no_grad():
+        _assert_close("out", nanochat_kernels.attention(q, k, v, window=6), ref_out, 5e-5, 1e-4)
+        assert torch.equal(nanochat_kernels.attention(q, k, v, window=23), nanochat_kernels.attention(q, k, v))
+    with pytest.raises(ValueError, match="window must be None or an int"):
+        nanochat_kernels.attention(q, k, v, window=-2)
+
+
 @interp
 def test_interp_attention_strided_views_and_scale():
     """q, k, v as head slices of one packed projection (non-contiguous along H and T), custom scale."""
@@ -149,11 +283,13 @@ def test_interp_attention_strided_views_and_scale():
 @interp
 @pytest.mark.slow
 def test_interp_attention_under_torch_compile():
-    """base_train compiles the model: the dispatch and the custom ops must trace in one graph, grads unchanged."""
+    """base_train compiles the model: the dispatch and the custom ops must trace in one graph, grads unchanged;
+    a full-causal and a windowed layer in the same graph."""
     (q, k, v, do), _ = _attention_case(1, 20, 4, 2, 64, torch.float32, True)
 
     def loss_fn(q, k, v):
-        return (nanochat_kernels.attention(q, k, v) * do).sum()
+        out = nanochat_kernels.attention(q, k, v) + nanochat_kernels.attention(q, k, v, window=5)
+        return (out * do).sum()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
     loss = compiled(q, k, v)
@@ -278,6 +414,50 @@ def test_interp_decode_matches_reference(B, T_q, H, H_kv, D, T_max, dtype, num_s
     out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == dtype
     _assert_close("out", out, ref, TOL[dtype]["out"], TOL[dtype]["rtol"])
+
+
+DECODE_WINDOW_CASES = [  # (B, T_q, H, H_kv, D, T_max, dtype, num_splits, window): ragged rows, chunked prefill
+    # (T_q > 1), splits over the window span, window 0 / inside a block / across blocks / wider than the cache
+    (3, 1, 4, 2, 16, 70, torch.float32, None, 5),
+    (3, 3, 4, 2, 16, 70, torch.float32, 2, 0),
+    (2, 4, 2, 1, 32, 61, torch.float32, 3, 20),
+    (2, 2, 2, 2, 16, 40, torch.float32, 1, 39),
+    (2, 5, 4, 1, 64, 45, torch.float16, 2, 9),
+]
+
+
+@interp
+@pytest.mark.parametrize("B,T_q,H,H_kv,D,T_max,dtype,num_splits,window", DECODE_WINDOW_CASES)
+def test_interp_decode_window_matches_reference(B, T_q, H, H_kv, D, T_max, dtype, num_splits, window):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), _ = _decode_case(B, T_q, H, H_kv, D, T_max, dtype)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), lens, window=window)
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits, window=window)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close("out", out, ref, TOL[dtype]["out"], TOL[dtype]["rtol"])
+
+
+@interp
+def test_interp_decode_window_reads_only_the_window_and_slices(monkeypatch):
+    """Through the public dispatch (reference booby-trapped): a wide chunk (G * T_q > 128, sliced) with a window
+    equals the windowed attention rows of the full sequence, and NaN in the cache left of every window (rows 0..23
+    of a 64-key prefix under window 8 for the 20 last queries) is never read."""
+    B, T, H, H_kv, D, T_q, W = 1, 64, 8, 1, 16, 20, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, H_kv, H_kv))
+    full = reference.attention(q, k, v, window=W)
+    k_cache, v_cache = torch.zeros(B, 80, H_kv, D), torch.zeros(B, 80, H_kv, D)
+    k_cache[:, :T], v_cache[:, :T] = k, v
+    k_cache[:, :T - T_q - W - 12] = float("nan")
+    v_cache[:, :T - T_q - W - 12] = float("nan")
+
+    def trap(*args, **kwargs):
+        raise AssertionError("reference called")
+
+    monkeypatch.setattr(reference, "decode_attention", trap)
+    out = nanochat_kernels.decode_attention(q[:, -T_q:], k_cache, v_cache, torch.tensor([T]), window=W)
+    _assert_close("out", out, full[:, -T_q:], 5e-5, 1e-4)
 
 
 @interp
@@ -453,10 +633,12 @@ def test_kernels_compile_for_h100(monkeypatch):
 
     try:
         reports = (resource_report.attention_reports(64) + resource_report.attention_reports(128, group=2)
-                   + resource_report.decode_reports() + resource_report.newton_schulz_reports())
+                   + resource_report.attention_reports(128, group=2, windowed=True)
+                   + resource_report.decode_reports() + resource_report.decode_reports(windowed=True)
+                   + resource_report.newton_schulz_reports())
     except (FileNotFoundError, PermissionError) as exc:  # a triton build without its bundled ptxas
         pytest.skip(f"no ptxas to compile with: {exc}")
-    assert len(reports) == 13
+    assert len(reports) == 19
     for r in reports:
         assert 0 < r.shared <= resource_report.H100_SHARED_LIMIT, r
 
@@ -465,10 +647,10 @@ def test_kernels_compile_for_h100(monkeypatch):
 # GPU: bf16 at real shapes (bench/gpu_check.sh)
 
 
-def _sdpa_bf16_errors(q, k, v, do, causal, ref):
+def _sdpa_bf16_errors(q, k, v, do, causal, ref, window=None):
     """Errors of torch SDPA in bf16 against the fp32 reference: the noise floor for our kernel."""
     qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = reference.attention(qs, ks, vs, causal=causal)
+    out = reference.attention(qs, ks, vs, causal=causal, window=window)
     grads = torch.autograd.grad(out, (qs, ks, vs), do)
     return [(a.float() - b).abs().max().item() for a, b in zip((out, *grads), ref)]
 
@@ -488,13 +670,30 @@ def test_gpu_attention_bf16(B, T, H, H_kv, D, monkeypatch):
 
 
 @gpu
-def test_gpu_attention_under_inductor(monkeypatch):
+@pytest.mark.parametrize("B,T,H,H_kv,D,window", [(4, 2048, 10, 5, 128, 256), (2, 1000, 8, 2, 64, 100),
+                                                 (1, 4097, 4, 4, 128, 1024), (2, 300, 4, 2, 128, 0),
+                                                 (2, 2048, 6, 6, 128, 2000)])
+def test_gpu_attention_window_bf16(B, T, H, H_kv, D, window, monkeypatch):
+    """Sliding-window forward and backward at real shapes, against the fp32 reference with SDPA-bf16 as the floor."""
+    monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
+    (q, k, v, do), ref = _attention_case(B, T, H, H_kv, D, torch.bfloat16, True, device="cuda", window=window)
+    out = nanochat_kernels.attention(q, k, v, window=window)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    floor = _sdpa_bf16_errors(q, k, v, do, True, ref, window=window)
+    for name, got, want, noise in zip(("out", "dq", "dk", "dv"), (out, *grads), ref, floor):
+        err = (got.float() - want).abs().max().item()
+        assert err <= 2 * noise + 1e-3, f"{name}: error {err:.3g} vs SDPA bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("window", [None, 64])
+def test_gpu_attention_under_inductor(window, monkeypatch):
     """base_train runs torch.compile (inductor) on CUDA: one graph around the custom ops, same output and grads."""
     monkeypatch.setenv("NANOCHAT_KERNELS", "triton")
     (q, k, v, do), _ = _attention_case(2, 300, 8, 4, 128, torch.bfloat16, True, device="cuda")
 
     def loss_fn(q, k, v):
-        return (nanochat_kernels.attention(q, k, v).float() * do.float()).sum()
+        return (nanochat_kernels.attention(q, k, v, window=window).float() * do.float()).sum()
 
     compiled = torch.compile(loss_fn, fullgraph=True)
     loss = compiled(q, k, v)
@@ -514,6 +713,20 @@ def test_gpu_decode_bf16(B, T_q, num_splits):
     (q, k_cache, v_cache, lens), ref = _decode_case(B, T_q, 10, 5, 128, 2048, torch.bfloat16, device="cuda")
     out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits)
     noise = (reference.decode_attention(q, k_cache, v_cache, lens).float() - ref).abs().max().item()
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 2 * noise + 4e-3, f"error {err:.3g} vs reference-in-bf16 error {noise:.3g}"
+
+
+@gpu
+@pytest.mark.parametrize("B,T_q,num_splits,window", [(1, 1, None, 256), (32, 1, None, 1024), (4, 4, None, 100),
+                                                     (2, 3, 7, 300), (8, 1, None, 0), (1, 1, None, 2046)])
+def test_gpu_decode_window_bf16(B, T_q, num_splits, window):
+    from nanochat_kernels.flash_decoding import flash_decode
+
+    (q, k_cache, v_cache, lens), _ = _decode_case(B, T_q, 10, 5, 128, 2048, torch.bfloat16, device="cuda")
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), lens, window=window)
+    out = flash_decode(q, k_cache, v_cache, lens, num_splits=num_splits, window=window)
+    noise = (reference.decode_attention(q, k_cache, v_cache, lens, window=window).float() - ref).abs().max().item()
     err = (out.float() - ref).abs().max().item()
     assert err <= 2 * noise + 4e-3, f"error {err:.3g} vs reference-in-bf16 error {noise:.3g}"
 

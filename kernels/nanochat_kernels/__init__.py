@@ -66,26 +66,30 @@ def use_triton(*tensors: torch.Tensor, supported: bool = True) -> bool:
     return supported and all(t.is_cuda for t in tensors) and _HAS_TRITON
 
 
-def attention(q, k, v, causal: bool = True, scale: float | None = None):
-    """q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H, D). See reference.attention."""
+def attention(q, k, v, causal: bool = True, scale: float | None = None, window: int | None = None):
+    """q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H, D); `window` None (full causal) or an int >= 0: key j
+    visible to query i iff 0 <= i - j <= window. See reference.attention."""
+    window = reference.check_window(window, causal)
     if use_triton(q, k, v, supported=q.shape[-1] in _HEAD_DIMS):
         from .flash_attention import flash_attention
-        return flash_attention(q, k, v, causal=causal, scale=scale)
-    return reference.attention(q, k, v, causal=causal, scale=scale)
+        return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
+    return reference.attention(q, k, v, causal=causal, scale=scale, window=window)
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
-    """q (B, T_q, H, D) over caches (B, T_max, H_kv, D) with valid lengths cache_lens (B,). See reference.
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None, window: int | None = None):
+    """q (B, T_q, H, D) over caches (B, T_max, H_kv, D) with valid lengths cache_lens (B,), which count the T_q
+    new tokens; `window` as in `attention`, relative to each query's position. See reference.decode_attention.
 
     The Triton path is inference only: with autograd recording a q that requires grad, auto mode uses the
     (differentiable) reference.
     """
+    window = reference.check_window(window)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     supported = q.shape[-1] in _HEAD_DIMS and not needs_grad
     if use_triton(q, k_cache, v_cache, cache_lens, supported=supported):
         from .flash_decoding import flash_decode
-        return flash_decode(q, k_cache, v_cache, cache_lens, scale=scale)
-    return reference.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale)
+        return flash_decode(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
+    return reference.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
 
 
 def newton_schulz(G, steps: int = 5, coeffs="quintic"):

@@ -10,6 +10,11 @@ the saved log-sum-exp. Assumptions and choices:
 - Head dims 64 and 128 (any power of two in 16..256 compiles); any T: loads are masked, no multiple-of-128 rule.
 - Causal masking in two stages per program: key blocks entirely below the diagonal run without a mask, only the
   diagonal blocks pay for it.
+- Sliding window (causal only): key j is visible to query i iff 0 <= i - j <= window (flash-attn's
+  window_size=(window, 0)). Key blocks entirely left of a query block's window are never visited, so the work is
+  O(T * window) instead of O(T^2); blocks the window edge cuts through take a third, masked stage. Rows that see no
+  key of a block keep m = -inf without producing NaNs. `window` is a runtime argument (one compile serves every
+  layer's window); WINDOWED is the constexpr that keeps the unwindowed kernels exactly as they were.
 - GQA without repeating K/V: query head h reads K/V head h // (H / H_kv); the dK/dV program of a K/V head loops
   over the query heads of its group and accumulates in registers, so dK/dV are written once, with no atomics.
 - Backward in three kernels: delta = rowsum(dO * O), then dK/dV (one program per key block), then dQ (one program
@@ -29,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting, on_device
+from .reference import check_window
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -62,8 +68,10 @@ def _config(table: dict, head_dim: int) -> dict:
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_n, offs_d, T,
-               qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Stream key blocks [lo, hi) through the online softmax; MASK applies the causal and the sequence-end mask."""
+               qk_scale, window, CAUSAL: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Stream key blocks [lo, hi) through the online softmax; MASK applies the causal, window and sequence-end
+    masks."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         k_ptrs = k_base + offs_k[:, None] * stride_kt + offs_d[None, :]
@@ -79,11 +87,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
             valid = offs_k[None, :] < T
             if CAUSAL:
                 valid = valid & (offs_k[None, :] <= offs_m[:, None])
+            if WINDOWED:
+                valid = valid & (offs_m[:, None] - offs_k[None, :] <= window)
             s = tl.where(valid, s, float("-inf"))
-        # The first block every row sees holds key 0, which is always visible, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if WINDOWED and MASK:
+            # A row may see no key of the first blocks it visits (they hold the window starts of later rows):
+            # m stays -inf, and exp2 against a 0 stand-in keeps its p and alpha at 0 instead of NaN. Unmasked
+            # blocks are visible to every row.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        else:
+            # The first block every row sees holds key 0, which is always visible, so m_new is finite.
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -94,8 +112,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, o
 def _fwd_kernel(Q, K, V, O, LSE,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                T, H, GROUP, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                T, H, GROUP, qk_scale, window,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOWED: tl.constexpr):
     # Causal work grows with the query block, so launch the longest programs first (fewer idle SMs at the tail).
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,15 +137,26 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if CAUSAL:
         # Keys below this query block are visible to all its rows (needs BLOCK_M % BLOCK_N == 0).
         below = start_m * BLOCK_M
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, below,
-                                   offs_m, offs_n, offs_d, T, qk_scale, CAUSAL, False, BLOCK_N)
+        full_lo = 0
+        if WINDOWED:
+            # Key blocks before `lo` are left of every row's window: skipped. Blocks in [lo, full_lo) are cut by
+            # the window edge of some row: masked. From full_lo (the first block whose first key is within the
+            # last row's window) to `below`, every row sees every key.
+            lo = tl.maximum(below - window, 0) // BLOCK_N * BLOCK_N
+            full_lo = tl.minimum(tl.cdiv(tl.maximum(below + BLOCK_M - 1 - window, 0), BLOCK_N) * BLOCK_N, below)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, full_lo,
+                                       offs_m, offs_n, offs_d, T, qk_scale, window, CAUSAL, True, WINDOWED, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full_lo, below,
+                                   offs_m, offs_n, offs_d, T, qk_scale, window, CAUSAL, False, WINDOWED, BLOCK_N)
         diag_end = tl.minimum(below + BLOCK_M, T)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, below, diag_end,
-                                   offs_m, offs_n, offs_d, T, qk_scale, CAUSAL, True, BLOCK_N)
+                                   offs_m, offs_n, offs_d, T, qk_scale, window, CAUSAL, True, WINDOWED, BLOCK_N)
     else:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, T,
-                                   offs_m, offs_n, offs_d, T, qk_scale, CAUSAL, True, BLOCK_N)
+                                   offs_m, offs_n, offs_d, T, qk_scale, window, CAUSAL, True, WINDOWED, BLOCK_N)
 
+    if WINDOWED:  # rows past T may see no key at all (l = 0); they are not stored, but must not divide by 0
+        l_i = tl.where(row_ok, l_i, 1.0)
     acc = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -157,8 +187,8 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, hi,
-                    offs_n, offs_mb, offs_d, T, qk_scale,
-                    MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+                    offs_n, offs_mb, offs_d, T, qk_scale, window,
+                    MASK: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one query head's contribution to dK, dV of a key block over query blocks [lo, hi)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_mb
@@ -170,7 +200,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASK:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            visible = offs_m[None, :] >= offs_n[:, None]
+            if WINDOWED:
+                visible = visible & (offs_m[None, :] - offs_n[:, None] <= window)
+            p_t = tl.where(visible, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -183,8 +216,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                     T, H, H_KV, GROUP, sm_scale, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                     T, H, H_KV, GROUP, sm_scale, qk_scale, window,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOWED: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -199,6 +233,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                 mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # Query blocks past the diagonal: every one sees every key here without a window; with one, those from
+    # full_hi on see only part of the block (masked), and those from q_hi on (past the first key's window) none.
+    diag_end = tl.minimum(start_n + BLOCK_N, T)
+    full_hi = T
+    q_hi = T
+    if WINDOWED:
+        full_hi = tl.minimum(tl.maximum(diag_end + (start_n + window + 1 - diag_end) // BLOCK_M * BLOCK_M, diag_end),
+                             T)
+        q_hi = tl.minimum(start_n + BLOCK_N + window, T)
     for g in range(GROUP):  # the query heads sharing this K/V head
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -206,15 +249,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse_base = LSE + (b * H + h) * T
         delta_base = DELTA + (b * H + h) * T
         if CAUSAL:
-            # Diagonal query blocks need the mask (needs BLOCK_N % BLOCK_M == 0); later ones see every key here.
-            diag_end = tl.minimum(start_n + BLOCK_N, T)
+            # Diagonal query blocks need the mask (needs BLOCK_N % BLOCK_M == 0).
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     start_n, diag_end, offs_n, offs_mb, offs_d, T, qk_scale, True, BLOCK_M)
+                                     start_n, diag_end, offs_n, offs_mb, offs_d, T, qk_scale, window, True,
+                                     WINDOWED, BLOCK_M)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     diag_end, T, offs_n, offs_mb, offs_d, T, qk_scale, False, BLOCK_M)
+                                     diag_end, full_hi, offs_n, offs_mb, offs_d, T, qk_scale, window, False,
+                                     WINDOWED, BLOCK_M)
+            if WINDOWED:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                         stride_dot, full_hi, q_hi, offs_n, offs_mb, offs_d, T, qk_scale, window,
+                                         True, WINDOWED, BLOCK_M)
         else:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                     0, T, offs_n, offs_mb, offs_d, T, qk_scale, False, BLOCK_M)
+                                     0, T, offs_n, offs_mb, offs_d, T, qk_scale, window, False, WINDOWED, BLOCK_M)
     dk *= sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -224,7 +272,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, offs_m, offs_nb, offs_d, T,
-                  qk_scale, CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+                  qk_scale, window, CAUSAL: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         col_ok = offs_n < T
@@ -235,6 +284,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, l
             valid = col_ok[None, :]
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if WINDOWED:
+                valid = valid & (offs_m[:, None] - offs_n[None, :] <= window)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -247,8 +298,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh,
-                   T, H, GROUP, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                   T, H, GROUP, sm_scale, qk_scale, window,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   WINDOWED: tl.constexpr):
     # Causal work grows with the query block, so launch the longest programs first (fewer idle SMs at the tail).
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -270,14 +322,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         below = start_m * BLOCK_M  # needs BLOCK_M % BLOCK_N == 0
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, below, offs_m, offs_nb,
-                           offs_d, T, qk_scale, CAUSAL, False, BLOCK_N)
+        full_lo = 0
+        if WINDOWED:  # the forward's three stages: skipped, window edge (masked), fully visible
+            lo = tl.maximum(below - window, 0) // BLOCK_N * BLOCK_N
+            full_lo = tl.minimum(tl.cdiv(tl.maximum(below + BLOCK_M - 1 - window, 0), BLOCK_N) * BLOCK_N, below)
+            dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, full_lo, offs_m,
+                               offs_nb, offs_d, T, qk_scale, window, CAUSAL, True, WINDOWED, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full_lo, below, offs_m,
+                           offs_nb, offs_d, T, qk_scale, window, CAUSAL, False, WINDOWED, BLOCK_N)
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, below,
-                           tl.minimum(below + BLOCK_M, T), offs_m, offs_nb, offs_d, T, qk_scale, CAUSAL, True,
-                           BLOCK_N)
+                           tl.minimum(below + BLOCK_M, T), offs_m, offs_nb, offs_d, T, qk_scale, window, CAUSAL,
+                           True, WINDOWED, BLOCK_N)
     else:
         dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, T, offs_m, offs_nb,
-                           offs_d, T, qk_scale, CAUSAL, True, BLOCK_N)
+                           offs_d, T, qk_scale, window, CAUSAL, True, WINDOWED, BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -314,7 +372,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _flash_forward(q, k, v, causal: bool, scale: float):
+def _flash_forward(q, k, v, causal: bool, scale: float, window: int):
     B, T, H, D = q.shape
     group = H // k.shape[2]
     o = q.new_empty(q.shape)  # contiguous, as the fake implementation says
@@ -326,17 +384,17 @@ def _flash_forward(q, k, v, causal: bool, scale: float):
         _fwd_kernel[grid](q, k, v, o, lse,
                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                          T, H, group, scale * _LOG2E,
-                          HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
+                          T, H, group, scale * _LOG2E, max(window, 0),
+                          HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WINDOWED=window >= 0, **cfg)
     return o, lse
 
 
-def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float):
+def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float, window: int):
     with on_device(q):  # autograd may run the backward on a thread whose current device is another GPU
-        return _flash_backward_launches(do, q, k, v, o, lse, causal, scale)
+        return _flash_backward_launches(do, q, k, v, o, lse, causal, scale, window)
 
 
-def _flash_backward_launches(do, q, k, v, o, lse, causal: bool, scale: float):
+def _flash_backward_launches(do, q, k, v, o, lse, causal: bool, scale: float, window: int):
     B, T, H, D = q.shape
     H_kv = k.shape[2]
     group = H // H_kv
@@ -354,8 +412,8 @@ def _flash_backward_launches(do, q, k, v, o, lse, causal: bool, scale: float):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        T, H, H_kv, group, scale, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
+        T, H, H_kv, group, scale, scale * _LOG2E, max(window, 0),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WINDOWED=window >= 0, **cfg)
 
     dq = q.new_empty(q.shape)
     cfg = _config(_BWD_DQ_CONFIG, D)
@@ -365,61 +423,67 @@ def _flash_backward_launches(do, q, k, v, o, lse, causal: bool, scale: float):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        T, H, group, scale, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, **cfg)
+        T, H, group, scale, scale * _LOG2E, max(window, 0),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WINDOWED=window >= 0, **cfg)
     return dq, dk, dv
 
 
 # The kernels enter autograd and torch.compile as two custom ops: compile sees opaque calls with known output
 # shapes (no tracing into Triton launches, no graph breaks), and autograd pairs them through register_autograd.
+# Their `window` is an int, -1 for none (a plain int keeps the op schema simple).
 
 
 @torch.library.custom_op("nanochat_kernels::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_forward(q, k, v, causal, scale)
+                    scale: float, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_forward(q, k, v, causal, scale, window)
 
 
 @_flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, causal, scale):
+def _flash_attn_fwd_fake(q, k, v, causal, scale, window):
     B, T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat_kernels::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_backward(do, q, k, v, o, lse, causal, scale)
+                    lse: torch.Tensor, causal: bool, scale: float,
+                    window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_backward(do, q, k, v, o, lse, causal, scale, window)
 
 
 @_flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(do, q, k, v, o, lse, causal, scale):
+def _flash_attn_bwd_fake(do, q, k, v, o, lse, causal, scale, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, window = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.window = causal, scale, window
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     do = _unit_last(do.to(q.dtype))  # an upstream fp32 cast must not mix dtypes inside the dots
-    dq, dk, dv = _flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _flash_attn_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, T, H, D), k/v (B, T, H_kv, D) with H % H_kv == 0 -> (B, T, H, D); differentiable in q, k, v.
+    `window` None or an int >= 0 (causal only): key j visible to query i iff 0 <= i - j <= window.
 
     Validates shapes, dtypes and devices here, at the boundary, and gives the kernels a unit stride along D."""
     _check_inputs(q, k, v)
+    window = check_window(window, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _flash_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), bool(causal), scale)
+    # A window reaching key 0 from the last query is full causal attention: the unwindowed kernels run it.
+    window = -1 if window is None or window >= q.shape[1] - 1 else window
+    out, _ = _flash_attn_fwd(_unit_last(q), _unit_last(k), _unit_last(v), bool(causal), scale, window)
     return out

@@ -13,6 +13,10 @@ a second kernel merges the partials. Assumptions and choices:
   Chunks with G * T_q > 128 rows are processed in slices along T_q.
 - The split count is chosen on the host from B * H_kv and T_max (the lengths live on the device): splits that start
   past a row's length exit at once and contribute lse = -inf.
+- Sliding window (`window`, per call: the model has one per layer): query at position p sees keys p - window..p.
+  The splits then tile only the span a row's queries can see, from the first query's window start (rounded down
+  to a key block) on, so a 2048-token cache under a 256-token window reads ~256 keys per row, not 2048, and the
+  split count follows that span. WINDOWED is a constexpr, so the unwindowed kernel is unchanged.
 - fp32 accumulation; rows that see no key inside a split keep m = -inf without producing NaNs.
 - Known cost at batch 1: the whole 2048-token cache of one layer is ~10 MB, about 3 us of HBM time on an H100, so
   the second (merge) launch is a visible share; folding the merge into the last-finishing split program (an atomic
@@ -28,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting, on_device
+from .reference import check_window
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -69,9 +74,9 @@ def choose_num_splits(batch_kv_heads: int, t_max: int, num_sms: int, block_n: in
 def _decode_kernel(Q, K, V, LENS, O, O_PART, LSE_PART,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                   T_Q, T_MAX, H, H_KV, GROUP, NUM_SPLITS, SPLIT_LEN, qk_scale,
+                   T_Q, T_MAX, H, H_KV, GROUP, NUM_SPLITS, SPLIT_LEN, qk_scale, window,
                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   WRITE_FINAL: tl.constexpr):
+                   WRITE_FINAL: tl.constexpr, WINDOWED: tl.constexpr):
     bhk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bhk // H_KV).to(tl.int64)
@@ -89,6 +94,8 @@ def _decode_kernel(Q, K, V, LENS, O, O_PART, LSE_PART,
                 mask=row_ok[:, None], other=0.0)
 
     lo = split * SPLIT_LEN
+    if WINDOWED:  # the splits tile [first query's window start, length), block-aligned
+        lo += tl.maximum(length - T_Q - window, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(lo + SPLIT_LEN, length)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -102,7 +109,10 @@ def _decode_kernel(Q, K, V, LENS, O, O_PART, LSE_PART,
         k = tl.load(k_base + offs_k[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_base + offs_k[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_R, BLOCK_N), log2 domain
-        s = tl.where(key_ok[None, :] & (offs_k[None, :] <= qpos[:, None]), s, float("-inf"))
+        visible = key_ok[None, :] & (offs_k[None, :] <= qpos[:, None])
+        if WINDOWED:
+            visible = visible & (qpos[:, None] - offs_k[None, :] <= window)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet stays all-zero
         p = tl.math.exp2(s - m_safe[:, None])
@@ -137,7 +147,7 @@ def _merge_kernel(O_PART, LSE_PART, O, stride_ob, stride_ot, stride_oh, T_Q, H, 
     offs_d = tl.arange(0, HEAD_DIM)
     s_ok = offs_s < NUM_SPLITS
     lse = tl.load(LSE_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: split 0 always holds key 0, visible to every query
+    m = tl.max(lse, 0)  # finite: some split holds the query's own position, visible to it
     w = tl.math.exp2(lse - m)
     parts = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=s_ok[:, None], other=0.0)
@@ -176,16 +186,19 @@ def _check_inputs(q, k_cache, v_cache, cache_lens) -> None:
                          f"{v_cache.device}, {cache_lens.device}")
 
 
-def _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits):
+def _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits, window):
     B, T_q, H, D = q.shape
     T_max, H_kv = k_cache.shape[1], k_cache.shape[2]
     group = H // H_kv
     block_n = 16 if interpreting() else _BLOCK_N
     block_r = max(16, triton.next_power_of_2(group * T_q))
+    # Keys a row's queries can see: the whole cache, or with a window at most T_q + window of them, starting
+    # up to block_n - 1 keys after the block-aligned start the kernel uses.
+    span = T_max if window is None else min(T_max, T_q + window + block_n - 1)
     if num_splits is None:
-        num_splits = choose_num_splits(B * H_kv, T_max, _num_sms(q.device), block_n)
-    split_len = triton.cdiv(triton.cdiv(T_max, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(T_max, split_len)
+        num_splits = choose_num_splits(B * H_kv, span, _num_sms(q.device), block_n)
+    split_len = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(span, split_len)
     launch = {} if interpreting() else dict(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     if num_splits == 1:
         o_part = lse_part = out  # unused
@@ -196,8 +209,9 @@ def _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits):
         q, k_cache, v_cache, cache_lens, out, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        T_q, T_max, H, H_kv, group, num_splits, split_len, scale * 1.4426950408889634,
-        HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, WRITE_FINAL=num_splits == 1, **launch)
+        T_q, T_max, H, H_kv, group, num_splits, split_len, scale * 1.4426950408889634, window or 0,
+        HEAD_DIM=D, BLOCK_R=block_r, BLOCK_N=block_n, WRITE_FINAL=num_splits == 1, WINDOWED=window is not None,
+        **launch)
     if num_splits > 1:
         _merge_kernel[(B * H * T_q,)](o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2),
                                       T_q, H, num_splits, HEAD_DIM=D,
@@ -205,13 +219,18 @@ def _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits):
 
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
-                 scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                 scale: float | None = None, num_splits: int | None = None,
+                 window: int | None = None) -> torch.Tensor:
     """q (B, T_q, H, D) over caches (B, T_max, H_kv, D) with valid lengths cache_lens (B,) -> (B, T_q, H, D).
+    `window` None or an int >= 0: the query at position p sees keys p - window..p.
 
     `num_splits` forces the number of chunks along the cache (tests); None picks it from the batch and SM count.
     Inference only (no autograd).
     """
     _check_inputs(q, k_cache, v_cache, cache_lens)
+    window = check_window(window)
+    if window is not None and window >= k_cache.shape[1] - 1:
+        window = None  # reaches key 0 from every position of the cache: no window
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if q.stride(-1) != 1:
@@ -225,11 +244,12 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     chunk = max(1, _MAX_ROWS // rows_per_query)
     with on_device(q):
         if T_q <= chunk:
-            _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits)
+            _decode_chunk(q, k_cache, v_cache, cache_lens, out, scale, num_splits, window)
             return out
         # Slices along T_q: slice [t0, t1) behaves like a chunk of t1 - t0 queries over a cache of length
         # cache_lens - (T_q - t1); slice outputs are views of `out`, written in place.
         for t0 in range(0, T_q, chunk):
             t1 = min(T_q, t0 + chunk)
-            _decode_chunk(q[:, t0:t1], k_cache, v_cache, cache_lens - (T_q - t1), out[:, t0:t1], scale, num_splits)
+            _decode_chunk(q[:, t0:t1], k_cache, v_cache, cache_lens - (T_q - t1), out[:, t0:t1], scale, num_splits,
+                          window)
     return out

@@ -81,13 +81,14 @@ def compile_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_s
 # The launch configurations of each module
 
 
-def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, group: int = 1) -> list[Report]:
+def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, group: int = 1,
+                      windowed: bool = False) -> list[Report]:
     from . import flash_attention as fa
 
     T, H, D = 2048, 10, head_dim  # strides of a (B, T, H, D) tensor do not depend on B
     strides = dict(b=T * H * D, t=H * D, h=D)
     kv_strides = dict(b=T * (H // group) * D, t=(H // group) * D, h=D)
-    common = dict(T=T, H=H, H_KV=H // group, GROUP=group, qk_scale=1.0, sm_scale=1.0)
+    common = dict(T=T, H=H, H_KV=H // group, GROUP=group, qk_scale=1.0, sm_scale=1.0, window=256)
     for prefix, st in (("q", strides), ("o", strides), ("do", strides), ("dq", strides), ("k", kv_strides),
                        ("v", kv_strides), ("dk", kv_strides), ("dv", kv_strides)):
         for axis, value in st.items():
@@ -98,14 +99,17 @@ def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, 
     for kernel, table in ((fa._fwd_kernel, fa._FWD_CONFIG), (fa._bwd_dkdv_kernel, fa._BWD_DKDV_CONFIG),
                           (fa._bwd_dq_kernel, fa._BWD_DQ_CONFIG)):
         cfg = dict(table[64] if head_dim <= 64 else table[128])
-        constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), CAUSAL=causal)
+        constexprs = dict(HEAD_DIM=D, BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), CAUSAL=causal,
+                          WINDOWED=windowed)
         reports.append(compile_for_sm90(kernel, {**ptrs, **common}, constexprs, **cfg))
     delta_args = {**ptrs, **common, "stride_db": strides["b"], "stride_dt": strides["t"], "stride_dh": strides["h"]}
     reports.append(compile_for_sm90(fa._bwd_delta_kernel, delta_args, dict(HEAD_DIM=D, BLOCK_M=64), 4, 1))
     return reports
 
 
-def decode_reports(head_dim: int = 128, rows: int = 16, dtype=torch.bfloat16) -> list[Report]:
+def decode_reports(head_dim: int = 128, rows: int = 16, dtype=torch.bfloat16,
+                   windowed: bool = False) -> list[Report]:
+    """The decode kernel (final and partial outputs), and the merge kernel unless `windowed` (it has no window)."""
     from . import flash_decoding as fd
 
     T_max, H, H_kv, D = 2048, 10, 10, head_dim
@@ -113,11 +117,13 @@ def decode_reports(head_dim: int = 128, rows: int = 16, dtype=torch.bfloat16) ->
                 stride_qb=H * D, stride_qt=H * D, stride_qh=D, stride_kb=T_max * H_kv * D, stride_kt=H_kv * D,
                 stride_kh=D, stride_vb=T_max * H_kv * D, stride_vt=H_kv * D, stride_vh=D, stride_ob=H * D,
                 stride_ot=H * D, stride_oh=D, T_Q=2, T_MAX=T_max, H=H, H_KV=H_kv, GROUP=2, NUM_SPLITS=16,
-                SPLIT_LEN=128, qk_scale=1.0)
+                SPLIT_LEN=128, qk_scale=1.0, window=256)
     reports = [compile_for_sm90(fd._decode_kernel, args, dict(HEAD_DIM=D, BLOCK_R=rows, BLOCK_N=fd._BLOCK_N,
-                                                              WRITE_FINAL=final), fd._NUM_WARPS, fd._NUM_STAGES)
+                                                              WRITE_FINAL=final, WINDOWED=windowed),
+                               fd._NUM_WARPS, fd._NUM_STAGES)
                for final in (True, False)]
-    reports.append(compile_for_sm90(fd._merge_kernel, args, dict(HEAD_DIM=D, BLOCK_S=16), 4, 1))
+    if not windowed:
+        reports.append(compile_for_sm90(fd._merge_kernel, args, dict(HEAD_DIM=D, BLOCK_S=16), 4, 1))
     return reports
 
 
@@ -143,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in args.only:
         for head_dim in (64, 128):
             reports += attention_reports(head_dim)
+            reports += attention_reports(head_dim, windowed=True)
     if "decode" in args.only:
         reports += decode_reports()
+        reports += decode_reports(windowed=True)
     if "ns" in args.only:
         reports += newton_schulz_reports()
     print(f"{'kernel':<18} {'shared B':>9} {'regs':>5} {'spill B':>8}  config")
