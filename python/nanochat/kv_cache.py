@@ -30,18 +30,11 @@ from nanochat.gpt import windowed_attention
 
 
 def decode_attention(q, k_cache, v_cache, cache_lens, window: int | None = None):
-    """nanochat_kernels.decode_attention where query position p sees keys p - window .. p (all for None)."""
-    if window is None or window >= k_cache.size(1) - 1:
-        return nanochat_kernels.decode_attention(q, k_cache, v_cache, cache_lens)
-    # TEMPORARY until nanochat_kernels.decode_attention takes window=: the mask in plain SDPA (fp32)
-    B, T_q = q.shape[:2]
-    qpos = cache_lens.to(torch.long).view(B, 1) - T_q + torch.arange(T_q, device=q.device).view(1, T_q)
-    dist = qpos.unsqueeze(-1) - torch.arange(k_cache.size(1), device=q.device).view(1, 1, -1)  # (B, T_q, T_max)
-    allowed = (dist >= 0) & (dist <= window)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k_cache.float().transpose(1, 2), v_cache.float().transpose(1, 2),
-        attn_mask=allowed.unsqueeze(1), enable_gqa=k_cache.size(2) != q.size(2))
-    return out.transpose(1, 2).to(q.dtype)
+    """nanochat_kernels.decode_attention where query position p sees keys p - window .. p (all for None); a
+    window that covers the whole cache is dropped."""
+    if window is not None and window >= k_cache.size(1) - 1:
+        window = None
+    return nanochat_kernels.decode_attention(q, k_cache, v_cache, cache_lens, window=window)
 
 
 class CacheView:
