@@ -18,6 +18,7 @@ Usage: python bench/import_bench.py [--shapes d20,d32] [--tokens 8] [--workdir /
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -136,6 +137,7 @@ def decode_both(folder: Path, prompt_len: int, n: int) -> dict:
             rates[("ours", b)] = decode_rate(lambda B, N: engine.generate(prompts[:B], max_tokens=N, batch_size=B),
                                              b, n)
     del engine, model
+    gc.collect()  # one model in memory at a time (d20 head era: 5.6 GB in fp32)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

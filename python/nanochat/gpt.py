@@ -351,17 +351,17 @@ class GPT(nn.Module):
             dict(params=[self.lm_head.weight], lr=unembedding_lr * dmodel_lr_scale, name="lm_head"),
             dict(params=[self.wte.weight], lr=embedding_lr * dmodel_lr_scale, name="wte"),
         ]
-        if self.config.ve_layers:
-            adamw_groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * dmodel_lr_scale,
-                                     name="value_embeds"))
+        # one group per parameter: MuonAdamW keeps AdamW state per (group, parameter)
+        for i, ve in getattr(self, "value_embeds", {}).items():
+            adamw_groups.append(dict(params=[ve.weight], lr=embedding_lr * dmodel_lr_scale, name=f"value_embeds.{i}"))
         if self.config.lambdas:
             adamw_groups.append(dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, name="resid_lambdas"))
             adamw_groups.append(dict(params=[self.x0_lambdas], lr=scalar_lr, name="x0_lambdas"))
-        scalars = [getattr(self, n) for n in ("smear_lambda", "backout_lambda") if hasattr(self, n)]
+        for name in ("smear_lambda", "backout_lambda"):
+            if hasattr(self, name):
+                adamw_groups.append(dict(params=[getattr(self, name)], lr=scalar_lr, name=name))
         if self.config.smear:
-            scalars.append(self.smear_gate.weight)
-        if scalars:
-            adamw_groups.append(dict(params=scalars, lr=scalar_lr, name="scalars"))
+            adamw_groups.append(dict(params=[self.smear_gate.weight], lr=scalar_lr, name="smear_gate"))
         matrices = [p for block in self.blocks for p in block.parameters()]
         return MuonAdamW(matrices, adamw_groups, matrix_lr=matrix_lr, momentum=muon_momentum, ns_steps=ns_steps,
                          ns_coeffs=ns_coeffs, adam_betas=adam_betas, weight_decay=weight_decay)
