@@ -161,7 +161,8 @@ def main() -> None:
     p.add_argument("--no-decode", action="store_true", help="only the import")
     args = p.parse_args()
     work = Path(args.workdir)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, loadavg {open('/proc/loadavg').read().split()[:3]}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"loadavg {open('/proc/loadavg').read().split()[:3]}")
     rows = []
     for name in args.shapes.split(","):
         spec = SHAPES[name]

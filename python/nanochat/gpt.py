@@ -2,17 +2,23 @@
 
 Notable choices:
 - width = 64 x depth, head dim 128 (64 for odd depths, whose width is not a multiple of 128), GQA via n_kv_head
-- rotary position embeddings (base 10,000) precomputed for 10 x sequence_len positions; with a KV cache the cache
-  gives the positions of the new tokens (row b's start at cache_lens[b]..), so rows of different lengths decode
-  together, and the engine's packed steps mix decode rows with prefill chunks
+- rotary position embeddings (base 10,000 by default) precomputed for 10 x sequence_len positions; with a KV cache
+  the cache gives the positions of the new tokens (row b's start at cache_lens[b]..), so rows of different lengths
+  decode together, and the engine's packed steps mix decode rows with prefill chunks
 - QK-norm and parameter-free RMSNorm everywhere (before attention, MLP and the head; after the embedding)
-- ReLU² MLP of width 4x, no biases, untied embedding and lm_head, logits soft-capped at 15 by tanh
+- ReLU² MLP of width 4x, no biases, untied embedding and lm_head, logits soft-capped at 15 by tanh (by default)
 - output projections (attention and MLP c_proj) start at zero so each block starts as the identity;
   lm_head starts small (std 0.001) so the first loss is ~ln(vocab_size)
 - attention only through `nanochat_kernels`: `attention` without a cache; with one, the cache's `attend` (see
   kv_cache.py) stores k/v and calls `decode_attention` over each row's prefix (or `attention` for the first chunk
   of a prompt). The cached forward never reads a device value on the host (the decode step compiles fullgraph)
 - fp32 master weights; on CUDA the forward runs under bf16 autocast with a bf16 residual stream, on CPU in fp32
+- architecture switches (GPTConfig fields, off by default) reproduce the checkpoints of Karpathy's nanochat exactly
+  (importer.py): value embeddings mixed into v by per-head gates, resid/x0 lambdas, the smear gate (each position
+  adds a gated share of the previous token's normed embedding; with a cache the previous id comes from the cache),
+  backout, a q/k scale after QK-norm, the rotary base and bf16-rounded tables, per-layer S/L attention windows
+  (nanochat's meaning: window w = keys i - w .. i; L layers have w = sequence_len, the last layer always L), the
+  soft-cap and a padded vocabulary (the extra rows never become logits)
 - with targets, the lm_head, soft-cap and cross-entropy run fused in row chunks (`linear_cross_entropy`), so
   training and the loss-only evals never hold the (B, T, V) fp32 logits (17 GB per copy at d20, 32 x 2048)
 """
@@ -47,7 +53,7 @@ class GPTConfig:
     n_embd: int = 1280
     # Architecture switches. The defaults are this project's own model; the other values describe the checkpoints of
     # Karpathy's nanochat (see importer.py for its three eras). Each one is exact as nanochat computes it.
-    ve_layers: list[int] = field(default_factory=list)  # layers whose values get a value embedding (a token lookup) mixed in by a gate
+    ve_layers: list[int] = field(default_factory=list)  # layers whose v gets a gated value embedding (token lookup)
     ve_gate_channels: int = 32  # the gate reads the first channels of the block's normed input: 32, later 12
     ve_gate_scale: float = 2.0  # gate = scale * sigmoid(W x[:channels]) per K/V head: 2, later 3
     lambdas: bool = False  # per layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i (x0: embedding)

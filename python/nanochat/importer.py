@@ -43,16 +43,12 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import CorruptInputError, MissingInputError, UserError
+from nanochat.common import MissingInputError, UserError
 
 STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
 # what a hub download fetches: weights, meta and tokenizer (not optimizer shards, which can be larger than the model)
 HUB_FILES = [f"{d}{name}" for d in ("", "*/") for name in ("model_*.pt", "meta_*.json", "tokenizer.pkl")]
-
-
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # per era: what the file does not record. short_window is a function of sequence_len.
@@ -345,7 +341,8 @@ def import_checkpoint(src: str, out: Path, source: str | None = None, tag: str |
     detected, read = detect(state, meta_config)
     if era is None:
         era = detected
-        log(f"era: {era} (from the keys: {', '.join(k for k in ('ve_layers', 'lambdas', 'smear', 'backout') if read.get(k)) or 'plain GPT'})")
+        found = [k for k in ("ve_layers", "lambdas", "smear", "backout") if read.get(k)]
+        log(f"era: {era} (from the keys: {', '.join(found) or 'plain GPT'})")
     elif era != detected:
         log(f"era: {era} (flag; the keys look like {detected})")
     tokenizer = load_tokenizer_pkl(tok_path)

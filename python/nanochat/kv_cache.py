@@ -9,7 +9,10 @@ plain batch, the engine's decode step or a ragged step of decode rows and prefil
 - `attend(layer, q, k, v)` stores the new k/v at their positions and returns attention over each row's prefix and
   the new tokens (causal among the new tokens);
 - `select(x)` keeps the hidden states whose logits the caller wants (all of them, except in a `PackedBatch`);
-- `advance(T)` after the last layer.
+- `advance(T)` after the last layer;
+- `previous_tokens(idx)`, only for a model with the smear gate: stores the new ids in the cache's `tokens` (B, T_max)
+  and returns the id before each new token, from the row's own past (chunked prefill, decode, a reused prefix).
+`attend` takes the layer's attention window (query position p sees keys p - window .. p; None: all).
 
 `KVCache` and `CacheView` (rows lo..hi and positions 0..length of a cache, sharing its storage) give every row T new
 tokens at its own offset and never read a device value on the host: the engine's decode step compiles with
