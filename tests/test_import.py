@@ -336,3 +336,17 @@ def test_corrupt_truncated_and_mismatched_files(tmp_path, capsys):
     assert not (tmp_path / "pwned2").exists()
     rc, err = run_cli(capsys, tmp_path / "trunc", "--out", tmp_path / "out-cli")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_export_from_before_the_switches_still_loads(folders, tmp_path):
+    """config.json of an older export has no switch fields: their defaults are that model."""
+    from nanochat.gpt import GPTConfig
+
+    old = tmp_path / "old"
+    shutil.copytree(folders["launch"], old)
+    config = json.loads((old / "config.json").read_text())
+    for f in dataclasses.fields(GPTConfig)[6:]:
+        config.pop(f.name)
+    (old / "config.json").write_text(json.dumps(config))
+    model, _ = load_exported(old)[:2]
+    assert model.config == GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig)[:6]})
