@@ -27,9 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/kernels.py would shadow the PyPI `kernels` package that transformers imports: drop this script's folder
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
 
 SHAPES = {  # nanochat's dial: width 64 x depth, heads of 128, 65,536 ids, context 2048
+    "d8": dict(depth=8, era="head"),  # a quick run
     "d20": dict(depth=20, era="head"),
     "d32": dict(depth=32, era="launch"),
 }
@@ -136,6 +140,7 @@ def decode_both(folder: Path, prompt_len: int, n: int) -> dict:
         for b in (1, 8):
             rates[("ours", b)] = decode_rate(lambda B, N: engine.generate(prompts[:B], max_tokens=N, batch_size=B),
                                              b, n)
+            print(f"ours, batch {b}: {rates[('ours', b)]:.2f} tok/s", flush=True)
     del engine, model
     gc.collect()  # one model in memory at a time (d20 head era: 5.6 GB in fp32)
     from transformers import AutoModelForCausalLM
@@ -149,6 +154,7 @@ def decode_both(folder: Path, prompt_len: int, n: int) -> dict:
     with torch.no_grad():
         for b in (1, 8):
             rates[("transformers", b)] = decode_rate(hf_run, b, n)
+            print(f"transformers, batch {b}: {rates[('transformers', b)]:.2f} tok/s", flush=True)
     return rates
 
 
