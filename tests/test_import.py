@@ -350,3 +350,25 @@ def test_an_export_from_before_the_switches_still_loads(folders, tmp_path):
     (old / "config.json").write_text(json.dumps(config))
     model, _ = load_exported(old)[:2]
     assert model.config == GPTConfig(**{f.name: config[f.name] for f in dataclasses.fields(GPTConfig)[:6]})
+
+
+@pytest.mark.slow
+def test_mid_train_starts_from_an_imported_model(folders, tmp_path, monkeypatch, capsys):
+    """--model DIR starts a finetuning stage; the base dir adopts the folder's tokenizer (its checkpoints load with
+    it), and a base dir holding another tokenizer is refused."""
+    from nanochat import mid_train
+    from nanochat.checkpoint import load_model
+    from nanochat.cli import main
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_path
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    args = ["--model", str(folders["head"]), "--model-tag", "imp", "--device-batch-size", "4", "--num-iterations",
+            "2", "--eval-every", "-1", "--eval-tokens", "256", "--spelling-size", "40", "--arithmetic-size", "40",
+            "--device", "cpu", "--dtype", "fp32"]
+    assert mid_train.main(args) == 0
+    model, tok, _ = load_model("mid", model_tag="imp")
+    assert model.config == load_exported(folders["head"])[0].config and tok.vocab_size == 300
+    other = Tokenizer.train_from_iterator(["a different corpus, a different vocabulary " * 40], vocab_size=300)
+    other.save(default_tokenizer_path())
+    assert main(["mid-train", *args]) == 2
+    assert "another tokenizer" in capsys.readouterr().err

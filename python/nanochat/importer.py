@@ -364,7 +364,8 @@ def import_checkpoint(src: str, out: Path, source: str | None = None, tag: str |
     check_shapes(ours, config)
     stage = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
              "chatrl_checkpoints": "rl"}.get(folder.parent.name, "imported")
-    info = {"stage": stage, "model_tag": folder.name, "step": step, "commit": None,
+    hub_name = src.rsplit("/", 1)[-1] if not Path(src).expanduser().exists() else None
+    info = {"stage": stage, "model_tag": hub_name or folder.name, "step": step, "commit": None,
             "imported_from": src, "nanochat_era": era}
     card = (f"\n## Imported\n\nConverted by `nanochat import` from `{src}` (step {step}), a checkpoint of Karpathy's "
             f"nanochat of the {era} era.\n")
