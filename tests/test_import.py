@@ -151,7 +151,7 @@ def test_engine_batched_chunked_and_prefix_reuse(loaded, era):
 # The server, through the official client
 
 
-@pytest.mark.parametrize("era", ["jan2026", "head"])
+@pytest.mark.parametrize("era", ERAS)
 def test_server_openai_client_greedy(loaded, era):
     openai = pytest.importorskip("openai")
     from nanochat.serve.app import ServerConfig, create_app

@@ -19,9 +19,9 @@ preset (the values nanochat's code had then) and is printed as "assumed"; each c
     jan2026   value gate of 32 inputs          10,000, bf16-rounded   1          2 sigmoid   seq_len // 2
     mar2026   value gate of 12 inputs          100,000, fp32          1.15       3 sigmoid   ceil(seq_len/3, 128)
     head      a smear gate                     100,000, fp32          1.2        3 sigmoid   ceil(seq_len/4, 128)
-(soft-cap 15 in all; nanochat used 20 for a week in March 2026: --softcap 20 for a model trained then.) The rotary
-tables are bf16-rounded as nanochat computed them on every device until March 2026; later, in fp32 on CPU (its
-reference) and in bf16 on GPU.
+(soft-cap 15 in all; nanochat used 20 from March 2 to 8, 2026: --softcap 20 for a model trained then.) The rotary
+tables are bf16-rounded as nanochat computed them on every device until March 4, 2026; later, in fp32 on CPU (its
+reference) and in bf16 on GPU (a jan2026-era model trained March 4-8: add --rotary-dtype float32).
 
 Nothing in the files runs: weights through torch.load(weights_only=True) (memory-mapped, converted and written one
 tensor at a time, so the peak stays near one copy of the weights), tokenizer.pkl through an unpickler that admits
