@@ -224,7 +224,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def detect(state: dict[str, torch.Tensor], meta_config: dict) -> tuple[str, dict, list[str]]:
+def detect(state: dict[str, torch.Tensor], meta_config: dict) -> tuple[str, dict]:
     """(era, GPTConfig fields read from the file) from the keys, shapes and meta."""
     need = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     missing = [k for k in need if not isinstance(meta_config.get(k), int)]
