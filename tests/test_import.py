@@ -372,3 +372,18 @@ def test_mid_train_starts_from_an_imported_model(folders, tmp_path, monkeypatch,
     other.save(default_tokenizer_path())
     assert main(["mid-train", *args]) == 2
     assert "another tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("era", ERAS)
+def test_cuda_engine_with_graphs_matches_eager(folders, era):
+    """On CUDA (bf16 autocast, Triton kernels, windowed decode): the engine's CUDA-graph decode step, which reads the
+    smear gate's previous token from the cache inside the graph, gives the eager step's tokens."""
+    model, tok = load_exported(folders[era], device="cuda")[:2]
+    exp = expected(era)
+    prompts = [exp["sequences"][1], exp["sequences"][2], exp["sequences"][0][:20]]
+    outs = {}
+    for graphs in (False, True):
+        engine = Engine(model, tok, tools=False, cuda_graphs=graphs, prefix_cache_tokens=0)
+        outs[graphs] = [o[0][0] for o in engine.generate(prompts, max_tokens=20, temperature=0.0, batch_size=4)]
+    assert outs[True] == outs[False]
