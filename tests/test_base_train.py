@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -201,3 +202,29 @@ def test_truncate_log_keeps_earlier_steps_and_drops_torn_lines(tmp_path):
     path.write_text("\n".join(lines))
     truncate_log(path, 4)
     assert [e["step"] for e in read_log(path)] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_architecture_switches_train_save_and_generate(env, monkeypatch):
+    """base-train with every switch of nanochat's newest architecture: it trains (finite, falling loss), the
+    checkpoint records the switches, and it loads and generates through the engine."""
+    from nanochat.base_train import main
+    from nanochat.checkpoint import load_model
+    from nanochat.engine import Engine
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(env["base_dir"]))
+    switches = ["--value-embeds", "alternating", "--ve-gate-channels", "12", "--ve-gate-scale", "3", "--lambdas",
+                "--smear", "--backout", "--qk-scale", "1.2", "--rotary-base", "100000", "--window-pattern", "SL",
+                "--short-window", "8", "--softcap", "20", "--pad-vocab-to", "64"]
+    cmd = train_cmd(env, "switches", *switches, steps=6)
+    cmd[cmd.index("--depth") + 1] = "2"
+    assert main(cmd[3:]) == 0
+    losses, _ = curves(env, "switches")
+    assert all(math.isfinite(v) for _, v in losses) and losses[-1][1] < losses[0][1]
+    model, tok, meta = load_model("base", model_tag="switches")
+    cfg = model.config
+    assert (cfg.ve_layers, cfg.smear, cfg.backout, cfg.lambdas, cfg.short_window) == ([1], True, True, True, 8)
+    assert cfg.padded_vocab_size == 512 and cfg.layer_windows() == [8, 32]
+    prompt = [tok.bos_token_id] + tok.encode("hello")
+    [[(tokens, _)]] = Engine(model, tok, tools=False).generate([prompt], max_tokens=8, temperature=0.0)
+    assert tokens == list(model.generate(prompt, len(tokens), temperature=0.0))

@@ -53,6 +53,7 @@ EMPTY_BASE_DIR = {
     "chat-eval --device cpu": ("no chat checkpoint", "chat-sft"),
     "chat --device cpu --prompt hi": ("no chat checkpoint", "chat-sft"),
     "serve --device cpu --port 0": ("no chat checkpoint", "chat-sft"),
+    "import ./absent --out out": ("neither a folder nor a hub id", "karpathy/nanochat-d32"),
 }
 
 

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import checkpoint_dir
 from nanochat.common import at_least, choose_compile, configure_threads, float_in, print0
 from nanochat.evals.bpb import evaluate_bpb
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, nanochat_ve_layers
 from nanochat.schedules import lr_multiplier, muon_momentum
 from nanochat.stage_plumbing import (FRESH_START, TrainLog, accumulate_gradients, add_checkpoint_args,
                                      add_optimizer_args, add_runtime_args, apply_update, resume_stage, rng_state,
@@ -77,6 +78,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
                         "(default: 524288 on CUDA, -1 on CPU)")
+    g = p.add_argument_group("architecture switches (GPTConfig; the defaults are this project's model; nanochat's "
+                             "July 2026 model: --value-embeds alternating --ve-gate-channels 12 --ve-gate-scale 3 "
+                             "--lambdas --smear --backout --qk-scale 1.2 --rotary-base 100000 --window-pattern SSSL "
+                             "--short-window 512 --pad-vocab-to 64)")
+    g.add_argument("--value-embeds", choices=["none", "alternating"], default="none",
+                   help="value embeddings on every other layer, the last included (nanochat's rule)")
+    g.add_argument("--ve-gate-channels", type=at_least(1), default=32, help="input channels of the value gates")
+    g.add_argument("--ve-gate-scale", type=float, default=2.0, help="value gate = scale x sigmoid(...)")
+    g.add_argument("--lambdas", action="store_true", help="learned resid/x0 lambdas before every block")
+    g.add_argument("--smear", action="store_true", help="smear gate: mix the previous token's embedding in")
+    g.add_argument("--backout", action="store_true", help="subtract a learned share of the mid-depth stream")
+    g.add_argument("--qk-scale", type=float, default=1.0, help="multiply q and k by this after QK-norm")
+    g.add_argument("--rotary-base", type=float, default=10_000.0)
+    g.add_argument("--window-pattern", default="", help="S/L per layer, tiled, last layer L ('' = all full)")
+    g.add_argument("--short-window", type=at_least(0), default=0, help="keys an S layer sees before the query")
+    g.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap")
+    g.add_argument("--pad-vocab-to", type=at_least(1), default=1, help="pad wte/lm_head rows to this multiple")
     g = p.add_argument_group("horizon (first one set wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
     g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
@@ -173,6 +191,12 @@ def train(args: argparse.Namespace, rt) -> int:
     # -- the model: depth sets width and heads -----------------------------------------------------------------
     config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
                                   n_kv_head=args.n_kv_head)
+    config = dataclasses.replace(
+        config, ve_layers=nanochat_ve_layers(args.depth) if args.value_embeds == "alternating" else [],
+        ve_gate_channels=args.ve_gate_channels, ve_gate_scale=args.ve_gate_scale, lambdas=args.lambdas,
+        smear=args.smear, backout=args.backout, qk_scale=args.qk_scale, rotary_base=args.rotary_base,
+        window_pattern=args.window_pattern, short_window=args.short_window, logit_softcap=args.softcap,
+        pad_vocab_to=args.pad_vocab_to)
     with torch.device(device):
         model = GPT(config)
     if world_size > 1:  # identical start on every rank (the seed already makes it so; this makes it certain)

@@ -252,7 +252,11 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     try:
         hf_config = json.loads((folder / "config.json").read_text())
         info = hf_config["nanochat"]
-        config = GPTConfig(**{f.name: hf_config[f.name] for f in fields(GPTConfig)})
+        missing = [f.name for f in fields(GPTConfig)[:6] if f.name not in hf_config]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        # the architecture switches: an export written before they existed has none (their defaults are its model)
+        config = GPTConfig(**{f.name: hf_config[f.name] for f in fields(GPTConfig) if f.name in hf_config})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CorruptInputError(f"{folder / 'config.json'} is not a nanochat export config "
                                 f"({type(e).__name__}: {e})") from e

@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": ("nanochat.serve.cli", "OpenAI-compatible server with a web UI"),
     "report": ("nanochat.report", "write report.md from the stages' results"),
     "export": ("nanochat.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
+    "import": ("nanochat.importer", "convert a checkpoint of Karpathy's nanochat (folder, base dir or hub id)"),
 }
 
 

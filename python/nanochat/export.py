@@ -28,6 +28,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 HF_FILES = ("configuration_nanochat.py", "modeling_nanochat.py")
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # the engine's TERMINAL_TOKENS
 # The pad id is <|assistant_end|>, never <|bos|>: generate() without an attention mask treats pad ids in the prompt
@@ -74,10 +76,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def hf_state_dict(model_state: dict) -> dict:
-    """Our parameter names -> the exported ones (the embedding and blocks under `model.`, lm_head at the top)."""
-    return {(k if k.startswith("lm_head.") else "model." + k): v.detach().to("cpu").contiguous()
-            for k, v in model_state.items()}
+def save_fp32_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write tensors as fp32 safetensors one at a time: each is converted (and copied) only while it is written,
+    so a memory-mapped bf16 state costs one tensor of extra memory, not a second copy of the model.
+    The layout is the format's: 8-byte little-endian header length, the JSON header (padded with spaces to a
+    multiple of 8), then the tensors' bytes back to back in header order."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
 def card_metrics(folder: Path) -> dict:
@@ -100,7 +117,7 @@ def model_card(config: dict, info: dict, metrics: dict, num_params: int, has_hf_
     lines = [
         f"# nanochat {info['stage']} model {info['model_tag']} (step {info['step']})", "",
         "A GPT trained with [nanochat](https://github.com/karpathy/nanochat)-style code: rotary embeddings, QK-norm, "
-        "parameter-free RMSNorm, ReLU² MLP, untied head, logit soft-cap 15, GQA.", "",
+        f"parameter-free RMSNorm, ReLU² MLP, untied head, logit soft-cap {config['logit_softcap']:g}, GQA.", "",
         "| | |", "|---|---|",
         f"| parameters | {num_params:,} |",
         f"| layers / width / heads (K/V) | {config['n_layer']} / {config['n_embd']} / {config['n_head']} "
@@ -143,12 +160,9 @@ def model_card(config: dict, info: dict, metrics: dict, num_params: int, has_hf_
 def export(out: Path, stage: str, model_tag: str | None = None, step: int | None = None, force: bool = False,
            log=print) -> Path:
     """Write the export folder of a checkpoint; returns it."""
-    from safetensors.torch import save_file
-
     from nanochat.checkpoint import _newest_tag, checkpoint_dir, load_checkpoint
     from nanochat.common import git_commit
-    from nanochat.gpt import GPTConfig
-    from nanochat.tokenizer import SPECIAL_TOKENS, get_tokenizer
+    from nanochat.tokenizer import get_tokenizer
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -157,8 +171,24 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
         model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
     ckpt_dir = checkpoint_dir(stage, model_tag)
     model_state, _, meta = load_checkpoint(ckpt_dir, step=step)
-    config = asdict(GPTConfig(**meta["config"]))
-    tokenizer = get_tokenizer()
+    info = {"stage": stage, "model_tag": model_tag, "step": meta.get("step"),
+            "commit": meta.get("commit") or git_commit()}
+    write_model_folder(out, model_state, meta["config"], get_tokenizer(), info, card_metrics(ckpt_dir))
+    num_params = sum(v.numel() for v in model_state.values())
+    log(f"exported {stage}/{model_tag} step {meta.get('step')} ({num_params:,} parameters) to {out}")
+    return out
+
+
+def write_model_folder(out: Path, model_state: dict, config: dict, tokenizer, info: dict, metrics: dict,
+                       extra_card: str = "") -> None:
+    """Write the folder (atomically: a temporary name renamed when complete; an existing `out` is replaced).
+    info: stage, model_tag, step, commit (more keys are kept in config.json's "nanochat" block)."""
+    from nanochat.common import git_commit
+    from nanochat.gpt import GPTConfig
+    from nanochat.tokenizer import SPECIAL_TOKENS
+
+    out = Path(out)
+    config = asdict(GPTConfig(**config))
     if tokenizer.vocab_size > config["vocab_size"]:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {config['vocab_size']}: "
                          "the checkpoint was trained with another tokenizer")
@@ -169,16 +199,18 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_file(hf_state_dict(model_state), str(staging / "model.safetensors"), metadata={"format": "pt"})
-        info = {"stage": stage, "model_tag": model_tag, "step": meta.get("step"),
-                "commit": meta.get("commit") or git_commit(), "exported_by_commit": git_commit(),
+        # the exported names: the embeddings and blocks under `model.`, lm_head at the top
+        names = {k: (k if k.startswith("lm_head.") else "model." + k) for k in model_state}
+        save_fp32_safetensors({names[k]: v for k, v in model_state.items()}, staging / "model.safetensors",
+                              metadata={"format": "pt"})
+        info = {**info, "exported_by_commit": git_commit(),
                 "exported": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "sha256": _sha256(staging / "model.safetensors"), "gpt_config": config}
         hf_config = {
             "architectures": ["NanochatForCausalLM"], "model_type": "nanochat",
             "auto_map": {"AutoConfig": "configuration_nanochat.NanochatConfig",
                          "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
-            **config, "rotary_base": 10_000.0, "rotary_len_factor": 10, "logit_softcap": 15.0,
+            **config, "rotary_len_factor": 10,
             "bos_token_id": special["<|bos|>"], "eos_token_id": stops, "pad_token_id": stops[0],
             "tie_word_embeddings": False, "torch_dtype": "float32", "dtype": "float32", "use_cache": True,
             "nanochat": info,
@@ -192,7 +224,7 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
             tokenizer.save_hf_json(staging / "tokenizer.json")
             has_hf_tokenizer = True
         except ImportError:
-            log("warning: no `tokenizers` package: the export has no tokenizer.json (pip install tokenizers)")
+            print("warning: no `tokenizers` package: the export has no tokenizer.json (pip install tokenizers)")
             has_hf_tokenizer = False
         _write_json(staging / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
@@ -204,8 +236,8 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
         for name in HF_FILES:
             shutil.copyfile(Path(__file__).parent / "hf" / name, staging / name)
         num_params = sum(v.numel() for v in model_state.values())
-        (staging / "README.md").write_text(model_card(config, info, card_metrics(ckpt_dir), num_params,
-                                                      has_hf_tokenizer))
+        (staging / "README.md").write_text(model_card(config, info, metrics, num_params, has_hf_tokenizer)
+                                           + extra_card)
         for path in staging.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -215,8 +247,6 @@ def export(out: Path, stage: str, model_tag: str | None = None, step: int | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"exported {stage}/{model_tag} step {meta.get('step')} ({num_params:,} parameters) to {out}")
-    return out
 
 
 def _write_json(path: Path, data: dict) -> None:

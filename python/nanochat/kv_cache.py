@@ -9,7 +9,10 @@ plain batch, the engine's decode step or a ragged step of decode rows and prefil
 - `attend(layer, q, k, v)` stores the new k/v at their positions and returns attention over each row's prefix and
   the new tokens (causal among the new tokens);
 - `select(x)` keeps the hidden states whose logits the caller wants (all of them, except in a `PackedBatch`);
-- `advance(T)` after the last layer.
+- `advance(T)` after the last layer;
+- `previous_tokens(idx)`, only for a model with the smear gate: stores the new ids in the cache's `tokens` (B, T_max)
+  and returns the id before each new token, from the row's own past (chunked prefill, decode, a reused prefix).
+`attend` takes the layer's attention window (query position p sees keys p - window .. p; None: all).
 
 `KVCache` and `CacheView` (rows lo..hi and positions 0..length of a cache, sharing its storage) give every row T new
 tokens at its own offset and never read a device value on the host: the engine's decode step compiles with
@@ -26,13 +29,23 @@ import numpy as np
 import torch
 
 import nanochat_kernels
+from nanochat.gpt import windowed_attention
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, window: int | None = None):
+    """nanochat_kernels.decode_attention where query position p sees keys p - window .. p (all for None); a
+    window that covers the whole cache is dropped."""
+    if window is not None and window >= k_cache.size(1) - 1:
+        window = None
+    return nanochat_kernels.decode_attention(q, k_cache, v_cache, cache_lens, window=window)
 
 
 class CacheView:
-    """Rows of a cache (k/v (n_layer, B, T, H_kv, D), lengths (B,)), every row taking T new tokens per forward."""
+    """Rows of a cache (k/v (n_layer, B, T, H_kv, D), lengths (B,)), every row taking T new tokens per forward.
+    tokens (B, T) holds the id at each position for models that read a row's previous token (the smear gate)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor):
-        self.k, self.v, self.cache_lens = k, v, cache_lens
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, cache_lens: torch.Tensor, tokens: torch.Tensor | None = None):
+        self.k, self.v, self.cache_lens, self.tokens = k, v, cache_lens, tokens
         self._index = None  # (rows, positions) of the new tokens, set by positions()
 
     @property
@@ -60,11 +73,22 @@ class CacheView:
         self.k[layer, rows, pos] = k.to(self.k.dtype)
         self.v[layer, rows, pos] = v.to(self.v.dtype)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
         self.write(layer, k, v)
         T = q.size(1)
-        return nanochat_kernels.decode_attention(q, self.k[layer].to(q.dtype), self.v[layer].to(q.dtype),
-                                                 self.cache_lens + T)
+        return decode_attention(q, self.k[layer].to(q.dtype), self.v[layer].to(q.dtype), self.cache_lens + T, window)
+
+    def previous_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Store the new ids idx (B, T) at their positions and return the id before each (0 at position 0)."""
+        if self.tokens is None:
+            raise ValueError("this model reads each row's previous token (smear gate): build the cache with tokens")
+        B, T = idx.shape
+        if self._index is None or self._index[1].shape != (B, T):
+            self.positions(B, T)
+        rows, pos = self._index
+        self.tokens[rows, pos] = idx
+        return self.tokens[rows, (pos - 1).clamp(min=0)]
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -81,11 +105,13 @@ class KVCache(CacheView):
             raise ValueError(f"KVCache needs batch_size >= 1 and max_len >= 1, got {batch_size} and {max_len}")
         shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
         super().__init__(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
-                         torch.zeros(batch_size, device=device, dtype=torch.int32))
+                         torch.zeros(batch_size, device=device, dtype=torch.int32),
+                         torch.zeros(batch_size, max_len, device=device, dtype=torch.long))
 
     def view(self, lo: int, hi: int, length: int) -> CacheView:
         """Rows lo..hi-1 and positions 0..length-1, sharing storage and lengths (advancing the view advances them)."""
-        return CacheView(self.k[:, lo:hi, :length], self.v[:, lo:hi, :length], self.cache_lens[lo:hi])
+        return CacheView(self.k[:, lo:hi, :length], self.v[:, lo:hi, :length], self.cache_lens[lo:hi],
+                         self.tokens[lo:hi, :length])
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget rows (all by default). Stale K/V beyond a row's length are never read."""
@@ -102,6 +128,7 @@ class KVCache(CacheView):
             raise ValueError(f"row of length {n} does not fit a cache of {self.max_len}")
         self.k[:, dst_row, :n] = src.k[:, src_row, :n]
         self.v[:, dst_row, :n] = src.v[:, src_row, :n]
+        self.tokens[dst_row, :n] = src.tokens[src_row, :n]
         self.cache_lens[dst_row] = n
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
@@ -109,6 +136,7 @@ class KVCache(CacheView):
         pair, flipped = [a, b], [b, a]
         self.k[:, pair, :length] = self.k[:, flipped, :length]  # the right side is a copy (advanced indexing)
         self.v[:, pair, :length] = self.v[:, flipped, :length]
+        self.tokens[pair, :length] = self.tokens[flipped, :length]
         self.cache_lens[pair] = self.cache_lens[flipped]
 
 
@@ -156,7 +184,13 @@ class PackedBatch:
                              f"got ({B}, {T})")
         return self.pos.view(1, T)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def previous_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Store the packed ids (1, N) in their rows and return the id before each (0 at position 0)."""
+        self.cache.tokens[self.rows, self.pos] = idx[0]
+        return self.cache.tokens[self.rows, (self.pos - 1).clamp(min=0)].view(1, -1)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None = None) -> torch.Tensor:
         K, V = self.cache.k[layer], self.cache.v[layer]  # (B, T_max, H_kv, D)
         K[self.rows, self.pos] = k[0].to(K.dtype)
         V[self.rows, self.pos] = v[0].to(V.dtype)
@@ -165,17 +199,16 @@ class PackedBatch:
         if n:
             L = self.decode_len
             qd = q[0, :n].unsqueeze(1)  # (n, 1, H, D)
-            out.append(nanochat_kernels.decode_attention(qd, K[:n, :L].to(q.dtype), V[:n, :L].to(q.dtype),
-                                                         self.cache.cache_lens[:n] + 1).view(1, n, *q.shape[2:]))
+            out.append(decode_attention(qd, K[:n, :L].to(q.dtype), V[:n, :L].to(q.dtype),
+                                        self.cache.cache_lens[:n] + 1, window).view(1, n, *q.shape[2:]))
         for i, (row, start, count, at) in enumerate(self.chunks):
             qc = q[:, at:at + count]
             if start == 0:  # the first chunk of a prompt sees only itself
-                out.append(nanochat_kernels.attention(qc, k[:, at:at + count], v[:, at:at + count], causal=True))
+                out.append(windowed_attention(qc, k[:, at:at + count], v[:, at:at + count], window))
             else:
                 L = min(self.cache.max_len, round_up(start + count))
-                out.append(nanochat_kernels.decode_attention(qc, K[row:row + 1, :L].to(q.dtype),
-                                                             V[row:row + 1, :L].to(q.dtype),
-                                                             self.chunk_lens[i:i + 1]))
+                out.append(decode_attention(qc, K[row:row + 1, :L].to(q.dtype), V[row:row + 1, :L].to(q.dtype),
+                                            self.chunk_lens[i:i + 1], window))
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,9 +281,10 @@ class PrefixStore:
 
     def load(self, key: int, length: int, cache: KVCache, row: int) -> None:
         """Copy the first `length` positions of an entry into a cache row and set its length."""
-        _, k, v = self.entries[key]
+        tokens, k, v = self.entries[key]
         cache.k[:, row, :length] = k[:, :length]
         cache.v[:, row, :length] = v[:, :length]
+        cache.tokens[row, :length] = torch.as_tensor(tokens[:length], device=cache.tokens.device)
         cache.cache_lens[row] = length
 
     def insert(self, tokens: list[int], cache: KVCache, row: int) -> None:

@@ -192,7 +192,7 @@ class DecodeGraphs:
     def _capture(self, b: int) -> tuple:
         static_ids = torch.zeros(b, 1, dtype=torch.long, device=self.cache.k.device)
         static_lens = self.cache.cache_lens[:b].clone()
-        view = CacheView(self.cache.k[:, :b], self.cache.v[:, :b], static_lens)
+        view = CacheView(self.cache.k[:, :b], self.cache.v[:, :b], static_lens, self.cache.tokens[:b])
 
         def step() -> torch.Tensor:  # the lengths are read inside the graph; the view advances only its copy
             static_lens.copy_(self.cache.cache_lens[:b])

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import latest_step, load_checkpoint, load_model, save_checkpoint
-from nanochat.common import (at_least, atomic_write, float_in, git_commit, init_runtime, print0, shutdown_runtime,
-                             sum_over_ranks, system_info)
+from nanochat.common import (UserError, at_least, atomic_write, float_in, git_commit, init_runtime, print0,
+                             shutdown_runtime, sum_over_ranks, system_info)
 
 TRAIN_LOG = "train_log.jsonl"
 METRICS = "metrics.json"
@@ -73,6 +73,8 @@ def add_source_args(p, sources: list[str]) -> None:
     p.add_argument("--source", default=sources[0], choices=sources, help="stage of the starting checkpoint")
     p.add_argument("--source-tag", default=None, help="model tag of the starting checkpoint (default: newest)")
     p.add_argument("--source-step", type=int, default=None, help="step of the starting checkpoint (default: last)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="start from a folder written by `nanochat export` or `nanochat import` instead")
 
 
 def add_optimizer_args(p, seed_help: str, init_lr_frac: float | None = None):
@@ -121,7 +123,28 @@ def add_horizon_args(p, what: str) -> None:
 def load_source(args, rt):
     """Seed torch with --seed, then load the checkpoint a finetuning stage starts from: (model, tokenizer, meta)."""
     torch.manual_seed(args.seed)
-    return load_model(args.source, device=rt.device, model_tag=args.source_tag, step=args.source_step)
+    model, tokenizer, meta = load_model(args.source, device=rt.device, model_tag=args.source_tag,
+                                        step=args.source_step, model_dir=args.model)
+    if args.model is not None:
+        adopt_tokenizer(tokenizer, args.model, write=rt.is_master)
+    return model, tokenizer, meta
+
+
+def adopt_tokenizer(tokenizer, model_dir, write: bool = True) -> None:
+    """A stage started from a model folder writes checkpoints that later load with the base dir's tokenizer: the
+    base dir gets the folder's tokenizer when it has none, and must not hold another one."""
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_path
+
+    path = default_tokenizer_path()
+    if not path.is_file():
+        if write:
+            tokenizer.save(path)
+        print0(f"{path}: the tokenizer of {model_dir}")
+        return
+    held = Tokenizer.load(path)
+    if held.pattern != tokenizer.pattern or held.mergeable_ranks() != tokenizer.mergeable_ranks():
+        raise UserError(f"{path} is another tokenizer than {model_dir}'s, and this stage's checkpoints would be "
+                        f"read with it; use a fresh NANOCHAT_BASE_DIR for this model")
 
 
 def stage_optimizer(model, args):
@@ -379,7 +402,7 @@ def resume_stage(ckpt_dir: Path, model, optimizer, rt, num_iterations: int) -> R
     model_state, opt_state, meta = load_checkpoint(ckpt_dir, step, device=rt.device, load_optimizer=True,
                                                    rank=rt.rank)
     config = asdict(model.config)
-    if meta["config"] != config:
+    if asdict(type(model.config)(**meta["config"])) != config:  # a meta from before a switch existed has its default
         raise ValueError(f"checkpoint {ckpt_dir} was trained with config {meta['config']}, this run asks for "
                          f"{config}; use another --model-tag or the same flags")
     if meta.get("world_size", 1) != rt.world_size:
