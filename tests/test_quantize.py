@@ -220,14 +220,16 @@ def test_guard_bounds_and_greedy_agreement_on_a_trained_model(trained, tok):
 
 @pytest.mark.slow
 def test_guard_rejects_int8_when_outliers_crush_the_channels(trained, tok):
-    """A dead MLP unit (its c_fc row zero, so relu² gives exactly 0) whose c_proj column is 1000x the rest: the
-    fp32 function barely changes, but every c_proj row's int8 scale is set by that column, so the rest of the row
-    rounds to zero. Per-channel int8 loses the MLPs, and auto must not pick it."""
+    """A dead channel (an MLP unit whose c_fc row is zero, so relu² gives exactly 0; a value channel whose c_v row
+    is zero) whose output-projection column is 1000x the rest: the fp32 function barely changes, but every row's
+    int8 scale is set by that column, so the rest of the row rounds to zero. Per-channel int8 loses the blocks'
+    outputs, and auto must not pick it."""
     spoiled = copy.deepcopy(trained)
     with torch.no_grad():
         for block in spoiled.blocks:
-            block.mlp.c_fc.weight[0] = 0.0
-            block.mlp.c_proj.weight[:, 0] = 1000 * block.mlp.c_proj.weight.abs().max()
+            for into, out in ((block.mlp.c_fc, block.mlp.c_proj), (block.attn.c_v, block.attn.c_proj)):
+                into.weight[0] = 0.0
+                out.weight[:, 0] = 1000 * out.weight.abs().max()
     guard = qz.run_guard(spoiled, tok, qz.guard_sample(tok, 512))
     assert not guard["pass"]["int8"], guard
     assert qz.pick_format(guard) in ("bf16", "fp32")
