@@ -238,6 +238,69 @@ def hf_decode_tps(model, batch: int, context: int, new_tokens: int, repeats: int
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Peak memory of loading and serving in a format
+
+
+def write_random_safetensors(path, config: GPTConfig) -> int:
+    """A checkpoint-style model.safetensors of `config` with the random weights of `build`, written one tensor at
+    a time (the header first, from the shapes), so the fp32 model never exists in memory. Returns its bytes."""
+    import struct
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 4 * shape[0] * shape[1]
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            f.write(_random(name, shape, "cpu").numpy().tobytes())
+    return 8 + len(raw) + offset
+
+
+def memory_child(path, depth: int, fmt: str, batch: int, context: int) -> dict:
+    """In a fresh process: load `path` in `fmt` (quantize.load_converted), allocate the KV cache of `batch` rows x
+    `context` positions, decode 2 steps; peak RSS against weight bytes + KV bytes."""
+    import resource
+
+    from nanochat.quantize import load_converted, weight_bytes
+
+    config = GPTConfig.from_depth(depth)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = load_converted(config, path, fmt)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dec = Decoder(model, batch, context - 1, torch.device("cpu"))
+    dec.step()
+    dec.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    wb, kv = weight_bytes(model), kv_bytes(config, batch, context, dec.cache.k.element_size())
+    return {"format": fmt, "shape": f"d{depth}", "batch": batch, "context": context, "weight_bytes": wb,
+            "kv_bytes": kv, "rss_at_start": start, "peak_rss_after_load": loaded, "peak_rss": peak,
+            "ratio": peak / (wb + kv)}
+
+
+def measure_memory(depth: int, fmt: str, batch: int, context: int, folder) -> dict:
+    import subprocess
+    from pathlib import Path
+
+    path = Path(folder) / f"d{depth}_random.safetensors"
+    if not path.is_file():
+        t0 = time.perf_counter()
+        size = write_random_safetensors(path, GPTConfig.from_depth(depth))
+        print(f"wrote {path} ({size / 1e9:.2f} GB fp32) in {time.perf_counter() - t0:.0f} s")
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory", f"d{depth}:{fmt}",
+                            "--memory-batch", str(batch), "--memory-context", str(context), "--memory-child",
+                            str(path)], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the measuring process failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict:
@@ -265,6 +328,13 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats, HF fp32 only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--memory", default=None, metavar="dN:FMT",
+                   help="instead: peak RSS of loading dN in FMT from a random fp32 file and decoding with a KV cache "
+                        "of --memory-batch x --memory-context (e.g. d32:int8)")
+    p.add_argument("--memory-batch", type=int, default=1)
+    p.add_argument("--memory-context", type=int, default=2048)
+    p.add_argument("--memory-dir", default=None, help="where the random fp32 file goes (kept for reuse)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # the fresh process that measures
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.batches, args.repeats = "d20", "1,16", 3
@@ -273,6 +343,23 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        import tempfile
+
+        depth, fmt = args.memory.split(":")
+        if args.memory_child:
+            print(json.dumps(memory_child(args.memory_child, int(depth.removeprefix("d")), fmt, args.memory_batch,
+                                          args.memory_context)))
+            return 0
+        folder = args.memory_dir or tempfile.mkdtemp(prefix="decode_bandwidth_")
+        r = measure_memory(int(depth.removeprefix("d")), fmt, args.memory_batch, args.memory_context, folder)
+        print(f"peak memory {r['shape']} {fmt}: peak RSS {r['peak_rss'] / 1e9:.2f} GB (after load "
+              f"{r['peak_rss_after_load'] / 1e9:.2f} GB, at start {r['rss_at_start'] / 1e9:.2f} GB) vs weights "
+              f"{r['weight_bytes'] / 1e9:.2f} GB + KV {r['kv_bytes'] / 1e9:.2f} GB: {r['ratio']:.2f}x (target <= 1.3x)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+        return 0
     device = torch.device(args.device)
     shapes = [int(s.strip().removeprefix("d")) for s in args.shapes.split(",")]
     formats = [f.strip() for f in args.formats.split(",")]

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                tasks=tasks, log=print0, arithmetic_problems=args.arithmetic_problems)
         if sandbox is not None:
             report["sandbox"] = sandbox
-        report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step"), "weights": meta["weights"]},
+        report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")}, "weights": meta["weights"],
                        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})
         if report["chatcore"] is not None:
