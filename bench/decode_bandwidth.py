@@ -17,8 +17,8 @@
 - the profile of a step (batch 1 and 16): the linear layers alone (the weight reads), attention over the cache,
   sampling, and the rest (norms, rotary, embedding, Python) = step - those; "dispatch" is the step of a model of
   the same depth but width 64 and vocabulary 512, i.e. the per-step Python and op-launch overhead
-- --device cuda: the same on a GPU (autocast bf16 as the engine runs it), MBU also against the card's peak
-  bandwidth (bench/gpu_check.sh runs it when a GPU is lent)
+- --device cuda: the same on a GPU (autocast bf16 and CUDA graphs, as the engine runs it), MBU also against the
+  card's peak bandwidth (`bash bench/gpu_check.sh --decode` runs it when a GPU is lent)
 
 The machine is shared while this runs: loadavg and the CPU flags are printed with the numbers.
 Usage: python bench/decode_bandwidth.py [--shapes d20,d32] [--quick] [--json out.json]
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -41,10 +42,11 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from nanochat.gpt import GPT, GPTConfig, rotary_tables  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.kv_cache import KVCache  # noqa: E402
-from nanochat.quantize import _LAYERS, Bf16Linear, Int8Linear, _linear_names, _set_module, matmul_weight_bytes  # noqa: E402
+from nanochat.quantize import LINEAR_CLASSES, empty_model, linear_names, matmul_weight_bytes  # noqa: E402
 from nanochat.sampling import sample_tokens  # noqa: E402
+from nanochat.scheduler import DecodeGraphs  # noqa: E402
 
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, by name part
 
@@ -89,7 +91,7 @@ def matmul_flops(device, fmt: str, repeats: int = 3) -> float:
     with torch.no_grad():
         layer.weight.copy_(w)
         if fmt != "fp32":
-            new = _LAYERS[fmt](K, N, device=device)
+            new = LINEAR_CLASSES[fmt](K, N, device=device)
             new.set_rows(0, w)
             layer = new
     x = torch.randn(M, K, device=device)
@@ -102,27 +104,21 @@ def matmul_flops(device, fmt: str, repeats: int = 3) -> float:
 
 
 def _random(name: str, shape, device) -> torch.Tensor:
+    """N(0, 1/fan_in) values seeded by name: 2^20 drawn, tiled over the tensor (drawing all 1.9 G of d32 takes
+    minutes on a loaded core; the speed of a step does not depend on the values)."""
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    std = 1.0 if name == "wte.weight" else shape[1] ** -0.5
-    return (torch.randn(shape, generator=g) * std).to(device)
+    numel = math.prod(shape)
+    block = torch.randn(min(numel, 1 << 20), generator=g) * (1.0 if name == "wte.weight" else shape[1] ** -0.5)
+    return block.repeat(-(-numel // block.numel()))[:numel].view(shape).to(device)
 
 
 @torch.no_grad()
 def build(config: GPTConfig, fmt: str, device) -> GPT:
     """A GPT of `config` whose every weight is N(0, 1/fan_in) (seeded by name), converted to `fmt` as it is
     filled: at most one fp32 matrix exists beside the model."""
-    with torch.device("meta"):
-        model = GPT(config)
-    if fmt != "fp32":
-        for name in _linear_names(model):
-            lin = model.get_submodule(name)
-            _set_module(model, name, _LAYERS[fmt](lin.in_features, lin.out_features, device="meta"))
-    model.to_empty(device=device)
-    cos, sin = rotary_tables(model.rotary_len, config.head_dim, device=device)
-    model.cos.copy_(cos)
-    model.sin.copy_(sin)
+    model = empty_model(config, fmt, device)
     for name, m in model.named_modules():
-        if isinstance(m, (Int8Linear, Bf16Linear)):
+        if isinstance(m, tuple(LINEAR_CLASSES.values())):
             m.set_rows(0, _random(f"{name}.weight", (m.out_features, m.in_features), "cpu"))
     for name, p in model.named_parameters():
         p.copy_(_random(name, p.shape, "cpu"))
@@ -186,11 +182,16 @@ class Decoder:
         self.top_k = torch.full((batch,), 50, dtype=torch.long, device=device)
         self.top_p = torch.ones(batch, device=device)
         self.uniform = torch.rand(batch, device=device)
+        # on CUDA the engine's decode step replays CUDA graphs (scheduler.DecodeGraphs); so does this one
+        self.graphs = DecodeGraphs(model, self.cache) if device.type == "cuda" else None
 
     @torch.no_grad()
     def step(self):
         self.cache.cache_lens.fill_(self.context)
-        logits = self.model(self.ids, kv_cache=self.cache)[:, -1]
+        if self.graphs is not None:
+            logits = self.graphs(self.ids)
+        else:
+            logits = self.model(self.ids, kv_cache=self.cache)[:, -1]
         self.ids = sample_tokens(logits, self.temperature, self.top_k, self.top_p, self.uniform).view(-1, 1)
 
     @torch.no_grad()
@@ -199,7 +200,7 @@ class Decoder:
         cfg, B, dev = self.model.config, self.batch, self.device
         dtype = torch.float32
         ac = torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda")
-        linears = [self.model.get_submodule(n) for n in _linear_names(self.model)]
+        linears = [self.model.get_submodule(n) for n in linear_names(self.model)]
         inputs = [torch.randn(B, 1, lin.in_features, device=dev, dtype=dtype) for lin in linears]
 
         def matmuls():
@@ -327,6 +328,8 @@ def parse_args(argv):
     p.add_argument("--hf-new-tokens", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats, HF fp32 only")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is steadier on an oversubscribed machine)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--memory", default=None, metavar="dN:FMT",
                    help="instead: peak RSS of loading dN in FMT from a random fp32 file and decoding with a KV cache "
@@ -361,6 +364,8 @@ def main(argv=None) -> int:
                 json.dump(r, f, indent=2)
         return 0
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = [int(s.strip().removeprefix("d")) for s in args.shapes.split(",")]
     formats = [f.strip() for f in args.formats.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -376,16 +381,30 @@ def main(argv=None) -> int:
           + (f", card peak {peak / 1e9:.0f} GB/s" if peak else ""))
     print("matmul FLOP/s (M=256): " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in flops.items()))
     results = {"machine": info, "triad_Bps": triad, "copy_Bps": copy, "peak_Bps": peak, "matmul_flops": flops,
-               "context": args.context, "rows": [], "hf": [], "profiles": []}
+               "context": args.context, "rows": [], "hf": [], "profiles": [], "agreement": []}
     header = (f"{'shape':5} {'fmt':5} {'B':>3} {'step ms':>8} {'tok/s':>8} {'GB/step':>8} {'MBU':>6} "
               f"{'compute':>8} {'B*':>5}" + ("  MBU(peak)" if peak else ""))
     for depth in shapes:
         config = GPTConfig.from_depth(depth)
         fpt = flops_per_token(config, args.context)
+        reference_logits = None
         for fmt in formats:
             model = build(config, fmt, device)
             wbytes = matmul_weight_bytes(model)
-            print(f"\n== d{depth} {fmt}: {wbytes / 1e9:.2f} GB of matmul weights, {fpt / 1e9:.2f} GFLOP/token "
+            # numeric agreement at real shapes (random weights: no bits per byte; the trained-model guard is
+            # quantize.run_guard): logits of one fixed 64-token sequence against the first format's (fp32)
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(0)
+                logits = model(torch.randint(0, config.vocab_size, (1, 64), generator=g).to(device))[0].float()
+            if reference_logits is None:
+                reference_logits = logits
+            agreement = {"shape": f"d{depth}", "format": fmt, "vs": formats[0],
+                         "argmax_agreement": float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean()),
+                         "max_abs_logit_err": float((logits - reference_logits).abs().max())}
+            results["agreement"].append(agreement)
+            print(f"\n== d{depth} {fmt}: {wbytes / 1e9:.2f} GB of matmul weights, {fpt / 1e9:.2f} GFLOP/token; greedy "
+                  f"agreement with {formats[0]} {agreement['argmax_agreement']:.1%} of 64 positions, max |logit "
+                  f"error| {agreement['max_abs_logit_err']:.3f} "
                   f"(loadavg {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'})")
             print(header)
             for batch in batches:

@@ -253,3 +253,40 @@ def test_auto_runs_the_guard_once_and_caches_it(trained, tok, tmp_path, monkeypa
                                                                          "int8": False}}))
     assert qz.resolve_auto(tmp_path, "cpu", load_fp32)[0] == "bf16"
     assert qz.resolve_auto(tmp_path, "cuda", load_fp32)[0] == "fp32" and calls == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_layers_on_cuda_at_d20_shapes(fmt):
+    """bf16 activations (autocast's residual stream) through the CUDA kernels at d20's matrix shapes."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for K, N in ((1280, 1280), (1280, 5120), (5120, 1280), (1280, 65536)):
+        w = torch.randn(N, K, device="cuda", generator=g) * K ** -0.5
+        layer = qz.LINEAR_CLASSES[fmt](K, N, device="cuda")
+        layer.set_rows(0, w)
+        x = torch.randn(16, K, device="cuda", generator=g).to(torch.bfloat16)
+        y = layer(x)
+        if fmt == "int8":
+            ref = qz.int8_linear_reference(x.float(), layer.qweight, layer.scale)
+        else:
+            ref = qz.bf16_linear_reference(x.float(), layer.wbf16)
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2, (K, N)
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_int8_with_cuda_graphs_matches_reference(tok):
+    model = qz.convert_model(tiny_model(tok.vocab_size, sequence_len=256, seed=1).cuda(), "int8")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello there"}]})
+    engine = Engine(model, tok, tools=False, cuda_graphs=True)
+    got = engine.generate([prompt], max_tokens=12, temperature=0.0)[0][0][0]
+    terminal = {tok.encode_special("<|assistant_end|>"), tok.encode_special("<|bos|>")}
+    expected = []
+    for t in model.generate(prompt, 12, temperature=0.0):
+        if t in terminal:
+            break
+        expected.append(t)
+    assert got == expected

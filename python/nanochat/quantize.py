@@ -141,14 +141,14 @@ class Bf16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
 
 
-_LAYERS = {"bf16": Bf16Linear, "int8": Int8Linear}
+LINEAR_CLASSES = {"bf16": Bf16Linear, "int8": Int8Linear}
 
 
-def _linear_names(model: nn.Module) -> list[str]:
+def linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear, Bf16Linear))]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
@@ -160,22 +160,22 @@ def convert_model(model: nn.Module, fmt: str) -> nn.Module:
     check_format(fmt)
     if fmt == "fp32":
         return model
-    for name in _linear_names(model):
+    for name in linear_names(model):
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"layer {name} is already converted ({type(lin).__name__}); convert an fp32 model")
         if lin.bias is not None:
             raise ValueError(f"layer {name} has a bias; the weight formats cover bias-free layers only")
-        new = _LAYERS[fmt](lin.in_features, lin.out_features, device=lin.weight.device)
+        new = LINEAR_CLASSES[fmt](lin.in_features, lin.out_features, device=lin.weight.device)
         new.set_rows(0, lin.weight)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         del lin
     return model
 
 
 def model_format(model: nn.Module) -> str:
     """The format of the model's linear layers (fp32 for a plain model)."""
-    kinds = {type(model.get_submodule(n)) for n in _linear_names(model)}
+    kinds = {type(model.get_submodule(n)) for n in linear_names(model)}
     if kinds == {Int8Linear}:
         return "int8"
     if kinds == {Bf16Linear}:
@@ -191,7 +191,7 @@ def weight_bytes(model: nn.Module) -> int:
 def matmul_weight_bytes(model: nn.Module) -> int:
     """Bytes a decode step reads for the linear layers (matrices and scales): the bandwidth floor's numerator."""
     total = 0
-    for name in _linear_names(model):
+    for name in linear_names(model):
         m = model.get_submodule(name)
         total += sum(t.numel() * t.element_size() for t in (list(m.parameters()) + list(m.buffers())))
     return total
@@ -247,25 +247,34 @@ def _read_rows(f, data_start: int, info: dict, start: int, rows: int) -> torch.T
 
 
 @torch.no_grad()
-def load_converted(config, path, fmt: str, device="cpu", rename=lambda k: k):
-    """A GPT (eval mode) of `config` with the weights of the safetensors file `path` in format `fmt`, built without
-    ever holding the fp32 model: meta-device model, converted, allocated in its final formats, then filled from the
-    file in row chunks (see the module docstring). `rename` maps the file's tensor names to the model's."""
-    from nanochat.common import CorruptInputError
+def empty_model(config, fmt: str, device="cpu"):
+    """A GPT of `config` in format `fmt` with uninitialized weights (the rotary tables computed), allocated once in
+    its final formats: built on the meta device and converted there, so no fp32 matrix is ever allocated."""
     from nanochat.gpt import GPT, rotary_tables
 
     check_format(fmt)
-    device = torch.device(device)
     with torch.device("meta"):
         model = GPT(config)
     if fmt != "fp32":
-        for name in _linear_names(model):
+        for name in linear_names(model):
             lin = model.get_submodule(name)
-            _set_module(model, name, _LAYERS[fmt](lin.in_features, lin.out_features, device="meta"))
+            set_module(model, name, LINEAR_CLASSES[fmt](lin.in_features, lin.out_features, device="meta"))
     model.to_empty(device=device)
     cos, sin = rotary_tables(model.rotary_len, config.head_dim, device=device)
     model.cos.copy_(cos)
     model.sin.copy_(sin)
+    return model
+
+
+@torch.no_grad()
+def load_converted(config, path, fmt: str, device="cpu", rename=lambda k: k):
+    """A GPT (eval mode) of `config` with the weights of the safetensors file `path` in format `fmt`, built without
+    ever holding the fp32 model: `empty_model`, then filled from the file in row chunks (see the module
+    docstring). `rename` maps the file's tensor names to the model's."""
+    from nanochat.common import CorruptInputError
+
+    device = torch.device(device)
+    model = empty_model(config, fmt, device)
     modules = dict(model.named_modules())
     expected = {}  # file-side name -> (module, shape)
     for name, m in modules.items():
