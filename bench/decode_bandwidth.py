@@ -266,18 +266,20 @@ def write_random_safetensors(path, config: GPTConfig) -> int:
 def memory_child(path, depth: int, fmt: str, batch: int, context: int) -> dict:
     """In a fresh process: load `path` in `fmt` (quantize.load_converted), allocate the KV cache of `batch` rows x
     `context` positions, decode 2 steps; peak RSS against weight bytes + KV bytes."""
-    import resource
-
     from nanochat.quantize import load_converted, weight_bytes
 
+    def status(field: str) -> int:  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
+        line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
     config = GPTConfig.from_depth(depth)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = status("VmRSS")
     model = load_converted(config, path, fmt)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = status("VmHWM")
     dec = Decoder(model, batch, context - 1, torch.device("cpu"))
     dec.step()
     dec.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     wb, kv = weight_bytes(model), kv_bytes(config, batch, context, dec.cache.k.element_size())
     return {"format": fmt, "shape": f"d{depth}", "batch": batch, "context": context, "weight_bytes": wb,
             "kv_bytes": kv, "rss_at_start": start, "peak_rss_after_load": loaded, "peak_rss": peak,
@@ -326,6 +328,8 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed decode steps per point (median)")
     p.add_argument("--hf", choices=["on", "off"], default="on", help="transformers' generate side by side (CPU)")
     p.add_argument("--hf-new-tokens", type=int, default=8)
+    p.add_argument("--hf-shapes", default="d20", help="shapes to run transformers on (its prefill of --context "
+                   "tokens is timed twice per point: minutes at d32 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats, HF fp32 only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -445,7 +449,7 @@ def main(argv=None) -> int:
                 print(f"  {prof['format']:5} B={prof['batch']:<3} step {prof['step'] * 1e3:8.1f}  matmuls "
                       f"{prof['matmuls'] * 1e3:8.1f}  attention {prof['attention'] * 1e3:7.1f}  sampling "
                       f"{prof['sampling'] * 1e3:6.1f}  rest {prof['rest'] * 1e3:7.1f}")
-        if args.hf == "on" and device.type == "cpu":
+        if args.hf == "on" and device.type == "cpu" and f"d{depth}" in args.hf_shapes.split(","):
             for dtype in ([torch.float32] if args.quick else [torch.float32, torch.bfloat16]):
                 hf = build_hf(config, dtype)
                 tps = hf_decode_tps(hf, 1, args.context, args.hf_new_tokens, max(1, args.repeats // 2))
