@@ -39,7 +39,7 @@ def test_quantize_rows_round_trip_and_zero_rows():
     assert bool((err <= scale[:, None] / 2 + 1e-7).all())  # round to nearest: half a step per element
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (16, 96)])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (16, 96), (2, 40, 64)])  # the last: the bf16 GEMM path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_matches_reference(shape, dtype):
     g = torch.Generator().manual_seed(1)
@@ -54,6 +54,7 @@ def test_int8_linear_matches_reference(shape, dtype):
     ref = qz.int8_linear_reference(x.to(torch.bfloat16).float(), q8.qweight, q8.scale)
     assert rel_err(y, ref) < 8e-3
     assert rel_err(q8.weight, lin.weight) < 1 / 127  # the dequantized matrix the fused loss uses
+    assert (x.numel() // shape[-1] >= qz.DEQUANT_MIN_ROWS) == (shape == (2, 40, 64))
 
 
 def test_bf16_linear_matches_reference():

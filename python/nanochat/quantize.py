@@ -10,8 +10,10 @@ autocast), so a format is a property of the loaded model and the engine needs no
   The matmul is torch's weight-only int8 kernel `aten._weight_int8pack_mm(x, q (N, K), scales (N,))` (CPU and
   CUDA). On CPU its fp32-activation path is not vectorized (0.5 GB/s of weights measured here, against 2.7 GB/s
   with bf16 activations), so the activations enter the matmul as bf16 and its output returns to the compute dtype,
-  as autocast does for every matmul on CUDA. `int8_linear_reference` is the plain-torch definition (dequantize,
-  then an fp32 matmul) that the parity tests hold the kernel to.
+  as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big batches) the layer
+  instead converts the matrix to bf16 and runs the bf16 GEMM, since the int8 kernel's throughput does not grow with
+  the rows. `int8_linear_reference` is the plain-torch definition (dequantize, then an fp32 matmul) that the parity
+  tests hold both paths to.
 - bf16: the matrix stored in bf16; activations enter the matmul as bf16 (fp32 accumulation in oneDNN), output in
   the compute dtype. Reference: `bf16_linear_reference`.
 - the token embedding stays in the compute dtype in every format: a decode step reads only B of its rows, so
@@ -47,7 +49,11 @@ WEIGHT_CHOICES = ("auto",) + FORMATS
 GUARD_BOUNDS = {"bf16": 0.002, "int8": 0.01}  # largest relative increase of bits per byte over fp32
 GUARD_FILE = "weights_guard.json"
 GUARD_TOKENS = 2048  # tokens of the guard sample (the identity conversations, repeated as needed)
-BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
+# From this many rows on (prefill chunks, large batches) Int8Linear converts its matrix to bf16 and runs the bf16
+# GEMM: the int8 kernel's throughput stays ~7 GFLOP/s however many rows (the bf16 GEMM: 85 GFLOP/s at M = 256).
+# Measured on d20's 5120 x 1280 matrix, one thread: int8 kernel 8 ms at M = 1, 32 ms at 16, 116 ms at 64;
+# convert + bf16 GEMM 60, 76, 88 ms (the conversion dominates until M ~ 48).
+DEQUANT_MIN_ROWS = 64
 _CHUNK_BYTES = 16 << 20  # rows read and converted at a time while loading
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,7 +117,10 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.bfloat16:  # fp32 compute on CPU: the kernel is fast only for bf16 activations
             x2 = x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale_bf16)
+        if x2.size(0) >= DEQUANT_MIN_ROWS:  # prefill chunks, big batches: the bf16 GEMM on the converted matrix
+            y = F.linear(x2, self.qweight.to(torch.bfloat16)).float() * self.scale
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale_bf16)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
