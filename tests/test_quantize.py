@@ -77,6 +77,9 @@ def test_convert_model_covers_every_linear_and_keeps_embedding_and_cache_dtype(t
     assert qz.model_format(int8) == "int8" and qz.model_format(model) == "fp32"
     assert next(int8.parameters()).dtype == torch.float32  # the scheduler's KV-cache dtype stays the compute dtype
     assert qz.matmul_weight_bytes(int8) < qz.matmul_weight_bytes(model) / 3.5
+    copied = qz.converted_copy(model, "int8").state_dict()  # the guard's memory-lean conversion: the same bytes
+    assert copied.keys() == int8.state_dict().keys()
+    assert all(torch.equal(v, int8.state_dict()[k]) for k, v in copied.items())
     with pytest.raises(ValueError, match="already converted"):
         qz.convert_model(int8, "bf16")
     with pytest.raises(ValueError, match="int4"):

@@ -29,7 +29,7 @@ Peak memory is the converted model plus one chunk.
 `auto` (the default of every command that generates) picks, on CPU, the smallest format whose quality guard passed
 for this model: bits per byte on a fixed chat sample (the package's identity conversations) relative to fp32,
 within 1% for int8 and 0.2% for bf16 (`GUARD_BOUNDS`). The guard runs the first time a model is loaded with auto
-(three forwards over ~2k tokens) and its result is cached as `weights_guard.json` beside the weights. On CUDA, auto
+(three forwards over 1k tokens) and its result is cached as `weights_guard.json` beside the weights. On CUDA, auto
 is fp32 (the master weights under bf16 autocast, as before): the int8 path there is unmeasured.
 """
 
@@ -48,7 +48,9 @@ FORMATS = ("fp32", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + FORMATS
 GUARD_BOUNDS = {"bf16": 0.002, "int8": 0.01}  # largest relative increase of bits per byte over fp32
 GUARD_FILE = "weights_guard.json"
-GUARD_TOKENS = 2048  # tokens of the guard sample (the identity conversations, repeated as needed)
+# tokens of the guard sample (the identity conversations, repeated as needed): three forwards over it take ~1 min
+# for d20 on 2 cores, once per model; the comparison is paired (same tokens), so 1k tokens resolve 0.1% of bpb
+GUARD_TOKENS = 1024
 # From this many rows on (prefill chunks, large batches) Int8Linear converts its matrix to bf16 and runs the bf16
 # GEMM: the int8 kernel's throughput stays ~7 GFLOP/s however many rows (the bf16 GEMM: 85 GFLOP/s at M = 256).
 # Measured on d20's 5120 x 1280 matrix, one thread: int8 kernel 8 ms at M = 1, 32 ms at 16, 116 ms at 64;
@@ -180,6 +182,20 @@ def convert_model(model: nn.Module, fmt: str) -> nn.Module:
         set_module(model, name, new)
         del lin
     return model
+
+
+@torch.no_grad()
+def converted_copy(model: nn.Module, fmt: str) -> nn.Module:
+    """A `fmt` copy of the fp32 GPT `model` (which stays as it is), allocated in its final formats: memory grows by
+    the converted size only, not by another fp32 model as deepcopy + convert_model would."""
+    device = next(model.parameters()).device
+    new = empty_model(model.config, fmt, device)
+    for name, m in new.named_modules():
+        if isinstance(m, tuple(LINEAR_CLASSES.values())):
+            m.set_rows(0, model.get_submodule(name).weight)
+    for name, p in new.named_parameters():
+        p.copy_(model.get_parameter(name))
+    return new.eval()
 
 
 def model_format(model: nn.Module) -> str:
@@ -363,9 +379,7 @@ def greedy_agreement(reference_model, model, prompts: list[list[int]], max_token
 def run_guard(model, tokenizer, tokens: list[int] | None = None) -> dict:
     """Bits per byte of the fp32 `model` and of its bf16 and int8 conversions on the guard sample, each format's
     relative increase and whether it passes GUARD_BOUNDS. The fp32 model is left as it is (each conversion is a
-    copy, one at a time)."""
-    import copy
-
+    `converted_copy`, one at a time)."""
     if model_format(model) != "fp32":
         raise ValueError(f"the guard compares against fp32; got a {model_format(model)} model")
     tokens = tokens if tokens is not None else guard_sample(tokenizer)
@@ -373,7 +387,7 @@ def run_guard(model, tokenizer, tokens: list[int] | None = None) -> dict:
     base = sample_bpb(model, tokens, token_bytes)
     result = {"tokens": len(tokens) - 1, "bpb": {"fp32": base}, "rel": {"fp32": 0.0}, "pass": {"fp32": True}}
     for fmt in ("bf16", "int8"):
-        converted = convert_model(copy.deepcopy(model), fmt)
+        converted = converted_copy(model, fmt)
         bpb = sample_bpb(converted, tokens, token_bytes)
         del converted
         rel = (bpb - base) / base
