@@ -330,7 +330,7 @@ def parse_args(argv):
     p.add_argument("--hf-new-tokens", type=int, default=8)
     p.add_argument("--hf-shapes", default="d20", help="shapes to run transformers on (its prefill of --context "
                    "tokens is timed twice per point: minutes at d32 on 2 cores)")
-    p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats, HF fp32 only")
+    p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is steadier on an oversubscribed machine)")
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
                       f"{prof['matmuls'] * 1e3:8.1f}  attention {prof['attention'] * 1e3:7.1f}  sampling "
                       f"{prof['sampling'] * 1e3:6.1f}  rest {prof['rest'] * 1e3:7.1f}")
         if args.hf == "on" and device.type == "cpu" and f"d{depth}" in args.hf_shapes.split(","):
-            for dtype in ([torch.float32] if args.quick else [torch.float32, torch.bfloat16]):
+            for dtype in (torch.float32, torch.bfloat16):
                 hf = build_hf(config, dtype)
                 tps = hf_decode_tps(hf, 1, args.context, args.hf_new_tokens, max(1, args.repeats // 2))
                 del hf
