@@ -327,7 +327,8 @@ def parse_args(argv):
     p.add_argument("--context", type=int, default=256, help="KV positions each row attends over (tokens)")
     p.add_argument("--repeats", type=int, default=5, help="timed decode steps per point (median)")
     p.add_argument("--hf", choices=["on", "off"], default="on", help="transformers' generate side by side (CPU)")
-    p.add_argument("--hf-new-tokens", type=int, default=8)
+    p.add_argument("--hf-new-tokens", type=int, default=32,
+                   help="tokens generated beyond the first (their time is the difference of two generate calls)")
     p.add_argument("--hf-shapes", default="d20", help="shapes to run transformers on (its prefill of --context "
                    "tokens is timed twice per point: minutes at d32 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats")
