@@ -13,7 +13,8 @@
   and the batch where the step turns from bandwidth- to compute-bound (weight bytes / bandwidth = B x FLOPs per
   token / FLOP/s)
 - Hugging Face transformers' `generate` (greedy, its DynamicCache) on the same weights through the exported model
-  class (nanochat/hf), fp32 and bf16, batch 1: decode tokens/s = new tokens / (time(N + 1) - time(1))
+  class (nanochat/hf), fp32 and bf16, batch 1: decode tokens/s = N / (time(N + 1) - time(1)), timed in alternation
+  with our batch-1 step in each format, so that both see the same load
 - the profile of a step (batch 1 and 16): the linear layers alone (the weight reads), attention over the cache,
   sampling, and the rest (norms, rotary, embedding, Python) = step - those; "dispatch" is the step of a model of
   the same depth but width 64 and vocabulary 512, i.e. the per-step Python and op-launch overhead
@@ -225,17 +226,30 @@ class Decoder:
                 "sampling": timed(sampling, dev, repeats)}
 
 
-def hf_decode_tps(model, batch: int, context: int, new_tokens: int, repeats: int) -> float:
-    """Decode tokens/s of transformers' generate: batch x new_tokens / (time(new_tokens + 1) - time(1))."""
-    ids = torch.randint(2, model.config.vocab_size, (batch, context))
+def hf_vs_ours(model, decoders: dict, context: int, new_tokens: int, rounds: int) -> tuple[float, dict]:
+    """Batch-1 decode tokens/s of transformers' generate (greedy) and of our decoders, timed in alternation so both
+    see the same load: per round, generate's time for new_tokens + 1 tokens minus its time for 1 (the prefill), then
+    new_tokens steps of each decoder. Medians over rounds."""
+    ids = torch.randint(2, model.config.vocab_size, (1, context))
     mask = torch.ones_like(ids)
 
     def gen(n):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    t1 = timed(lambda: gen(1), torch.device("cpu"), repeats, warmup=0)
-    tn = timed(lambda: gen(new_tokens + 1), torch.device("cpu"), repeats, warmup=0)
-    return batch * new_tokens / max(tn - t1, 1e-9)
+    gen(2)
+    theirs, ours = [], {k: [] for k in decoders}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        gen(1)
+        t1 = time.perf_counter()
+        gen(new_tokens + 1)
+        theirs.append((time.perf_counter() - t1 - (t1 - t0)) / new_tokens)
+        for name, dec in decoders.items():
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                dec.step()
+            ours[name].append((time.perf_counter() - t0) / new_tokens)
+    return 1 / max(statistics.median(theirs), 1e-9), {k: 1 / statistics.median(v) for k, v in ours.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +343,7 @@ def parse_args(argv):
     p.add_argument("--hf", choices=["on", "off"], default="on", help="transformers' generate side by side (CPU)")
     p.add_argument("--hf-new-tokens", type=int, default=32,
                    help="tokens generated beyond the first (their time is the difference of two generate calls)")
+    p.add_argument("--hf-rounds", type=int, default=2, help="alternating rounds of theirs and ours (median)")
     p.add_argument("--hf-shapes", default="d20", help="shapes to run transformers on (its prefill of --context "
                    "tokens is timed twice per point: minutes at d32 on 2 cores)")
     p.add_argument("--quick", action="store_true", help="d20 only, batches 1 and 16, 3 repeats")
@@ -451,16 +466,17 @@ def main(argv=None) -> int:
                       f"{prof['matmuls'] * 1e3:8.1f}  attention {prof['attention'] * 1e3:7.1f}  sampling "
                       f"{prof['sampling'] * 1e3:6.1f}  rest {prof['rest'] * 1e3:7.1f}")
         if args.hf == "on" and device.type == "cpu" and f"d{depth}" in args.hf_shapes.split(","):
+            decoders = {fmt: Decoder(build(config, fmt, device), 1, args.context, device) for fmt in formats}
             for dtype in (torch.float32, torch.bfloat16):
                 hf = build_hf(config, dtype)
-                tps = hf_decode_tps(hf, 1, args.context, args.hf_new_tokens, max(1, args.repeats // 2))
+                tps, ours = hf_vs_ours(hf, decoders, args.context, args.hf_new_tokens, args.hf_rounds)
                 del hf
                 results["hf"].append({"shape": f"d{depth}", "dtype": str(dtype).removeprefix("torch."), "batch": 1,
-                                      "tokens_per_s": tps})
-                ours = {r["format"]: r["tokens_per_s"] for r in results["rows"]
-                        if r["shape"] == f"d{depth}" and r["batch"] == 1}
-                print(f"transformers generate d{depth} {dtype}: {tps:.2f} tok/s at batch 1; ours / theirs: "
-                      + ", ".join(f"{k} {v / tps:.2f}x" for k, v in ours.items()))
+                                      "tokens_per_s": tps, "ours_alternating": ours})
+                print(f"transformers generate d{depth} {str(dtype).removeprefix('torch.')}: {tps:.2f} tok/s at "
+                      f"batch 1; ours in alternation: " + ", ".join(f"{k} {v:.2f} tok/s ({v / tps:.2f}x)"
+                                                                   for k, v in ours.items()))
+            del decoders
     print(f"\nloadavg at the end: {open('/proc/loadavg').read().strip() if os.path.exists('/proc/loadavg') else '?'}")
     if args.json:
         with open(args.json, "w") as f:
