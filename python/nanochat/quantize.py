@@ -8,8 +8,8 @@ autocast), so a format is a property of the loaded model and the engine needs no
 
 - int8: per output channel, symmetric: w[n, :] ~ scale[n] * q[n, :], q in [-127, 127], scale = max|w[n, :]| / 127.
   The matmul is torch's weight-only int8 kernel `aten._weight_int8pack_mm(x, q (N, K), scales (N,))` (CPU and
-  CUDA). On CPU its fp32-activation path is not vectorized (0.5 GB/s of weights measured here, against 2.7 GB/s
-  with bf16 activations), so the activations enter the matmul as bf16 and its output returns to the compute dtype,
+  CUDA). On CPU its fp32-activation path is not vectorized (0.5 GB/s of weights against 2.7 GB/s with bf16
+  activations, one thread on the loaded 2-core CI machine), so the activations enter the matmul as bf16 and its output returns to the compute dtype,
   as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big batches) the layer
   instead converts the matrix to bf16 and runs the bf16 GEMM, since the int8 kernel's throughput does not grow with
   the rows. `int8_linear_reference` is the plain-torch definition (dequantize, then an fp32 matmul) that the parity
@@ -53,8 +53,8 @@ GUARD_FILE = "weights_guard.json"
 GUARD_TOKENS = 1024
 # From this many rows on (prefill chunks, large batches) Int8Linear converts its matrix to bf16 and runs the bf16
 # GEMM: the int8 kernel's throughput stays ~7 GFLOP/s however many rows (the bf16 GEMM: 85 GFLOP/s at M = 256).
-# Measured on d20's 5120 x 1280 matrix, one thread: int8 kernel 8 ms at M = 1, 32 ms at 16, 116 ms at 64;
-# convert + bf16 GEMM 60, 76, 88 ms (the conversion dominates until M ~ 48).
+# Measured on d20's 5120 x 1280 matrix, one thread, loaded machine: int8 kernel 8 ms at M = 1, 32 ms at 16, 116 ms
+# at 64; convert + bf16 GEMM 60, 76, 88 ms (the conversion dominates until M ~ 48).
 DEQUANT_MIN_ROWS = 64
 _CHUNK_BYTES = 16 << 20  # rows read and converted at a time while loading
 
