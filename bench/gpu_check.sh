@@ -8,6 +8,8 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # logs and bench JSON go to OUT_DIR (default: $OUT, else a temp dir)
 #   bash bench/gpu_check.sh --sweep [OUT_DIR]  # tuning aid instead: time candidate block sizes of each kernel
+#   bash bench/gpu_check.sh --decode [OUT_DIR] # instead: decode MBU per weight format (bench/decode_bandwidth.py)
+#                                              # plus the int8/bf16 parity tests (tests/test_quantize.py)
 #
 # Budget: fits one 10-minute device command (tests <= 200 s, kernels bench <= 270 s, fused loss bench <= 120 s;
 # the sweep <= 420 s; all capped by `timeout`).
@@ -15,6 +17,7 @@ set -uo pipefail
 
 MODE=check
 if [ "${1:-}" = "--sweep" ]; then MODE=sweep; shift; fi
+if [ "${1:-}" = "--decode" ]; then MODE=decode; shift; fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT_DIR="${1:-${OUT:-$(mktemp -d)}}"
@@ -45,6 +48,22 @@ if [ "$MODE" = "sweep" ]; then
     [ "$HAS_CUDA" = "1" ] || echo "== no CUDA: the sweep runs in smoke mode (interpreter; configs have no effect)"
     timeout 420 "$PY" bench/kernels.py --sweep --json "$OUT_DIR/sweep.json" 2>&1 | tee "$OUT_DIR/sweep.txt" || status=1
     if [ "$status" -ne 0 ]; then echo "gpu_check --sweep: FAILED"; else echo "gpu_check --sweep: OK"; fi
+    exit "$status"
+fi
+if [ "$MODE" = "decode" ]; then
+    # d20 and d32 in fp32 / bf16 / int8 at batch 1, 4, 16 (CUDA graphs, as the engine decodes), then the weight-format
+    # tests; <= 420 s. Without CUDA: the smoke path (a d2 model on CPU, seconds).
+    if [ "$HAS_CUDA" = "1" ]; then
+        timeout 360 "$PY" bench/decode_bandwidth.py --device cuda --shapes d20,d32 --hf off --repeats 10 \
+            --json "$OUT_DIR/decode.json" 2>&1 | tee "$OUT_DIR/decode.txt" || status=1
+    else
+        echo "== no CUDA: decode bench smoke (d2 on CPU)"
+        timeout 120 "$PY" bench/decode_bandwidth.py --shapes d2 --batches 1 --context 32 --repeats 1 --hf off \
+            --json "$OUT_DIR/decode.json" 2>&1 | tee "$OUT_DIR/decode.txt" || status=1
+    fi
+    timeout 60 "$PY" -m pytest tests/test_quantize.py -q -p no:cacheprovider -o addopts="" \
+        -k "linear or convert or cuda" 2>&1 | tee "$OUT_DIR/quantize_tests.log" || status=1
+    if [ "$status" -ne 0 ]; then echo "gpu_check --decode: FAILED"; else echo "gpu_check --decode: OK"; fi
     exit "$status"
 fi
 if [ "$HAS_CUDA" = "1" ]; then

@@ -92,7 +92,8 @@ def test_one_shot_prompt_from_a_checkpoint(base_dir, model, tok, capsys):
     other = tiny_model(tok.vocab_size, sequence_len=256, seed=99)
     save_checkpoint(checkpoint_dir("mid", "d1"), 3, other.state_dict(), None, {**meta, "step": 3})
     save_checkpoint(checkpoint_dir("sft", "d1"), 7, model.state_dict(), None, meta)
-    assert chat_cli.main(["-p", "Hello!", "--temperature", "0", "--max-tokens", "12", "--device", "cpu"]) == 0
+    assert chat_cli.main(["-p", "Hello!", "--temperature", "0", "--max-tokens", "12", "--device", "cpu",
+                          "--weights", "fp32"]) == 0  # the reference below is the fp32 model
     captured = capsys.readouterr()
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Hello!"}]})
     assert captured.out == greedy_text(model, tok, prompt, 12) + "\n"

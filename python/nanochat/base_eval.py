@@ -33,6 +33,9 @@ def parse_args(argv):
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    from nanochat.quantize import add_weights_arg
+
+    add_weights_arg(p, default="fp32")  # the training result as trained, unless asked
     p.add_argument("--device-batch-size", type=int, default=None,
                    help="sequences per rank per bpb batch (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="bpb sequence length in tokens (default: model's)")
@@ -63,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate(args, rt) -> int:
     model, tokenizer, meta = load_model(args.stage, device=rt.device, model_tag=args.model_tag, step=args.step,
-                                        model_dir=args.model)
+                                        model_dir=args.model, weights=args.weights)
     step, tag = meta["step"], meta["model_tag"]
-    results: dict = {"stage": args.stage, "model_tag": tag, "step": step, "config": meta["config"]}
+    results: dict = {"stage": args.stage, "model_tag": tag, "step": step, "config": meta["config"],
+                     "weights": meta["weights"]}
     status = 0
     print0(f"evaluating {args.stage}/{tag} step {step}: {', '.join(args.evals)}")
 

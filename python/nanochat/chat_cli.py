@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0 or args.max_tokens < 1:
         raise UserError(f"--top-k must be >= 0 and --max-tokens >= 1, got {args.top_k} and {args.max_tokens}")
     device = autodetect_device(args.device)
-    model, tokenizer, meta, stage = load_chat_model(args.source, device, args.model_tag, args.step, args.model)
-    print(f"loaded {stage} {'model ' + args.model if args.model else 'checkpoint'}, step {meta.get('step')}",
-          file=sys.stderr)
+    model, tokenizer, meta, stage = load_chat_model(args.source, device, args.model_tag, args.step, args.model,
+                                                    weights=args.weights)
+    print(f"loaded {stage} {'model ' + args.model if args.model else 'checkpoint'}, step {meta.get('step')}, "
+          f"{meta['weights']} weights", file=sys.stderr)
     session = ChatSession(Engine(model, tokenizer), tokenizer,
                           ChatSettings(args.temperature, args.top_k, args.max_tokens, args.seed))
     if args.prompt is not None:

@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (categorical) / KV-cache rows")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: <checkpoint dir>/chat_eval.json)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    from nanochat.quantize import add_weights_arg
+
+    add_weights_arg(p)
     p.add_argument("--allow-unsandboxed", action="store_true",
                    help="run HumanEval's model-written code even where no kernel sandbox is available (see "
                         "nanochat/sandbox.py); without it chat-eval refuses there")
@@ -72,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         from nanochat.evals.chat import run_chat_eval
 
         model, tokenizer, meta, stage = load_chat_model(args.source, device=rt.device, model_tag=args.model_tag,
-                                                        step=args.step, model_dir=args.model)
+                                                        step=args.step, model_dir=args.model, weights=args.weights)
         args.model_tag = args.model_tag or (meta.get("model_tag") if args.model else None)
         tag = args.model_tag or next((p.name for p in sorted(checkpoint_dir(stage, "x").parent.iterdir(),
                                                               key=lambda p: p.stat().st_mtime, reverse=True)
                                       if p.is_dir()), "?")
-        print0(f"chat-eval: {stage}/{tag} step {meta.get('step')} on {', '.join(task_names)}")
+        print0(f"chat-eval: {stage}/{tag} step {meta.get('step')} ({meta['weights']} weights) on "
+               f"{', '.join(task_names)}")
         t0 = time.time()
         tasks = None
         if sandbox is not None:
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                tasks=tasks, log=print0, arithmetic_problems=args.arithmetic_problems)
         if sandbox is not None:
             report["sandbox"] = sandbox
-        report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")},
+        report.update({"model": {"stage": stage, "tag": tag, "step": meta.get("step")}, "weights": meta["weights"],
                        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                        "seconds": round(time.time() - t0, 1), "commit": git_commit(), "system": system_info()})
         if report["chatcore"] is not None:

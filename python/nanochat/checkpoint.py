@@ -16,6 +16,8 @@
 - loading picks the newest complete step (the `latest` marker when it is valid, else a scan)
 - `load_exported` reads a folder written by `nanochat export` (`--model DIR` of every command that loads a model)
 - `load_chat_model` picks the model a chat command talks to: a named stage, the most finished chat stage, or an export
+- `weights` (fp32, bf16, int8, auto) picks the inference weight format; anything but fp32 loads through
+  quantize.load_converted, which never holds the fp32 model (see quantize.py)
 """
 
 from __future__ import annotations
@@ -203,18 +205,40 @@ def _newest_tag(stage_dir: Path) -> str:
     return best
 
 
+def _weights_format(weights: str, folder: Path, device, load_fp32) -> str:
+    """The concrete format of a --weights choice (auto: see quantize.resolve_auto)."""
+    from nanochat.common import get_logger
+    from nanochat.quantize import WEIGHT_CHOICES, check_format, resolve_auto
+
+    check_format(weights, WEIGHT_CHOICES)
+    if weights != "auto":
+        return weights
+    fmt, _ = resolve_auto(folder, device, load_fp32, log=get_logger().info)
+    get_logger().info("weights auto -> %s (%s)", fmt, folder / "weights_guard.json")
+    return fmt
+
+
 def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int | None = None,
-               model_dir: str | os.PathLike | None = None):
+               model_dir: str | os.PathLike | None = None, weights: str = "fp32"):
     """(GPT in eval mode, Tokenizer, meta) from a checkpoint; the newest tag and step by default.
-    meta["model_tag"] says which tag was loaded. With model_dir, from that exported folder instead."""
+    meta["model_tag"] says which tag was loaded, meta["weights"] its format. With model_dir, from that exported
+    folder instead."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
 
     if model_dir is not None:
-        return load_exported(model_dir, device)
+        return load_exported(model_dir, device, weights)
 
     if model_tag is None:
         model_tag = _newest_tag(checkpoint_dir(stage, "x").parent)
+    if weights != "fp32":
+        ckpt_dir = checkpoint_dir(stage, model_tag)
+        chosen = latest_step(ckpt_dir) if step is None else step
+        if chosen in list_steps(ckpt_dir):  # else load_checkpoint below says what is missing
+            folder = _step_dir(ckpt_dir, chosen)
+            fmt = _weights_format(weights, folder, device, lambda: load_model(stage, device, model_tag, chosen)[:2])
+            if fmt != "fp32":
+                return _load_converted_checkpoint(folder, fmt, device, model_tag)
     model_state, _, meta = load_checkpoint(checkpoint_dir(stage, model_tag), step=step, device=device)
     meta["model_tag"] = model_tag
     try:
@@ -228,6 +252,7 @@ def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int
         raise CorruptInputError(f"checkpoint {checkpoint_dir(stage, model_tag)} (step {meta.get('step')}) does "
                                 f"not match its own config: {type(e).__name__}: {str(e)[:300]}") from e
     model.eval()
+    meta["weights"] = "fp32"
     tokenizer = get_tokenizer()
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
@@ -235,9 +260,31 @@ def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int
     return model, tokenizer, meta
 
 
-def load_exported(model_dir: str | os.PathLike, device="cpu"):
+def _load_converted_checkpoint(folder: Path, fmt: str, device, model_tag: str):
+    """load_model's result for a non-fp32 format: the step folder's weights streamed into a converted model."""
+    from nanochat.gpt import GPTConfig
+    from nanochat.quantize import load_converted
+    from nanochat.tokenizer import get_tokenizer
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        config = GPTConfig(**meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptInputError(f"checkpoint {folder} has an unreadable meta.json ({type(e).__name__}: {e})") from e
+    model = load_converted(config, folder / "model.safetensors", fmt, device,
+                           rename=lambda k: k.removeprefix("_orig_mod."))
+    meta["model_tag"], meta["weights"] = model_tag, fmt
+    tokenizer = get_tokenizer()
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}; "
+                         f"the checkpoint was trained with a different tokenizer")
+    return model, tokenizer, meta
+
+
+def load_exported(model_dir: str | os.PathLike, device="cpu", weights_format: str = "fp32"):
     """(GPT in eval mode, Tokenizer, meta) from a folder written by `nanochat export`. The weights must match the
-    SHA-256 recorded at export, so a truncated or corrupted copy is refused with a message naming the file."""
+    SHA-256 recorded at export, so a truncated or corrupted copy is refused with a message naming the file.
+    `weights_format`: the inference format (see quantize.py)."""
     import hashlib
     from dataclasses import asdict, fields
 
@@ -268,25 +315,31 @@ def load_exported(model_dir: str | os.PathLike, device="cpu"):
     if info.get("sha256") and digest.hexdigest() != info["sha256"]:
         raise CorruptInputError(f"{weights} is corrupted: its SHA-256 {digest.hexdigest()[:12]}... differs from the "
                          f"{info['sha256'][:12]}... recorded at export; copy or export the model again")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors raises SafetensorError (header, sizes) or OSError
-        raise CorruptInputError(f"{weights} is not a readable safetensors file ({e}); "
-                                "copy or export the model again") from e
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    with torch.device(device):
-        model = GPT(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CorruptInputError(f"{weights} does not fit the config in {folder / 'config.json'}: {e}") from e
+    fmt = _weights_format(weights_format, folder, device, lambda: load_exported(folder, device)[:2])
+    if fmt != "fp32":
+        from nanochat.quantize import load_converted
+
+        model = load_converted(config, weights, fmt, device, rename=lambda k: k.removeprefix("model."))
+    else:
+        try:
+            state = load_file(str(weights), device=str(device))
+        except Exception as e:  # safetensors raises SafetensorError (header, sizes) or OSError
+            raise CorruptInputError(f"{weights} is not a readable safetensors file ({e}); "
+                                    "copy or export the model again") from e
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        with torch.device(device):
+            model = GPT(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CorruptInputError(f"{weights} does not fit the config in {folder / 'config.json'}: {e}") from e
     model.eval()
     tokenizer = Tokenizer.load(folder / "tokenizer.bin")
     if tokenizer.vocab_size > config.vocab_size:
         raise CorruptInputError(f"{folder / 'tokenizer.bin'} has {tokenizer.vocab_size} ids but the model only "
                          f"{config.vocab_size}")
     meta = {"config": asdict(config), "step": info.get("step"), "model_tag": info.get("model_tag"),
-            "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder)}
+            "stage": info.get("stage"), "commit": info.get("commit"), "model_dir": str(folder), "weights": fmt}
     return model, tokenizer, meta
 
 
@@ -297,20 +350,21 @@ CHAT_STAGES = ("rl", "sft", "mid")  # preference order when no --source is given
 
 
 def load_chat_model(source: str | None = None, device="cpu", model_tag: str | None = None, step: int | None = None,
-                    model_dir=None):
+                    model_dir=None, weights: str = "fp32"):
     """(model, tokenizer, meta, stage) from the checkpoint of `source`, or of the most finished chat stage that has
-    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`."""
+    one (rl, then sft, then mid); or from the folder model_dir written by `nanochat export`. `weights`: the
+    inference format (fp32, bf16, int8, auto; see quantize.py)."""
     if model_dir is not None:
-        model, tokenizer, meta = load_exported(model_dir, device)
+        model, tokenizer, meta = load_exported(model_dir, device, weights)
         return model, tokenizer, meta, meta.get("stage") or "exported"
 
     if source is not None:
-        return (*load_model(source, device=device, model_tag=model_tag, step=step), source)
+        return (*load_model(source, device=device, model_tag=model_tag, step=step, weights=weights), source)
     for stage in CHAT_STAGES:
         stage_dir = checkpoint_dir(stage, "x").parent
         if stage_dir.is_dir() and any(p.is_dir() for p in stage_dir.iterdir()):
             try:
-                return (*load_model(stage, device=device, model_tag=model_tag, step=step), stage)
+                return (*load_model(stage, device=device, model_tag=model_tag, step=step, weights=weights), stage)
             except FileNotFoundError:
                 continue
     raise MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
@@ -326,3 +380,6 @@ def add_chat_model_args(p) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a folder written by `nanochat export` (not a checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    from nanochat.quantize import add_weights_arg
+
+    add_weights_arg(p)

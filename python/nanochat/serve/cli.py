@@ -64,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         devices = ["cpu"] * (args.num_replicas or 1)
     models, tokenizer = [], None
     for dev in devices:
-        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step, args.model)
+        model, tokenizer, meta, stage = load_chat_model(args.source, dev, args.model_tag, args.step, args.model,
+                                                        weights=args.weights)
         models.append(model)
-    get_logger().info("serving %s checkpoint (step %s) on %s at http://%s:%d", stage, meta.get("step"),
-                      ", ".join(devices), args.host, args.port)
+    get_logger().info("serving %s checkpoint (step %s, %s weights) on %s at http://%s:%d", stage, meta.get("step"),
+                      meta["weights"], ", ".join(devices), args.host, args.port)
     config = ServerConfig(model_name=args.model_name, batch_size=args.batch_size, max_waiting=args.max_waiting,
                           max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
                           tools=not args.no_tools, step_tokens=args.step_tokens,
