@@ -215,11 +215,21 @@ def test_guard_bounds_and_greedy_agreement_on_a_trained_model(trained, tok):
     assert 0 <= abs(guard["rel"]["bf16"]) <= qz.GUARD_BOUNDS["bf16"], guard
     assert abs(guard["rel"]["int8"]) <= qz.GUARD_BOUNDS["int8"], guard
     assert guard["pass"] == {"fp32": True, "bf16": True, "int8": True}
-    assert qz.pick_format(guard) == "int8"
+    assert set(guard["ms_per_token"]) == {"fp32", "bf16", "int8"}
+    assert qz.pick_format(guard) == min(guard["ms_per_token"], key=guard["ms_per_token"].get)
     prompts = [tok.encode(t, prepend="<|bos|>") for t in ("The ", "def main(", "import torch\n", "In the")]
     for fmt, floor in (("bf16", 0.95), ("int8", 0.9)):
         agree = qz.greedy_agreement(trained, qz.convert_model(copy.deepcopy(trained), fmt), prompts, 16)
         assert agree >= floor, (fmt, agree)
+
+
+def test_auto_picks_the_fastest_format_that_keeps_quality():
+    guard = {"pass": {"fp32": True, "bf16": True, "int8": True},
+             "ms_per_token": {"fp32": 3.0, "bf16": 1.0, "int8": 2.0}}
+    assert qz.pick_format(guard) == "bf16"
+    assert qz.pick_format({**guard, "pass": {"fp32": True, "bf16": False, "int8": True}}) == "int8"
+    assert qz.pick_format({**guard, "pass": {"fp32": True, "bf16": False, "int8": False}}) == "fp32"
+    assert qz.pick_format({"pass": guard["pass"]}) == "int8"  # a cache from before timings: the smallest
 
 
 @pytest.mark.slow
@@ -253,8 +263,8 @@ def test_auto_runs_the_guard_once_and_caches_it(trained, tok, tmp_path, monkeypa
     again, cached = qz.resolve_auto(tmp_path, "cpu", load_fp32)
     assert fmt == again == qz.pick_format(guard) and calls == [1]
     assert json.loads((tmp_path / qz.GUARD_FILE).read_text()) == cached == guard
-    (tmp_path / qz.GUARD_FILE).write_text(json.dumps({**guard, "pass": {"fp32": True, "bf16": True,
-                                                                         "int8": False}}))
+    (tmp_path / qz.GUARD_FILE).write_text(json.dumps({**guard, "pass": {"fp32": True, "bf16": True, "int8": False},
+                                                      "ms_per_token": {"fp32": 3.0, "bf16": 1.0, "int8": 0.5}}))
     assert qz.resolve_auto(tmp_path, "cpu", load_fp32)[0] == "bf16"
     assert qz.resolve_auto(tmp_path, "cuda", load_fp32)[0] == "fp32" and calls == [1]
 
