@@ -57,9 +57,10 @@ for s in mid sft rl; do
 done
 nanochat report
 echo
-# Two arithmetic problems from the held-out split (tests/test_arithmetic.py checks they are) and one open question;
-# the calculator call and its output print as ```python and ```output blocks.
-for q in "What is 379 times 28?" "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?" \
+# Two arithmetic problems held out in their numbers and their phrasing family (tests/test_arithmetic.py checks
+# both) and one open question; the calculator call and its output print as ```python and ```output blocks.
+for q in "Would you multiply 379 by 28, please?" \
+         "Zoe scored 144 points and then lost 48 points. How many points does she have now?" \
          "Why is the sky blue?"; do
     echo "== a chat prompt to the RL model: $q"
     nanochat chat --device cpu -p "$q" --max-tokens 64 --temperature 0
