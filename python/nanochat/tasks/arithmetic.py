@@ -80,7 +80,8 @@ NOUN_FRAMES = {
 }
 VERB_FRAMES = {
     "imperative": "{V}.", "please": "Please {v}.", "could-you": "Could you {v}?", "can-you": "Can you {v} for me?",
-    "need-you": "I need you to {v}.", "what-if": "What do you get if you {v}?", "and-tell": "{V} and tell me the result.",
+    "need-you": "I need you to {v}.", "what-if": "What do you get if you {v}?",
+    "and-tell": "{V} and tell me the result.",
     "help-me": "Help me {v}.",
     # held out
     "would-you": "Would you {v}, please?", "what-happens": "What happens when you {v}?",
@@ -133,9 +134,11 @@ STORIES = {
           "per-hour": "{name} earns {a$} for {b} hours of work. How much is that per hour?",
           "groups": "A class of {a} students is split into {b} equal groups. How many students are in each group?"},
 }
-HELD_OUT = frozenset({"work-out", "comes-to", "figure-out", "result-of", "wondering",
-                      "would-you", "what-happens", "lets", "two-numbers",
-                      "collected", "put-together", "trip", "points", "saves-weekly", "hall-seats", "per-hour", "groups"})
+HELD_OUT = frozenset({"work-out", "comes-to", "figure-out", "result-of", "wondering",  # 5 of 21 noun frames
+                      "would-you", "what-happens", "lets",  # 3 of 11 verb frames
+                      "two-numbers",  # 1 of 4 noun-of frames
+                      "collected", "put-together", "trip", "points",  # 2 of 8 stories per operation
+                      "saves-weekly", "hall-seats", "per-hour", "groups"})
 # how often each kind of family is drawn
 KINDS = {"noun": 0.35, "verb": 0.2, "noun-of": 0.1, "story": 0.35}
 
