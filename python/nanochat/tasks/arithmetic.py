@@ -112,6 +112,7 @@ STORIES = {
           "money-left": "{name} had {a$} and spent {b$}. How much money is left?",
           "rope": "A rope is {a} meters long. {name} cuts off {b} meters. How much rope is left?",
           "flour": "A bag of flour weighs {a} kg. {b} kg were used for baking. How many kg remain?",
+          "lost-some": "{name} had {a} {things} and lost {b} of them. How many {things} are left?",
           # held out
           "trip": "The trip is {a} km long and we have driven {b} km so far. How many km are left to go?",
           "points": "{name} scored {a} points and then lost {b} points. How many points does {pro} have now?"},
@@ -137,7 +138,7 @@ STORIES = {
 HELD_OUT = frozenset({"work-out", "comes-to", "figure-out", "result-of", "wondering",  # 5 of 21 noun frames
                       "would-you", "what-happens", "lets",  # 3 of 11 verb frames
                       "two-numbers",  # 1 of 4 noun-of frames
-                      "collected", "put-together", "trip", "points",  # 2 of 8 stories per operation
+                      "collected", "put-together", "trip", "points",  # 2 of 8 or 9 stories per operation
                       "saves-weekly", "hall-seats", "per-hour", "groups"})
 # how often each kind of family is drawn
 KINDS = {"noun": 0.35, "verb": 0.2, "noun-of": 0.1, "story": 0.35}
