@@ -34,9 +34,10 @@ TAG=d$DEPTH
 stage data      nanochat data offline
 # GSM8K train is not on any package registry: pass GSM8K_TRAIN=/path/train.jsonl to use a local copy; without
 # it the RL stage rewards the synthetic arithmetic task instead (calling the calculator; GSM8K test is still
-# evaluated), which a model this small can learn. Midtraining weights arithmetic up and spelling down (40,000 and
-# 2 x 5,000 conversations): with the default 20,000 each, held-out arithmetic after midtraining was 4%, not 27%
-# (both from a base model stopped at 100 steps; the full default reaches 90% after mid, 95% after SFT and RL).
+# evaluated), which a model this small can learn. Midtraining weights arithmetic up and spelling down (80,000 and
+# 2 x 5,000 conversations; SFT 12,000): with the default 20,000 each, held-out arithmetic after midtraining was 4%,
+# not 27% (both from a base model stopped at 100 steps); since the task asks in many phrasings (tasks/arithmetic.py)
+# the mixtures weight it twice as much again as they did for ten templates per operation (40,000 and 6,000).
 stage evaldata  nanochat data evals ${GSM8K_TRAIN:+--gsm8k-train "$GSM8K_TRAIN"}
 if [ -f "$NANOCHAT_BASE_DIR/eval_data/gsm8k/train.jsonl" ]; then RL_TASK=gsm8k; else RL_TASK=arithmetic; fi
 stage tokenizer nanochat tok-train --vocab-size "$VOCAB" --max-chars 20000000
@@ -47,9 +48,9 @@ stage base      nanochat base-train --device cpu --depth "$DEPTH" --max-seq-len 
 stage base-eval nanochat base-eval --device cpu --eval bpb,samples,core --eval-tokens 65536 --max-per-task "$CORE_PER_TASK"
 stage mid       nanochat mid-train --device cpu --device-batch-size "$BATCH" --max-seq-len "$SEQ_LEN" \
                     --num-iterations "$MID_STEPS" --eval-every 50 --eval-tokens 32768 --save-every 50 --resume \
-                    --arithmetic-size 40000 --spelling-size 5000
+                    --arithmetic-size 80000 --spelling-size 5000
 stage sft       nanochat chat-sft --device cpu --num-iterations "$SFT_STEPS" --examples-per-step 16 \
-                    --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume --arithmetic-size 6000
+                    --max-seq-len "$SEQ_LEN" --eval-every 50 --save-every 50 --resume --arithmetic-size 12000
 stage rl        nanochat chat-rl --device cpu --task "$RL_TASK" --num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 \
                     --max-new-tokens 96 --eval-every 4 --eval-examples 16 --resume
 for s in mid sft rl; do
@@ -58,9 +59,10 @@ for s in mid sft rl; do
 done
 nanochat report
 echo
-# Two arithmetic problems from the held-out split (tests/test_arithmetic.py checks they are) and one open question;
-# the calculator call and its output print as ```python and ```output blocks.
-for q in "What is 379 times 28?" "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?" \
+# Two arithmetic problems held out in their numbers and their phrasing family (tests/test_arithmetic.py checks
+# both) and one open question; the calculator call and its output print as ```python and ```output blocks.
+for q in "Would you multiply 379 by 28, please?" \
+         "Zoe scored 144 points and then lost 48 points. How many points does she have now?" \
          "Why is the sky blue?"; do
     echo "== a chat prompt to the RL model: $q"
     nanochat chat --device cpu -p "$q" --max-tokens 64 --temperature 0

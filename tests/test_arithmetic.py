@@ -1,10 +1,12 @@
-"""The synthetic arithmetic task: deterministic generation, disjoint splits, the scorer's edge cases, the render masks
-of its tool parts, and that the engine executes its reference answers exactly as rendered (a replaying model)."""
+"""The synthetic arithmetic task: deterministic generation, disjoint splits (by problem and by phrasing family),
+numbers in words and with separators, the scorer's edge cases, the render masks of its tool parts, that the engine
+executes its reference answers exactly as rendered (a replaying model), and its chat-eval and report rows."""
 
 from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,8 +15,8 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.tiny import tiny_tokenizer
-from nanochat.tasks.arithmetic import (Arithmetic, expression, final_number, is_test_problem, numbers_match,
-                                       problem_key)
+from nanochat.tasks.arithmetic import (HELD_OUT, Arithmetic, add_typo, expression, families, final_number,
+                                       is_test_problem, numbers_match, parse_number, problem_key, spell)
 from nanochat.calculator import evaluate as calculate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,17 +27,22 @@ def tok():
     return tiny_tokenizer(512)
 
 
-def test_generator_is_deterministic_and_seeded():
-    a = [json.dumps(c) for c in Arithmetic(size=60, split="train")]
-    assert a == [json.dumps(c) for c in Arithmetic(size=60, split="train")]
-    assert a[10] == json.dumps(Arithmetic(size=60, split="train")[10])  # index access needs no earlier rows
-    assert a != [json.dumps(c) for c in Arithmetic(size=60, split="train", seed=1)]
+@pytest.mark.parametrize("split,phrasing", [("train", "seen"), ("test", "seen"), ("test", "unseen")])
+def test_generator_is_deterministic_and_seeded(split, phrasing):
+    a = [json.dumps(c) for c in Arithmetic(size=60, split=split, phrasing=phrasing)]
+    assert a == [json.dumps(c) for c in Arithmetic(size=60, split=split, phrasing=phrasing)]
+    assert a[10] == json.dumps(Arithmetic(size=60, split=split, phrasing=phrasing)[10])  # no earlier rows needed
+    assert a != [json.dumps(c) for c in Arithmetic(size=60, split=split, phrasing=phrasing, seed=1)]
     assert len(set(a)) > 55
 
 
-def test_reference_answers_call_the_calculator_and_state_its_result():
+OPERANDS = re.compile(r"(-?[\d.]+)[-+*/]\(?(-?[\d.]+)\)?")
+
+
+@pytest.mark.parametrize("split,phrasing", [("train", "seen"), ("test", "unseen")])
+def test_reference_answers_call_the_calculator_and_state_its_result(split, phrasing):
     ops, stories = set(), 0
-    for conv in Arithmetic(size=300, split="train"):
+    for conv in Arithmetic(size=300, split=split, phrasing=phrasing):
         user, assistant = conv["messages"]
         python, output, text = assistant["content"]
         assert (python["type"], output["type"], text["type"]) == ("python", "python_output", "text")
@@ -43,10 +50,96 @@ def test_reference_answers_call_the_calculator_and_state_its_result():
         assert calculate(conv["expression"]) == conv["answer"]
         assert text["text"] == f"\n\nThe answer is {conv['answer']}."
         ops |= {op for op in "+*/" if op in conv["expression"]}
-        stories += user["content"].count(".") >= 1 and user["content"].endswith("?") and len(user["content"]) > 50
-        for operand in re.findall(r"\d+(?:\.\d+)?", conv["expression"]):
-            assert operand in user["content"]  # every number of the call is copied from the question
-    assert ops == {"+", "*", "/"} and stories > 30
+        stories += conv["family"] in {f for op in "+-*/" for f in families(split, phrasing)[f"story{op}"]}
+        # the call's operands are the question's numbers, in digits (separators dropped, words converted)
+        assert re.fullmatch(r"-?\d+(\.\d+)?[-+*/](\(-\d+(\.\d+)?\)|\d+(\.\d+)?)", conv["expression"])
+        written = conv["operands"]
+        digits = OPERANDS.fullmatch(conv["expression"]).groups()
+        assert [parse_number(w) for w in written] == [Decimal(x) for x in digits]
+        for w in written:
+            assert w.lower() in user["content"].lower()
+    assert ops == {"+", "*", "/"} and stories > 60
+
+
+def test_numbers_are_written_in_digits_separators_and_words():
+    written = [w for conv in Arithmetic(size=2000, split="train") for w in conv["operands"]]
+    assert sum("," in w for w in written) > 50  # "1,234"
+    assert sum(w.isalpha() for w in written) > 100  # "twelve"
+    assert sum(" " in w or "-" in w[1:] for w in written if not any(c.isdigit() for c in w)) > 100  # "forty-two"
+    assert sum(re.fullmatch(r"-?\d+(\.\d+)?", w) is not None for w in written) > len(written) // 2
+
+
+@pytest.mark.parametrize("text,value", [
+    ("0", 0), ("1,234", 1234), ("$1,200", 1200), ("-12", -12), ("7.5", Decimal("7.5")),
+    ("12,345.6", Decimal("12345.6")),
+    ("zero", 0), ("Twelve", 12), ("forty-two", 42), ("forty two", 42), ("one hundred", 100),
+    ("one thousand and five", 1005), ("three hundred and twelve thousand four hundred and nine", 312409),
+    ("nine hundred ninety-nine thousand nine hundred ninety-nine", 999999)])
+def test_parse_number_reads_every_style(text, value):
+    assert parse_number(text) == Decimal(value)
+
+
+def test_spell_and_parse_round_trip():
+    assert spell(1205) == "one thousand two hundred five"
+    assert spell(1205, british=True) == "one thousand two hundred and five"
+    assert spell(1005, british=True) == "one thousand and five" and spell(42, hyphen=False) == "forty two"
+    assert spell(90) == "ninety" and spell(17000) == "seventeen thousand"
+    for n in list(range(0, 2000)) + list(range(2000, 1_000_000, 997)) + [999_999]:
+        for british in (False, True):
+            assert parse_number(spell(n, british=british, hyphen=n % 2 == 0)) == n
+    for bad in ("twelve apples", "", "1,23", "1.2.3"):
+        with pytest.raises(ValueError):
+            parse_number(bad)
+    with pytest.raises(ValueError):
+        spell(1_000_000)
+
+
+def test_phrasing_families_are_disjoint_between_training_and_the_unseen_split():
+    train, unseen = families("train"), families("test", "unseen")
+    assert families("test") == train  # the seen test set asks in the training families
+    assert train.keys() == unseen.keys()
+    for kind in train:  # every kind (frames around a phrase, noun frames, each operation's stories) has both
+        assert train[kind] and unseen[kind] and not train[kind].keys() & unseen[kind].keys()
+        assert not set(train[kind].values()) & set(unseen[kind].values())
+    names = [set().union(*(f.keys() for f in fams.values())) for fams in (train, unseen)]
+    assert names[1] == HELD_OUT and not names[0] & HELD_OUT and len(names[0]) > 2 * len(names[1])
+    # the generated rows follow: no training row in a held-out family, every unseen row in one, all of them used
+    assert not {c["family"] for c in Arithmetic(size=3000, split="train")} & HELD_OUT
+    assert {c["family"] for c in Arithmetic(size=1000, split="test", phrasing="unseen")} == HELD_OUT
+    with pytest.raises(ValueError, match="never trained on"):
+        Arithmetic(split="train", phrasing="unseen")
+    with pytest.raises(ValueError, match="phrasing"):
+        Arithmetic(split="test", phrasing="new")
+
+
+def test_unseen_questions_share_no_template_with_training_questions():
+    """With the numbers, names and things masked, no unseen-family question equals a training question (the
+    noise can make two questions equal only by a typo, not a shared sentence)."""
+    def shape(conv):
+        q = conv["messages"][0]["content"].lower()
+        for w in sorted(conv["operands"], key=len, reverse=True):
+            q = q.replace(w.lower(), "#")
+        return q
+
+    train = {shape(c) for c in Arithmetic(size=3000, split="train")}
+    unseen = [shape(c) for c in Arithmetic(size=300, split="test", phrasing="unseen")]
+    assert sum(u in train for u in unseen) == 0
+
+
+def test_add_typo_changes_one_word_and_never_a_number():
+    import random
+
+    rng = random.Random(0)
+    text = "Please multiply forty-two by seven hundred and twelve thousand"
+    seen = set()
+    for _ in range(200):
+        typo = add_typo(rng, text)
+        changed = [(a, b) for a, b in zip(text.split(), typo.split()) if a != b]
+        assert len(typo.split()) == len(text.split()) and len(changed) == 1  # one word changed by one edit
+        assert changed[0][0] in ("Please", "multiply") and abs(len(changed[0][1]) - len(changed[0][0])) <= 1
+        seen.add(changed[0][0])
+    assert seen == {"Please", "multiply"}
+    assert add_typo(rng, "So, 12 + 7 = ?") == "So, 12 + 7 = ?"  # no word of 4+ letters: unchanged
 
 
 def test_splits_share_no_problem_whatever_the_phrasing():
@@ -58,12 +151,24 @@ def test_splits_share_no_problem_whatever_the_phrasing():
     assert is_test_problem("*", "28", "379") == is_test_problem("*", "379", "28")
     # the held-out test split is a different stream from a different seed's train split too
     assert not {c["problem"] for c in Arithmetic(size=500, split="train", seed=3)} & test
+    # the unseen-phrasing set holds out its numbers too
+    unseen = {c["problem"] for c in Arithmetic(size=400, split="test", phrasing="unseen")}
+    assert len(unseen) > 350 and not train & unseen and all(is_test_problem(*_split(p)) for p in unseen)
 
 
-def test_demo_questions_of_the_cpu_default_are_held_out():
+def _split(problem: str) -> tuple[str, str, str]:
+    a, op, b = re.fullmatch(r"(-?[\d.]+)([-+*/])(-?[\d.]+)", problem).groups()
+    return op, a, b
+
+
+def test_demo_questions_of_the_cpu_default_are_held_out_in_numbers_and_phrasing():
     script = (REPO / "runs" / "cpu_default.sh").read_text()
-    demo = {"What is 379 times 28?": ("*", "379", "28"),
-            "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?": ("-", "144", "48")}
+    unseen = families("test", "unseen")
+    would_you = unseen["verb"]["would-you"].replace("{v}", "multiply {a} by {b}").format(a=379, b=28)
+    points = unseen["story-"]["points"].format(name="Zoe", pro="she", a=144, b=48)
+    demo = {would_you: ("*", "379", "28"), points: ("-", "144", "48")}
+    assert list(demo) == ["Would you multiply 379 by 28, please?",
+                          "Zoe scored 144 points and then lost 48 points. How many points does she have now?"]
     for question, problem in demo.items():
         assert f'"{question}"' in script
         assert is_test_problem(*problem)
@@ -163,7 +268,15 @@ def test_expression_parenthesises_a_negative_right_operand():
 
 
 def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_chatcore(tok, monkeypatch):
+    from nanochat import chat_eval, report
     from nanochat.evals import chat
+
+    rows = ["Arithmetic", "Arithmetic-Unseen", "Arithmetic-Unseen-NoTool"]
+    assert [t for t in chat_eval.ALL_TASKS if t.startswith("Arithmetic")] == rows  # what chat-eval runs by default
+    assert [chat.build_task(r, arithmetic_size=3).name for r in rows] == rows
+    assert [chat.build_task(r, arithmetic_size=3).phrasing for r in rows] == ["seen", "unseen", "unseen"]
+    # the report card's rows, each reading its own key
+    assert [keys for label, keys in report.SUMMARY_METRICS if label.startswith("Arithmetic")] == [(r,) for r in rows]
 
     calls = []
 
@@ -178,11 +291,10 @@ def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_cha
     monkeypatch.setattr(chat, "Engine", FakeEngine)
     always = Arithmetic(size=3, split="test")
     always.evaluate = lambda conv, completion: True
-    report = chat.run_chat_eval(None, tok, "cpu", ["GSM8K", "Arithmetic", "Arithmetic-NoTool"], max_problems=2,
-                                log=lambda *a: None, arithmetic_problems=5,
-                                tasks={"GSM8K": always})
-    assert calls == [True, True, False]
-    assert report["tasks"]["Arithmetic"]["n"] == report["tasks"]["Arithmetic-NoTool"]["n"] == 5  # not capped at 2
-    assert report["tasks"]["GSM8K"]["n"] == 2
-    assert report["chatcore"] == 1.0  # GSM8K alone: the arithmetic rows stay out of ChatCORE
-    assert set(report["summary"]) == {"GSM8K", "Arithmetic", "Arithmetic-NoTool", "ChatCORE"}
+    results = chat.run_chat_eval(None, tok, "cpu", ["GSM8K"] + rows, max_problems=2, log=lambda *a: None,
+                                 arithmetic_problems=5, tasks={"GSM8K": always})
+    assert calls == [True, True, True, False]
+    assert [results["tasks"][r]["n"] for r in rows] == [5, 5, 5]  # not capped at 2
+    assert results["tasks"]["GSM8K"]["n"] == 2
+    assert results["chatcore"] == 1.0  # GSM8K alone: the arithmetic rows stay out of ChatCORE
+    assert set(results["summary"]) == {"GSM8K", "ChatCORE", *rows}

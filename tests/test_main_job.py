@@ -19,8 +19,10 @@ TOY = {"DEPTH": "2", "VOCAB": "1024", "SEQ_LEN": "256", "BATCH": "4", "BASE_STEP
        "SFT_STEPS": "6", "RL_STEPS": "2", "EVAL_PROBLEMS": "4", "ARITH_PROBLEMS": "8", "CORE_PER_TASK": "4"}
 STAGE_COLUMNS = ["BASE", "MID", "SFT", "RL"]
 # what the CPU default claims per stage in the summary table: CORE for the base model, the chat evals after
-# (with the held-out arithmetic, calculator allowed and not, at every chat stage)
-CHAT = ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "Arithmetic (tool)", "Arithmetic (no tool)"]
+# (with the held-out arithmetic at every chat stage: in the trained phrasings, and in held-out phrasing families with
+# the calculator allowed and not)
+CHAT = ["ARC-E", "ARC-C", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "Arithmetic (tool)",
+        "Arithmetic, unseen phrasings (tool)", "Arithmetic, unseen phrasings (no tool)"]
 CLAIMED = {"BASE": ["CORE"], "MID": CHAT, "SFT": CHAT, "RL": CHAT}
 
 
@@ -55,7 +57,8 @@ def test_cpu_default_end_to_end(tmp_path):
     assert "nanochat serve" in out and "nanochat chat" in out
     demo = out.split("== a chat prompt to the RL model: ")[1:]
     assert [d.split("\n", 1)[0] for d in demo] == [
-        "What is 379 times 28?", "Mia had 144 stickers and gave 48 to a friend. How many stickers does she have left?",
+        "Would you multiply 379 by 28, please?",
+        "Zoe scored 144 points and then lost 48 points. How many points does she have now?",
         "Why is the sky blue?"]
     for d in demo:
         assert d.split("Done.", 1)[0].split("\n", 1)[1].strip(), "the model printed no answer"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
 
-ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Arithmetic", "Arithmetic-NoTool"]
+ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Arithmetic", "Arithmetic-Unseen",
+             "Arithmetic-Unseen-NoTool"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -35,7 +35,8 @@ SUMMARY_METRICS = [
     ("HumanEval", ("HumanEval", "humaneval")),
     ("ChatCORE", ("ChatCORE", "chatcore")),
     ("Arithmetic (tool)", ("Arithmetic",)),
-    ("Arithmetic (no tool)", ("Arithmetic-NoTool",)),
+    ("Arithmetic, unseen phrasings (tool)", ("Arithmetic-Unseen",)),
+    ("Arithmetic, unseen phrasings (no tool)", ("Arithmetic-Unseen-NoTool",)),
 ]
 # Rough rental prices in USD per hour, for the cost line; override with --price-per-hour.
 PRICE_PER_GPU_HOUR = 3.0  # one H100 on a typical cloud, 2026

@@ -9,8 +9,8 @@ and ChatCORE.
 - distributed: each rank takes problems rank, rank + world, ...; counts are summed with all_reduce.
 - ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline), with baseline 0.25 for the
   four-way multiple-choice tasks and 0 for the generative ones. The synthetic arithmetic evaluations (held-out
-  split, with the calculator and without: a task's `tools` attribute) are reported but kept out of ChatCORE, so
-  ChatCORE stays comparable with nanochat's.
+  problems in the trained phrasing families, and in held-out families with the calculator and without: a task's
+  `tools` attribute) are reported but kept out of ChatCORE, so ChatCORE stays comparable with nanochat's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nanochat.engine import Engine
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
-NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-NoTool"}
+NOT_IN_CHATCORE = {"Arithmetic", "Arithmetic-Unseen", "Arithmetic-Unseen-NoTool", "Arithmetic-NoTool"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -117,7 +117,10 @@ def build_task(name: str, **kwargs):
                  "MMLU": lambda: MMLU("test"), "GSM8K": lambda: GSM8K("test"), "HumanEval": lambda: HumanEval(),
                  "SpellingBee": lambda: SpellingBee(size=kwargs.get("spelling_size", 256), split="test"),
                  "Arithmetic": lambda: Arithmetic(size=arithmetic, split="test"),
-                 "Arithmetic-NoTool": lambda: Arithmetic(size=arithmetic, split="test", tools=False)}
+                 "Arithmetic-NoTool": lambda: Arithmetic(size=arithmetic, split="test", tools=False),
+                 "Arithmetic-Unseen": lambda: Arithmetic(size=arithmetic, split="test", phrasing="unseen"),
+                 "Arithmetic-Unseen-NoTool": lambda: Arithmetic(size=arithmetic, split="test", phrasing="unseen",
+                                                                tools=False)}
     if name not in factories:
         raise ValueError(f"unknown chat-eval task {name!r}; expected one of {list(factories)}")
     return factories[name]()

@@ -1,13 +1,23 @@
-"""Synthetic one-step arithmetic that a tiny model can solve by calling its calculator (the python tool).
+"""Synthetic one-step arithmetic that a tiny model can solve by calling its calculator (the python tool), asked in
+many surface forms so that the model learns the request, not the wording.
 
-- Questions in varied English: bare ("What is 123 times 45?", "Add 17 and 905.", "How much is 7.5 divided by 3?")
-  and one-step word problems ("There are 12 boxes with 7 pencils in each. How many pencils are there in total?").
-- The reference answer is exactly what the engine executes at inference: a python part with the expression
-  (`123*45`), the calculator's own output (`nanochat.calculator.evaluate`, so the two can never disagree), then the
-  result stated in text: "The answer is 5535." Nothing precedes the call, so the first sampled token decides it.
-- Examples are a pure function of (seed, split, index). A problem is (operation, operands) with + and * operands
-  sorted; its SHA-256 puts it in the held-out split (1 in 8) or the training split, and each split draws until it
-  gets one of its own, so the splits share no problem whatever the phrasing, sizes or seeds.
+- A question is composed from independent parts: a *phrasing family* (a sentence frame around an operation phrase
+  such as "What is {q}?" or "Could you {v}?", a frame around the operation's noun such as "Find the {noun} of {a}
+  and {b}.", or a one-step story with units: "A car drives {b} km every hour. How far does it go in {a} hours?"), an
+  operation phrase from a shared lexicon ("{a} times {b}", "the product of {a} and {b}", "multiply {a} by {b}",
+  "{a}*{b}"...), numbers written as digits, with thousands separators ("1,234"), in words ("forty-two", "one
+  thousand two hundred and five") or with units ("12 kg", "$40"), and orthogonal noise: a greeting or a thanks, all
+  lower case, no final punctuation, one typo in a word.
+- Two held-out splits. Numbers: a problem is (operation, operands) with + and * operands sorted; its SHA-256 puts it
+  in the test split (1 in 8) or the training split, and each split draws until it gets one of its own. Phrasing:
+  the families in HELD_OUT (a fifth of the frames, two stories per operation) never appear in training; the
+  `phrasing="unseen"` test set uses only them, so its score says whether the model generalises to requests it
+  never saw. The operation lexicon, number styles and noise are shared: what is new is the sentence around them.
+- The reference answer is exactly what the engine executes at inference: a python part with the expression in
+  digits (`1234*45`: separators dropped, words converted), the calculator's own output
+  (`nanochat.calculator.evaluate`, so the two can never disagree), then "The answer is 55530." Nothing precedes
+  the call, so the first sampled token decides it.
+- Examples are a pure function of (seed, split, phrasing, index).
 - Scoring: the last number of the reply's text outside the tool blocks (commas, a trailing period or words, a
   leading minus all handled) must equal the calculator's result. `tools=False` marks the evaluation without the
   tool: the engine then runs no calculator and the model must produce the number itself.
@@ -28,43 +38,247 @@ OPS = "+-*/"
 TEST_FRACTION = 8  # one problem in 8 is held out
 ANSWER_TEXT = "\n\nThe answer is {}."
 
-# Bare questions, per operation; {a} and {b} are the operands in expression order (a op b).
-PHRASES = {
-    "+": ["What is {a} plus {b}?", "What's {a} + {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
-          "Calculate {a} + {b}.", "What is the sum of {a} and {b}?", "{a} plus {b} is what?", "Compute {a}+{b}.",
-          "what is {a} added to {b}", "Please add {a} to {b}."],
-    "-": ["What is {a} minus {b}?", "What's {a} - {b}?", "Subtract {b} from {a}.", "How much is {a} minus {b}?",
-          "Calculate {a} - {b}.", "What do you get if you take {b} away from {a}?", "{a} minus {b} is what?",
-          "Compute {a}-{b}.", "what is {b} less than {a}", "What is the difference {a} minus {b}?"],
-    "*": ["What is {a} times {b}?", "What's {a} * {b}?", "Multiply {a} by {b}.", "How much is {a} multiplied by {b}?",
-          "Calculate {a} * {b}.", "What is the product of {a} and {b}?", "{a} times {b} is what?",
-          "Compute {a}*{b}.", "what is {a} x {b}", "How much is {a} times {b}?"],
-    "/": ["What is {a} divided by {b}?", "What's {a} / {b}?", "Divide {a} by {b}.", "How much is {a} divided by {b}?",
-          "Calculate {a} / {b}.", "What is {a} over {b}?", "{a} divided by {b} is what?", "Compute {a}/{b}.",
-          "what is {a} split into {b} equal parts", "How much is {a} shared by {b}?"],
+# ---------------------------------------------------------------------------------------------------------------
+# The lexicon, shared by every family: {a} op {b} as a noun phrase, as an imperative, and the operation's noun.
+# Phrases with a symbol take digits only ("twelve*7" is no one's way of writing).
+
+NOUN_PHRASES = {
+    "+": ["{a} plus {b}", "{a} + {b}", "{a}+{b}", "the sum of {a} and {b}", "{a} added to {b}",
+          "{a} and {b} added together", "the total of {a} and {b}", "{a} more than {b}"],
+    "-": ["{a} minus {b}", "{a} - {b}", "{a}-{b}", "{b} less than {a}", "{a} take away {b}", "{b} subtracted from {a}",
+          "{a} less {b}", "the difference {a} minus {b}"],
+    "*": ["{a} times {b}", "{a} * {b}", "{a}*{b}", "{a} x {b}", "{a} multiplied by {b}", "the product of {a} and {b}",
+          "{a} lots of {b}", "{a} groups of {b}"],
+    "/": ["{a} divided by {b}", "{a} / {b}", "{a}/{b}", "{a} over {b}", "the quotient of {a} and {b}",
+          "{a} split into {b} equal parts", "{a} shared equally by {b}", "{a} divided into {b} equal parts"],
 }
-# One-step word problems; {a} op {b} again. Counts are whole numbers; "dollars" problems may have cents.
+VERB_PHRASES = {
+    "+": ["add {a} and {b}", "add {b} to {a}", "add up {a} and {b}", "sum {a} and {b}", "put {a} and {b} together",
+          "combine {a} and {b}"],
+    "-": ["subtract {b} from {a}", "take {b} away from {a}", "take away {b} from {a}", "deduct {b} from {a}",
+          "remove {b} from {a}", "reduce {a} by {b}"],
+    "*": ["multiply {a} by {b}", "multiply {a} and {b}", "multiply {a} with {b}", "times {a} by {b}"],
+    "/": ["divide {a} by {b}", "split {a} into {b} equal parts", "share {a} equally among {b}",
+          "divide {a} into {b} equal parts"],
+}
+NOUNS = {"+": ["sum", "total"], "-": ["difference"], "*": ["product"], "/": ["quotient"]}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phrasing families: name -> template. {q} is a noun phrase, {v}/{V} an imperative (capitalised), {noun} the
+# operation's noun; stories name their numbers themselves. HELD_OUT lists the families no training row uses.
+
+NOUN_FRAMES = {
+    "what-is": "What is {q}?", "whats": "What's {q}?", "how-much": "How much is {q}?", "is-what": "{q} is what?",
+    "equals-q": "{q} = ?", "bare": "{q}", "calculate": "Calculate {q}.", "compute": "Compute {q}.",
+    "tell-me": "Tell me {q}.", "can-you-tell": "Can you tell me what {q} is?", "does-equal": "What does {q} equal?",
+    "find": "Find {q}.", "value-of": "Give me the value of {q}.", "need-to-know": "I need to know {q}.",
+    "answer-to": "What's the answer to {q}?", "solve": "Solve {q}.",
+    # held out
+    "work-out": "Work out {q} for me.", "comes-to": "Do you know what {q} comes to?",
+    "figure-out": "I'm trying to figure out {q}. Any idea?", "result-of": "What is the result of {q}?",
+    "wondering": "I was wondering how much {q} is.",
+}
+VERB_FRAMES = {
+    "imperative": "{V}.", "please": "Please {v}.", "could-you": "Could you {v}?", "can-you": "Can you {v} for me?",
+    "need-you": "I need you to {v}.", "what-if": "What do you get if you {v}?",
+    "and-tell": "{V} and tell me the result.",
+    "help-me": "Help me {v}.",
+    # held out
+    "would-you": "Would you {v}, please?", "what-happens": "What happens when you {v}?",
+    "lets": "Let's {v}. What do we get?",
+}
+NOUN_OF_FRAMES = {
+    "their-noun": "{a} and {b}: what is their {noun}?", "find-the-noun": "Find the {noun} of {a} and {b}.",
+    "what-is-the-noun": "What is the {noun} of {a} and {b}?",
+    # held out
+    "two-numbers": "I have two numbers, {a} and {b}. What is their {noun}?",
+}
+# One-step stories; {a} op {b} again; {a$} is an amount of money ("$40" or "40 dollars"). Counts of things stay
+# whole; amounts of money, kilograms, litres, kilometres and metres may have a decimal.
 STORIES = {
-    "+": ["{name} has {a} {things}. {Pro} gets {b} more. How many {things} does {pro} have now?",
-          "A shop sold {a} {things} in the morning and {b} in the afternoon. How many {things} did it sell in all?",
-          "There are {a} {things} in one box and {b} in another. How many {things} are there altogether?",
-          "{name} spent {a} dollars on Monday and {b} dollars on Tuesday. How much did {pro} spend in total?"],
-    "-": ["{name} had {a} {things} and gave {b} to a friend. How many {things} does {pro} have left?",
-          "A library had {a} {things}. It lent out {b} of them. How many are still there?",
-          "{name} needs {a} {things} and already has {b}. How many more does {pro} need?",
-          "{name} had {a} dollars and spent {b} dollars. How much money is left?"],
-    "*": ["There are {a} boxes with {b} {things} in each. How many {things} are there in total?",
-          "{name} buys {a} packs of {things}. Each pack has {b}. How many {things} is that?",
-          "A garden has {a} rows of {b} plants. How many plants are in the garden?",
-          "One ticket costs {b} dollars. How much do {a} tickets cost?"],
-    "/": ["{a} {things} are shared equally among {b} children. How many does each child get?",
-          "{name} puts {a} {things} into {b} equal piles. How many {things} are in each pile?",
-          "{b} friends split a bill of {a} dollars equally. How much does each friend pay?",
-          "A ribbon {a} meters long is cut into {b} equal pieces. How long is each piece in meters?"],
+    "+": {"gets-more": "{name} has {a} {things}. {Pro} gets {b} more. How many {things} does {pro} have now?",
+          "shop-sold": "A shop sold {a} {things} in the morning and {b} in the afternoon. How many {things} did it "
+                       "sell in all?",
+          "two-boxes": "There are {a} {things} in one box and {b} in another. How many {things} are there altogether?",
+          "spent-two-days": "{name} spent {a$} on Monday and {b$} on Tuesday. How much did {pro} spend in total?",
+          "walked": "{name} walked {a} km in the morning and {b} km in the evening. How far did {pro} walk?",
+          "tank": "A tank holds {a} liters of water. {b} more liters are poured in. How many liters are in it now?",
+          # held out
+          "collected": "{name}'s class collected {a} {things} last week and {b} this week. What is the total?",
+          "put-together": "If you put {a} {things} and {b} {things} together, how many do you have?"},
+    "-": {"gave-away": "{name} had {a} {things} and gave {b} to a friend. How many {things} does {pro} have left?",
+          "library": "A library had {a} {things}. It lent out {b} of them. How many are still there?",
+          "needs-more": "{name} needs {a} {things} and already has {b}. How many more does {pro} need?",
+          "money-left": "{name} had {a$} and spent {b$}. How much money is left?",
+          "rope": "A rope is {a} meters long. {name} cuts off {b} meters. How much rope is left?",
+          "flour": "A bag of flour weighs {a} kg. {b} kg were used for baking. How many kg remain?",
+          "lost-some": "{name} had {a} {things} and lost {b} of them. How many {things} are left?",
+          # held out
+          "trip": "The trip is {a} km long and we have driven {b} km so far. How many km are left to go?",
+          "points": "{name} scored {a} points and then lost {b} points. How many points does {pro} have now?"},
+    "*": {"boxes-each": "There are {a} boxes with {b} {things} in each. How many {things} are there in total?",
+          "packs": "{name} buys {a} packs of {things}. Each pack has {b}. How many {things} is that?",
+          "garden": "A garden has {a} rows of {b} plants. How many plants are in the garden?",
+          "tickets": "One ticket costs {b$}. How much do {a} tickets cost?",
+          "car-hours": "A car drives {b} km every hour. How far does it go in {a} hours?",
+          "bags-weigh": "Each bag weighs {b} kg. What do {a} bags weigh together?",
+          # held out
+          "saves-weekly": "{name} saves {b$} a week. How much has {pro} saved after {a} weeks?",
+          "hall-seats": "A hall has {a} rows with {b} seats in each row. How many seats are there?"},
+    "/": {"children": "{a} {things} are shared equally among {b} children. How many does each child get?",
+          "piles": "{name} puts {a} {things} into {b} equal piles. How many {things} are in each pile?",
+          "bill": "{b} friends split a bill of {a$} equally. How much does each friend pay?",
+          "ribbon": "A ribbon {a} meters long is cut into {b} equal pieces. How long is each piece in meters?",
+          "jugs": "{a} liters of juice are poured equally into {b} jugs. How many liters go into each jug?",
+          "stages": "A race of {a} km is run in {b} equal stages. How long is each stage in km?",
+          # held out
+          "per-hour": "{name} earns {a$} for {b} hours of work. How much is that per hour?",
+          "groups": "A class of {a} students is split into {b} equal groups. How many students are in each group?"},
 }
+HELD_OUT = frozenset({"work-out", "comes-to", "figure-out", "result-of", "wondering",  # 5 of 21 noun frames
+                      "would-you", "what-happens", "lets",  # 3 of 11 verb frames
+                      "two-numbers",  # 1 of 4 noun-of frames
+                      "collected", "put-together", "trip", "points",  # 2 of 8 or 9 stories per operation
+                      "saves-weekly", "hall-seats", "per-hour", "groups"})
+# how often each kind of family is drawn
+KINDS = {"noun": 0.35, "verb": 0.2, "noun-of": 0.1, "story": 0.35}
+
 NAMES = [("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Ana", "she"), ("Tom", "he"), ("Zoe", "she"),
          ("Ravi", "he"), ("Lena", "she"), ("Omar", "he"), ("Iris", "she")]
 THINGS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "coins", "cards", "shells", "stamps"]
+UNITS = ["{} kg", "{} km", "{} dollars", "${}", "{} meters", "{} liters", "{} apples", "{} points"]
+GREETINGS = ["Hi! ", "Hello, ", "Hey, ", "Quick question: ", "Excuse me, ", "Sorry to bother you, but ", "Math help: ",
+             "Okay, ", "Hi there. ", "Good morning! "]
+THANKS = [" Thanks!", " Thank you.", " Thanks in advance.", " Please.", " Cheers!", " I need this for homework.",
+          " Thx", " Appreciate it."]
+
+
+def families(split: str, phrasing: str = "seen") -> dict[str, dict[str, str]]:
+    """kind -> {family name: template} of the families a split draws from (stories keyed "story+", "story-"...).
+    Training and the "seen" test set use the families outside HELD_OUT, the "unseen" test set only those in it."""
+    if phrasing not in ("seen", "unseen"):
+        raise ValueError(f"phrasing must be seen|unseen, got {phrasing!r}")
+    if split == "train" and phrasing == "unseen":
+        raise ValueError("the held-out phrasing families are never trained on: phrasing='unseen' needs split='test'")
+    keep = (lambda name: name in HELD_OUT) if phrasing == "unseen" else (lambda name: name not in HELD_OUT)
+    kinds = {"noun": NOUN_FRAMES, "verb": VERB_FRAMES, "noun-of": NOUN_OF_FRAMES,
+             **{f"story{op}": STORIES[op] for op in OPS}}
+    return {kind: {n: t for n, t in frames.items() if keep(n)} for kind, frames in kinds.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers in words and with separators
+
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+MAX_WORDS = 999_999
+
+
+def spell(n: int, british: bool = False, hyphen: bool = True) -> str:
+    """0 <= n <= 999,999 in English words: 1205 -> "one thousand two hundred five" ("... two hundred and five"
+    with `british`); 42 -> "forty-two" ("forty two" without `hyphen`)."""
+    if not 0 <= n <= MAX_WORDS:
+        raise ValueError(f"spell takes 0..{MAX_WORDS}, got {n}")
+
+    def below_1000(m: int, joined: bool) -> list[str]:  # `joined`: something precedes, so "and" may be due
+        words = []
+        if m >= 100:
+            words += [ONES[m // 100], "hundred"]
+            m %= 100
+        if m and british and (words or joined):
+            words.append("and")
+        if m >= 20:
+            words.append(TENS[m // 10] + (("-" if hyphen else " ") + ONES[m % 10] if m % 10 else ""))
+        elif m:
+            words.append(ONES[m])
+        return words
+
+    if n == 0:
+        return "zero"
+    words = below_1000(n // 1000, False) + ["thousand"] if n >= 1000 else []
+    return " ".join(words + below_1000(n % 1000, bool(words)))
+
+
+_WORD_VALUES = {w: i for i, w in enumerate(ONES)} | {w: 10 * i for i, w in enumerate(TENS) if w}
+
+
+def parse_number(text: str) -> Decimal:
+    """A number as a question may write it: "1,234", "$40", "-12", "7.5", "forty-two", "One thousand and five".
+    The inverse of the generator's number styles (the tests check every question's operands with it)."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\$?-?\d{1,3}(,\d{3})+(\.\d+)?|\$?-?\d+(\.\d+)?", s):
+        return Decimal(s.lstrip("$").replace(",", ""))
+    words = s.replace("-", " ").split()
+    total, current = 0, 0
+    for word in words:
+        if word == "and":
+            continue
+        if word == "hundred":
+            current *= 100
+        elif word == "thousand":
+            total, current = total + current * 1000, 0
+        elif word in _WORD_VALUES:
+            current += _WORD_VALUES[word]
+        else:
+            raise ValueError(f"not a number: {text!r} (unknown word {word!r})")
+    if not words:
+        raise ValueError(f"not a number: {text!r}")
+    return Decimal(total + current)
+
+
+def write_number(rng: random.Random, x: str, symbolic: bool) -> str:
+    """One operand as the question writes it: digits; thousands separators from 1,000 on (30%); words for whole
+    numbers (20% below 100, 6% above), never next to a symbol (`symbolic`)."""
+    value = Decimal(x)
+    whole = value == value.to_integral_value() and 0 <= value <= MAX_WORDS
+    if whole and not symbolic and rng.random() < (0.2 if value < 100 else 0.06):
+        return spell(int(value), british=rng.random() < 0.3, hyphen=rng.random() < 0.8)
+    if abs(value) >= 1000 and rng.random() < 0.3:
+        whole_part, _, frac = x.partition(".")
+        return f"{int(whole_part):,}" + (f".{frac}" if frac else "")
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noise that leaves the request intact
+
+_NUMBER_WORDS = set(_WORD_VALUES) | {"hundred", "thousand", "and"}
+
+
+def add_typo(rng: random.Random, text: str) -> str:
+    """One typo (two letters swapped, one dropped or one doubled) in a word of 4+ letters that is not a number."""
+    words = [m for m in re.finditer(r"[A-Za-z]{4,}", text) if m.group().lower() not in _NUMBER_WORDS]
+    if not words:
+        return text
+    m = rng.choice(words)
+    w, i = m.group(), rng.randrange(1, len(m.group()) - 1)
+    kind = rng.randrange(3)
+    typo = (w[:i] + w[i + 1] + w[i] + w[i + 2:] if kind == 0 else w[:i] + w[i + 1:] if kind == 1
+            else w[:i] + w[i] + w[i:])
+    return text[:m.start()] + typo + text[m.end():]
+
+
+def add_noise(rng: random.Random, question: str) -> str:
+    if rng.random() < 0.25:  # "Hi! what is ...", but "Hi! Mia has ..."
+        name = question.split("'")[0].split()[0] in {n for n, _ in NAMES}
+        question = rng.choice(GREETINGS) + (question if name else question[0].lower() + question[1:])
+    if rng.random() < 0.2:
+        question += rng.choice(THANKS)
+    if rng.random() < 0.12:
+        question = question.rstrip(".?!")
+    if rng.random() < 0.15:
+        question = add_typo(rng, question)
+    if rng.random() < 0.15:
+        question = question.lower()
+    return question[0].upper() + question[1:] if rng.random() < 0.9 else question
+
+
+def with_unit(unit: str, number: str) -> str:
+    """"${}" only before plain whole digits ("$1,200", not "$forty" or "$7.5": those read "... dollars")."""
+    if unit.startswith("$") and not re.fullmatch(r"[\d,]+", number):
+        unit = "{} dollars"
+    return unit.format(number)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,7 +317,7 @@ def expression(op: str, a: str, b: str) -> str:
 
 
 def draw_problem(rng: random.Random, op: str, decimals: bool, negatives: bool) -> tuple[str, str]:
-    """Operands (a, b) of `a op b` as they will be written. Without `negatives`, a subtraction never goes below 0;
+    """Operands (a, b) of `a op b` as canonical digits. Without `negatives`, a subtraction never goes below 0;
     quotients are exact and short (a = b x quotient); products stay within 8 digits."""
     decimal = decimals and rng.random() < 0.15
     if op == "/":
@@ -151,44 +365,71 @@ def numbers_match(got: str | None, want: str) -> bool:
 
 
 class Arithmetic(Task):
-    """`size` problems of the train or test split; `tools=False` is the same split evaluated without the tool."""
+    """`size` problems of the train or test split. `phrasing="unseen"` (test only) asks them in the held-out
+    phrasing families; `tools=False` is the same set evaluated without the tool."""
 
     eval_type = "generative"
 
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 0, tools: bool = True, **kwargs):
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 0, tools: bool = True,
+                 phrasing: str = "seen", **kwargs):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"split must be train|test, got {split!r}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        self.size, self.split, self.seed, self.tools = size, split, seed, tools
+        self.families = families(split, phrasing)
+        self.size, self.split, self.seed, self.tools, self.phrasing = size, split, seed, tools, phrasing
 
     @property
     def name(self) -> str:
-        return "Arithmetic" if self.tools else "Arithmetic-NoTool"
+        return "Arithmetic" + ("-Unseen" if self.phrasing == "unseen" else "") + ("" if self.tools else "-NoTool")
 
     def num_examples(self) -> int:
         return self.size
 
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"Arithmetic:{self.seed}:{self.split}:{index}")
+        rng = random.Random(f"Arithmetic:{self.seed}:{self.split}:{self.phrasing}:{index}")
         op = rng.choice(OPS)
-        story = rng.random() < 0.3
-        template = rng.choice(STORIES[op] if story else PHRASES[op])
-        measured = "dollars" in template or "meters" in template  # counts of things stay whole
-        while True:
-            a, b = draw_problem(rng, op, decimals=measured or not story, negatives=not story)
+        kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+        frames = self.families[f"story{op}" if kind == "story" else kind]
+        family = rng.choice(sorted(frames))
+        template = frames[family]
+        if kind == "noun":
+            template = template.replace("{q}", rng.choice(NOUN_PHRASES[op]))
+        elif kind == "verb":
+            phrase = rng.choice(VERB_PHRASES[op])
+            template = template.replace("{V}", phrase[0].upper() + phrase[1:]).replace("{v}", phrase)
+        elif kind == "noun-of":
+            template = template.replace("{noun}", rng.choice(NOUNS[op]))
+        story = kind == "story"
+        measured = any(u in template for u in ("$}", " kg", " km", "liters", "meters"))  # counts of things stay whole
+        while True:  # "the difference of 5 and 12" would be ambiguous: only bare phrases get negatives
+            a, b = draw_problem(rng, op, decimals=measured or not story, negatives=kind in ("noun", "verb"))
             result = calculate(expression(op, a, b))
             if is_test_problem(op, a, b) == (self.split == "test") and len(result) <= 12 \
                     and not result.startswith("Error"):
                 break
+        symbolic = bool(re.search(r"\{a\} ?[-+*/x] ?\{b\}", template))
+        shown = [write_number(rng, a, symbolic), write_number(rng, b, symbolic)]
+        if story:
+            money = rng.choice(["${}", "{} dollars"])
+            template = template.replace("{a$}", with_unit(money, shown[0])).replace("{b$}", with_unit(money, shown[1]))
+            a_text, b_text = shown
+        elif rng.random() < 0.1:  # units on a bare question: "12 kg plus 7 kg", "40 km divided by 8"
+            unit = rng.choice(UNITS)
+            a_text, b_text = with_unit(unit, shown[0]), shown[1] if op == "/" else with_unit(unit, shown[1])
+        else:
+            a_text, b_text = shown
         name, pro = rng.choice(NAMES)
-        question = template.format(a=a, b=b, name=name, pro=pro, Pro=pro.capitalize(), things=rng.choice(THINGS))
+        question = template.format(a=a_text, b=b_text, name=name, pro=pro, Pro=pro.capitalize(),
+                                   things=rng.choice(THINGS))
+        question = add_noise(rng, question[0].upper() + question[1:])
         expr = expression(op, a, b)
         parts = [{"type": "python", "text": expr}, {"type": "python_output", "text": result},
                  {"type": "text", "text": ANSWER_TEXT.format(result)}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
-                "answer": result, "expression": expr, "problem": problem_key(op, a, b)}
+                "answer": result, "expression": expr, "problem": problem_key(op, a, b), "family": family,
+                "operands": shown}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return numbers_match(final_number(completion), conversation["answer"])
