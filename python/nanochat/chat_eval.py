@@ -72,9 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             sandbox["unsandboxed"] = True
     rt = init_runtime(args.device)
     try:
-        from nanochat.checkpoint import checkpoint_dir, load_chat_model
-        from nanochat.evals.chat import run_chat_eval
+        from nanochat.checkpoint import checkpoint_dir, load_chat_model, require_chat_checkpoint
+        from nanochat.evals.chat import build_tasks, run_chat_eval
 
+        require_chat_checkpoint(args.source, args.model)
+
+        tasks = None
+        if sandbox is not None:
+            from nanochat.tasks import HumanEval
+
+            tasks = {"HumanEval": HumanEval(allow_unsandboxed=args.allow_unsandboxed)}
+        # the eval data first: a missing file is one line before any model is loaded (or its weights guarded)
+        tasks = build_tasks(task_names, args.arithmetic_problems, tasks)
         model, tokenizer, meta, stage = load_chat_model(args.source, device=rt.device, model_tag=args.model_tag,
                                                         step=args.step, model_dir=args.model, weights=args.weights)
         args.model_tag = args.model_tag or (meta.get("model_tag") if args.model else None)
@@ -84,11 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         print0(f"chat-eval: {stage}/{tag} step {meta.get('step')} ({meta['weights']} weights) on "
                f"{', '.join(task_names)}")
         t0 = time.time()
-        tasks = None
-        if sandbox is not None:
-            from nanochat.tasks import HumanEval
-
-            tasks = {"HumanEval": HumanEval(allow_unsandboxed=args.allow_unsandboxed)}
         report = run_chat_eval(model, tokenizer, rt.device, task_names, max_problems=args.max_problems,
                                num_samples=args.num_samples, max_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k or None, batch_size=args.batch_size,

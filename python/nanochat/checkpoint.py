@@ -361,14 +361,30 @@ def load_chat_model(source: str | None = None, device="cpu", model_tag: str | No
     if source is not None:
         return (*load_model(source, device=device, model_tag=model_tag, step=step, weights=weights), source)
     for stage in CHAT_STAGES:
-        stage_dir = checkpoint_dir(stage, "x").parent
-        if stage_dir.is_dir() and any(p.is_dir() for p in stage_dir.iterdir()):
+        if _has_tags(stage):
             try:
                 return (*load_model(stage, device=device, model_tag=model_tag, step=step, weights=weights), stage)
             except FileNotFoundError:
                 continue
-    raise MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under {stage_dir.parent}; "
-                            f"train one (`nanochat chat-sft`) or name one with --source base")
+    raise _no_chat_checkpoint()
+
+
+def _has_tags(stage: str) -> bool:
+    stage_dir = checkpoint_dir(stage, "x").parent
+    return stage_dir.is_dir() and any(p.is_dir() for p in stage_dir.iterdir())
+
+
+def require_chat_checkpoint(source: str | None = None, model_dir=None) -> None:
+    """load_chat_model's "no chat checkpoint" error from directory checks alone: commands that have more to check
+    (chat-eval's data) call it first, so that an empty base dir says what is missing before anything loads."""
+    if source is None and model_dir is None and not any(_has_tags(s) for s in CHAT_STAGES):
+        raise _no_chat_checkpoint()
+
+
+def _no_chat_checkpoint() -> MissingInputError:
+    return MissingInputError(f"no chat checkpoint (stages {', '.join(CHAT_STAGES)}) under "
+                             f"{checkpoint_dir(CHAT_STAGES[0], 'x').parent.parent}; train one (`nanochat chat-sft`) "
+                             f"or name one with --source base")
 
 
 def add_chat_model_args(p) -> None:

@@ -126,6 +126,17 @@ def build_task(name: str, **kwargs):
     return factories[name]()
 
 
+def build_tasks(task_names: list[str], arithmetic_problems: int | None = None, tasks: dict | None = None) -> dict:
+    """name -> task for every name (those in `tasks` as given): building a task reads its data, so a missing or
+    corrupt eval file is reported before a model is loaded. `arithmetic_problems` sizes the arithmetic sets."""
+    tasks = dict(tasks or {})
+    for name in task_names:
+        if name not in tasks:
+            sized = name in NOT_IN_CHATCORE and arithmetic_problems
+            tasks[name] = build_task(name, arithmetic_size=arithmetic_problems) if sized else build_task(name)
+    return tasks
+
+
 def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems: int | None = None,
                   num_samples: int = 1, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = 50,
                   batch_size: int = 8, tasks: dict | None = None, log=print,
@@ -133,14 +144,10 @@ def run_chat_eval(model, tokenizer, device, task_names: list[str], max_problems:
     """Evaluate each task; returns {"tasks": {name: {...}}, "chatcore": mean centered accuracy}.
     `arithmetic_problems`: the size of the held-out arithmetic set (not capped by `max_problems`)."""
     results = {}
+    tasks = build_tasks(task_names, arithmetic_problems, tasks)
     for name in task_names:
-        cap = max_problems
-        if tasks and name in tasks:
-            task = tasks[name]
-        elif name in NOT_IN_CHATCORE and arithmetic_problems:
-            task, cap = build_task(name, arithmetic_size=arithmetic_problems), None
-        else:
-            task = build_task(name)
+        task = tasks[name]
+        cap = None if name in NOT_IN_CHATCORE and arithmetic_problems else max_problems
         t0 = time.time()
         if task.eval_type == "categorical":
             correct, total = evaluate_categorical(model, tokenizer, task, device, batch_size, cap)
