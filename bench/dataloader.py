@@ -1,4 +1,4 @@
-"""Data loader throughput: tokens/s of nanochat.dataloader alone vs what one GPU consumes training a depth-20 model.
+"""Data loader throughput: tokens/s of nanochat.data.loader alone vs what one GPU consumes training a depth-20 model.
 
 The anchor (what the loader must beat by 5x): a d20 GPT trained at 47% MFU on one H100 SXM (989 TFLOP/s dense bf16
 peak) consumes 0.47 * 989e12 / (6 N) tokens/s, N = all parameters incl. embeddings (our GPT(from_depth(20)), built on
@@ -29,7 +29,7 @@ def d20_tokens_per_s(vocab_size: int = 65536) -> tuple[float, float, int]:
     """(tokens/s by 6N, tokens/s by the model's estimate_flops, N) for d20 on one H100 at 47% MFU."""
     import torch
 
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(20, vocab_size=vocab_size, sequence_len=2048))
@@ -38,7 +38,7 @@ def d20_tokens_per_s(vocab_size: int = 65536) -> tuple[float, float, int]:
 
 
 def get_tokenizer(args):
-    from nanochat.dataset import iter_texts
+    from nanochat.data.shards import iter_texts
     from nanochat.tokenizer import Tokenizer
 
     if args.tokenizer:
@@ -55,7 +55,7 @@ def get_tokenizer(args):
 
 def measure(tokenizer, args, threads: int, reference: bool) -> tuple[float, float, float]:
     """(steady tokens/s, seconds to the first batch, dropped fraction) of one run."""
-    from nanochat.dataloader import DataLoader
+    from nanochat.data.loader import DataLoader
 
     t0 = time.perf_counter()
     loader = DataLoader(tokenizer, args.batch_size, args.seq_len, "train", data_dir=args.data_dir, threads=threads,

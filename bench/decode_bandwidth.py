@@ -43,11 +43,11 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.kv_cache import KVCache  # noqa: E402
-from nanochat.quantize import LINEAR_CLASSES, empty_model, linear_names, matmul_weight_bytes  # noqa: E402
-from nanochat.sampling import sample_tokens  # noqa: E402
-from nanochat.scheduler import DecodeGraphs  # noqa: E402
+from nanochat.inference.kv_cache import KVCache  # noqa: E402
+from nanochat.inference.sampling import sample_tokens  # noqa: E402
+from nanochat.inference.scheduler import DecodeGraphs  # noqa: E402
+from nanochat.model.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.model.quantize import LINEAR_CLASSES, empty_model, linear_names, matmul_weight_bytes  # noqa: E402
 
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, by name part
 
@@ -128,8 +128,8 @@ def build(config: GPTConfig, fmt: str, device) -> GPT:
 
 def build_hf(config: GPTConfig, dtype: torch.dtype):
     """The exported model class (nanochat/hf) with the same weights as `build(config, "fp32")`, in `dtype`."""
-    from nanochat.export import hf_state_dict
     from nanochat.hf.configuration_nanochat import NanochatConfig
+    from nanochat.hf.export import hf_state_dict
     from nanochat.hf.modeling_nanochat import NanochatForCausalLM
 
     hf_config = NanochatConfig(vocab_size=config.vocab_size, sequence_len=config.sequence_len,
@@ -280,7 +280,7 @@ def write_random_safetensors(path, config: GPTConfig) -> int:
 def memory_child(path, depth: int, fmt: str, batch: int, context: int) -> dict:
     """In a fresh process: load `path` in `fmt` (quantize.load_converted), allocate the KV cache of `batch` rows x
     `context` positions, decode 2 steps; peak RSS against weight bytes + KV bytes."""
-    from nanochat.quantize import load_converted, weight_bytes
+    from nanochat.model.quantize import load_converted, weight_bytes
 
     def status(field: str) -> int:  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
         line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))

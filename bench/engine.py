@@ -23,11 +23,11 @@ import time
 import torch
 
 from nanochat.common import system_info
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams
-from nanochat.scheduler import GenerationRequest, Scheduler
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.kv_cache import KVCache
+from nanochat.inference.engine import Engine
+from nanochat.inference.kv_cache import KVCache
+from nanochat.inference.sampling import SamplingParams
+from nanochat.inference.scheduler import GenerationRequest, Scheduler
+from nanochat.model.gpt import GPT, GPTConfig
 
 
 class IdTokenizer:

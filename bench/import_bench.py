@@ -43,7 +43,7 @@ def nanochat_checkpoint(folder: Path, depth: int, era: str, seed: int = 0) -> in
     """Write a random-weight checkpoint in nanochat's format; returns the number of parameters."""
     import tiktoken
 
-    from nanochat.gpt import nanochat_ve_layers
+    from nanochat.model.gpt import nanochat_ve_layers
     from nanochat.tokenizer import SPECIAL_TOKENS, _rustbpe
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,8 +127,8 @@ def decode_rate(run, batch: int, n: int) -> float:
 
 
 def decode_both(folder: Path, prompt_len: int, n: int) -> dict:
-    from nanochat.checkpoint import load_exported
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
+    from nanochat.model.checkpoint import load_exported
 
     torch.manual_seed(0)
     prompts = [torch.randint(0, 60000, (prompt_len,)).tolist() for _ in range(8)]
@@ -138,7 +138,7 @@ def decode_both(folder: Path, prompt_len: int, n: int) -> dict:
     engine = Engine(NoStop(model, stops), tok, tools=False, prefix_cache_tokens=0)
     with torch.no_grad():
         for b in (1, 8):
-            rates[("ours", b)] = decode_rate(lambda B, N: engine.generate(prompts[:B], max_tokens=N, batch_size=B),
+            rates[("ours", b)] = decode_rate(lambda B, N: engine.generate(prompts[:B], max_tokens=N, batch_size=B),  # noqa: F821 (deleted after use)
                                              b, n)
             print(f"ours, batch {b}: {rates[('ours', b)]:.2f} tok/s", flush=True)
     del engine, model

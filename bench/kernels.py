@@ -350,9 +350,9 @@ def bench_newton_schulz(cfg: BenchConfig, device: str) -> list[dict]:
 def bench_optimizer_step(cfg: BenchConfig, device: str) -> list[dict]:
     """MuonAdamW.step() on a d20 model's matrices with our Newton-Schulz vs the eager reference (env switch)."""
     try:
-        from nanochat.optim import MuonAdamW
+        from nanochat.model.optim import MuonAdamW
     except ImportError as exc:  # the bench still runs where only the kernels package is importable
-        print(f"(optimizer step skipped: nanochat.optim does not import: {exc})")
+        print(f"(optimizer step skipped: nanochat.model.optim does not import: {exc})")
         return []
     if cfg.smoke:
         shapes = [(2, 32, 32)]

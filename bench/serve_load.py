@@ -38,10 +38,10 @@ import httpx
 import torch
 
 from nanochat.common import system_info
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.model.tiny import tiny_tokenizer
 from nanochat.serve.app import ServerConfig, create_app
 from nanochat.serve.thread import ServerThread
-from nanochat.tiny import tiny_tokenizer
 
 
 async def one_stream(http: httpx.AsyncClient, messages: list[dict], max_tokens: int,

@@ -157,8 +157,9 @@ def throughput(fn, docs, runs) -> float:
 
 
 def run_encoding(cfg: Config, tok_path: str, texts: list[str]) -> tuple[dict, dict]:
-    from nanochat import _rustbpe
     import tiktoken
+
+    from nanochat import _rustbpe
     ours = _rustbpe.Tokenizer.load(tok_path)
     first: dict[bytes, int] = {}
     for i, t in enumerate(ours.mergeable_ranks()):

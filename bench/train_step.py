@@ -86,9 +86,9 @@ def sync(device: torch.device) -> None:
 
 def step_worker(job: dict) -> dict:
     """Time training steps of one configuration."""
-    from nanochat.base_train import peak_flops
     from nanochat.common import configure_threads, cpu_autocast
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
+    from nanochat.training.base_train import peak_flops
 
     device = torch.device(job["device"])
     if device.type == "cuda":
@@ -133,7 +133,7 @@ def loss_worker(job: dict) -> dict:
 
     import nanochat_kernels
     from nanochat.common import configure_threads, cpu_autocast
-    from nanochat.gpt import LOGIT_SOFTCAP
+    from nanochat.model.gpt import LOGIT_SOFTCAP
 
     device = torch.device(job["device"])
     configure_threads(None, device)

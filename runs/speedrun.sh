@@ -32,7 +32,7 @@ if [ "$SMOKE" = 1 ]; then
 import sys
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
-from nanochat.dataset import VAL_SHARD_INDEX, shard_name
+from nanochat.data.shards import VAL_SHARD_INDEX, shard_name
 src, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 table = pa.concat_tables([pq.read_table(f, columns=["text"]) for f in sorted(src.glob("*.parquet"))])
 cut = int(0.8 * len(table))  # the first 80% of the rows in every train shard, the rest is validation
@@ -80,7 +80,7 @@ if [ -z "${DEVICE_BATCH_SIZE:-}" ]; then
     DEVICE_BATCH_SIZE=$(python - "$DEPTH" "$MEM_GB" <<'PY'
 import sys
 import torch
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.model.gpt import GPT, GPTConfig
 depth, mem_gb = int(sys.argv[1]), float(sys.argv[2])
 with torch.device("meta"):
     model = GPT(GPTConfig.from_depth(depth))
@@ -104,7 +104,7 @@ if [ "$SMOKE" = 1 ]; then BASE+=(--total-batch-size $((2 * DEVICE_BATCH_SIZE * 6
 #    30% for tokenizer, midtraining, SFT and evaluations.
 python - "$DEPTH" "$NGPU" "$GPU_HOUR_PRICE" <<'PY'
 import sys
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.model.gpt import GPT, GPTConfig
 import torch
 depth, ngpu, price = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 with torch.device("meta"):
@@ -131,16 +131,16 @@ stage tokenizer nanochat tok-train --max-chars 2000000000 "${TOK[@]}"
 stage tok-eval  nanochat tok-eval
 wait "$DOWNLOAD_PID" || { echo "speedrun: shard download failed, see $NANOCHAT_BASE_DIR/report/download.log" >&2; exit 1; }
 
-stage base      $TR -m nanochat.base_train -- --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" \
+stage base      $TR -m nanochat.training.base_train -- --depth "$DEPTH" --device-batch-size "$DEVICE_BATCH_SIZE" \
                     --save-every 1000 --keep-last 2 --resume "${BASE[@]}"
-stage base-eval $TR -m nanochat.base_eval -- --eval bpb,samples,core "${BASE_EVAL[@]}"
-stage mid       $TR -m nanochat.mid_train -- --device-batch-size "$DEVICE_BATCH_SIZE" --resume "${MID[@]}"
-stage mid-eval  $TR -m nanochat.chat_eval -- --source mid "${CHAT_EVAL[@]}"
-stage sft       $TR -m nanochat.chat_sft -- --resume "${SFT[@]}"
-stage sft-eval  $TR -m nanochat.chat_eval -- --source sft "${CHAT_EVAL[@]}"
+stage base-eval $TR -m nanochat.evals.base_eval -- --eval bpb,samples,core "${BASE_EVAL[@]}"
+stage mid       $TR -m nanochat.training.mid_train -- --device-batch-size "$DEVICE_BATCH_SIZE" --resume "${MID[@]}"
+stage mid-eval  $TR -m nanochat.evals.chat_eval -- --source mid "${CHAT_EVAL[@]}"
+stage sft       $TR -m nanochat.training.chat_sft -- --resume "${SFT[@]}"
+stage sft-eval  $TR -m nanochat.evals.chat_eval -- --source sft "${CHAT_EVAL[@]}"
 if [ "$RUN_RL" = 1 ]; then
-    stage rl      $TR -m nanochat.chat_rl -- --resume "${RL[@]}"
-    stage rl-eval $TR -m nanochat.chat_eval -- --source rl --tasks GSM8K "${CHAT_EVAL[@]}"
+    stage rl      $TR -m nanochat.training.chat_rl -- --resume "${RL[@]}"
+    stage rl-eval $TR -m nanochat.evals.chat_eval -- --source rl --tasks GSM8K "${CHAT_EVAL[@]}"
 fi
 nanochat report --price-per-hour "$(python -c "print($GPU_HOUR_PRICE * $NGPU)")"
 cat <<MSG

@@ -45,8 +45,8 @@ def base_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tok():
-    """The small real-text tokenizer of nanochat.tiny (vocab 512), trained once per run: tests only read it."""
-    from nanochat.tiny import tiny_tokenizer
+    """The small real-text tokenizer of nanochat.model.tiny (vocab 512), trained once per run: tests only read it."""
+    from nanochat.model.tiny import tiny_tokenizer
 
     return tiny_tokenizer(512)
 

@@ -13,11 +13,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.engine import Engine
-from nanochat.tiny import tiny_tokenizer
-from nanochat.tasks.arithmetic import (HELD_OUT, Arithmetic, add_typo, expression, families, final_number,
-                                       is_test_problem, numbers_match, parse_number, problem_key, spell)
-from nanochat.calculator import evaluate as calculate
+from nanochat.inference.engine import Engine
+from nanochat.model.tiny import tiny_tokenizer
+from nanochat.tasks.arithmetic import (
+    HELD_OUT,
+    Arithmetic,
+    add_typo,
+    expression,
+    families,
+    final_number,
+    is_test_problem,
+    numbers_match,
+    parse_number,
+    problem_key,
+    spell,
+)
+from nanochat.tools.calculator import evaluate as calculate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,8 +279,7 @@ def test_expression_parenthesises_a_negative_right_operand():
 
 
 def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_chatcore(tok, monkeypatch):
-    from nanochat import chat_eval, report
-    from nanochat.evals import chat
+    from nanochat.evals import chat, chat_eval, report
 
     rows = ["Arithmetic", "Arithmetic-Unseen", "Arithmetic-Unseen-NoTool"]
     assert [t for t in chat_eval.ALL_TASKS if t.startswith("Arithmetic")] == rows  # what chat-eval runs by default

@@ -42,7 +42,7 @@ def env(base_dir, shared_data, tmp_path):
 
 
 def train_cmd(env, tag, *extra, steps=STEPS):
-    return [sys.executable, "-m", "nanochat.base_train", "--depth", "1", "--max-seq-len", "32",
+    return [sys.executable, "-m", "nanochat.training.base_train", "--depth", "1", "--max-seq-len", "32",
             "--device-batch-size", "4", "--total-batch-size", "256", "--num-iterations", str(steps),
             "--eval-every", "8", "--eval-tokens", "1024", "--sample-every", "0", "--save-every", str(SAVE_EVERY),
             "--data-dir", str(env["data_dir"]), "--model-tag", tag, "--device", "cpu", "--loader-threads", "1",
@@ -93,7 +93,7 @@ def test_kill_and_resume_reproduces_the_loss_curve(env, capsys):
     assert curves(env, "killed") == (losses, bpbs)  # bit for bit: every loss and every bpb
 
     # --resume with nothing to resume starts from scratch (so restart loops can always pass it); in-process
-    from nanochat.base_train import main
+    from nanochat.training.base_train import main
 
     assert main(train_cmd(env, "fresh", "--resume", steps=2)[3:]) == 0
     assert "starting from step 0" in capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(env):
 
 @pytest.mark.slow
 def test_bad_batch_geometry_is_rejected(env):
-    from nanochat.base_train import main
+    from nanochat.training.base_train import main
 
     with pytest.raises(ValueError, match="--total-batch-size 100 must be a multiple of .* = 4 x 32 x 1 = 128"):
         main(train_cmd(env, "geom", "--total-batch-size", "100")[3:])
@@ -127,7 +127,8 @@ def test_bad_batch_geometry_is_rejected(env):
 
 @pytest.mark.slow
 def test_base_eval_writes_results(env):
-    from nanochat import base_eval, base_train
+    from nanochat.evals import base_eval
+    from nanochat.training import base_train
 
     assert base_train.main(train_cmd(env, "ev", steps=2)[3:]) == 0
     assert base_eval.main(["--model-tag", "ev", "--eval", "bpb,samples", "--eval-tokens", "512",
@@ -143,7 +144,7 @@ def test_base_eval_writes_results(env):
 def test_two_process_torchrun_run_resumes_exactly(env):
     """gloo on CPU: per-rank optimizer shards and loader states are saved, and a resume reproduces the curve."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "nanochat.base_train", "--"] + train_cmd(env, "ddp", steps=2 * SAVE_EVERY)[3:]
+           "nanochat.training.base_train", "--"] + train_cmd(env, "ddp", steps=2 * SAVE_EVERY)[3:]
     first = run(cmd, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 rank(s)" in first.stdout
@@ -170,7 +171,7 @@ def test_two_process_torchrun_run_resumes_exactly(env):
 def test_horizon_precedence():
     import argparse
 
-    from nanochat.base_train import horizon
+    from nanochat.training.base_train import horizon
 
     args = argparse.Namespace(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0)
     assert horizon(args, num_params=1000, flops_per_token=6e3, total_batch=100) == (200, "20 tokens per parameter")
@@ -185,7 +186,7 @@ def test_horizon_precedence():
 def test_peak_flops_table(monkeypatch):
     import torch
 
-    from nanochat import base_train
+    from nanochat.training import base_train
 
     assert base_train.peak_flops(torch.device("cpu")) is None
     for name, expected in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
@@ -195,7 +196,7 @@ def test_peak_flops_table(monkeypatch):
 
 
 def test_truncate_log_keeps_earlier_steps_and_drops_torn_lines(tmp_path):
-    from nanochat.stage_plumbing import read_log, truncate_log
+    from nanochat.training.plumbing import read_log, truncate_log
 
     path = tmp_path / "train_log.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(6)] + ['{"step": 6, "lo']
@@ -208,9 +209,9 @@ def test_truncate_log_keeps_earlier_steps_and_drops_torn_lines(tmp_path):
 def test_architecture_switches_train_save_and_generate(env, monkeypatch):
     """base-train with every switch of nanochat's newest architecture: it trains (finite, falling loss), the
     checkpoint records the switches, and it loads and generates through the engine."""
-    from nanochat.base_train import main
-    from nanochat.checkpoint import load_model
-    from nanochat.engine import Engine
+    from nanochat.inference.engine import Engine
+    from nanochat.model.checkpoint import load_model
+    from nanochat.training.base_train import main
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(env["base_dir"]))
     switches = ["--value-embeds", "alternating", "--ve-gate-channels", "12", "--ve-gate-scale", "3", "--lambdas",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import regex
 
-from nanochat.bpe_reference import PATTERNS, ReferenceBPE, split_text
+from nanochat.tokenizer.reference import PATTERNS, ReferenceBPE, split_text
 
 rustbpe = pytest.importorskip("rustbpe")
 tiktoken = pytest.importorskip("tiktoken")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from nanochat.calculator import CalculatorLimits, evaluate
+from nanochat.tools.calculator import CalculatorLimits, evaluate
 
 
 @pytest.mark.parametrize("expr", [

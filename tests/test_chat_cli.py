@@ -8,10 +8,10 @@ from dataclasses import asdict
 
 import pytest
 
-from nanochat import chat_cli
-from nanochat.chat_cli import ChatSession, ChatSettings
-from nanochat.engine import Engine
-from nanochat.tiny import tiny_model
+from nanochat.inference.engine import Engine
+from nanochat.model.tiny import tiny_model
+from nanochat.serve import chat_cli
+from nanochat.serve.chat_cli import ChatSession, ChatSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -50,7 +50,7 @@ def test_a_failed_reply_says_why_and_leaves_the_conversation_as_it_was(model, to
     before = list(session.tokens)
 
     def broken_stream(*args, **kwargs):
-        from nanochat.scheduler import TokenEvent
+        from nanochat.inference.scheduler import TokenEvent
         yield TokenEvent(sample=0, token=None, mask=0, text="", finish_reason="error",
                          error="sampling failed: boom")
 
@@ -84,7 +84,7 @@ def test_overlong_conversation_is_refused_clearly(model, tok):
 
 
 def test_one_shot_prompt_from_a_checkpoint(base_dir, model, tok, capsys):
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.model.checkpoint import checkpoint_dir, save_checkpoint
     from nanochat.tokenizer import default_tokenizer_path
 
     tok.save(default_tokenizer_path())

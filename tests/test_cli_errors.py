@@ -18,7 +18,6 @@ import pytest
 import torch
 
 
-
 def nanochat_command() -> list[str]:
     """The installed console script; `python -m nanochat.cli` where it is not on PATH."""
     exe = shutil.which("nanochat")
@@ -70,8 +69,8 @@ def test_every_subcommand_on_an_empty_base_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
     """A base dir holding a tokenizer and a tiny sft + base checkpoint (no eval data)."""
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.tiny import tiny_model
+    from nanochat.model.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.model.tiny import tiny_model
     from nanochat.tokenizer import Tokenizer
 
     base = tmp_path_factory.mktemp("tiny_chat")
@@ -162,7 +161,8 @@ def test_flag_out_of_range_is_a_usage_error(tmp_path, args):
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
     """Only UserError is turned into one line: a bug in a stage propagates (and Python prints its traceback)."""
-    from nanochat import cli, report
+    from nanochat import cli
+    from nanochat.evals import report
 
     def broken(argv):
         raise KeyError("a bug")
@@ -173,8 +173,9 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
 
 
 def test_user_error_is_one_line_and_status_2(monkeypatch, capsys):
-    from nanochat import cli, report
+    from nanochat import cli
     from nanochat.common import UserError
+    from nanochat.evals import report
 
     def mistaken(argv):
         raise UserError("no such thing\nat all")

@@ -129,7 +129,7 @@ def test_load_core_data_bundle_and_offline(tmp_path, monkeypatch):
 
 
 def test_model_forward_matches_the_models_own_loss():
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))

@@ -14,10 +14,17 @@ import math
 import pytest
 import torch
 
-from nanochat.common import (CPU_COMPILE_MIN_STEPS, choose_compile, choose_dtype, configure_threads, cpu_autocast,
-                             cpu_flags, native_bf16_flags)
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.stage_plumbing import accumulate_gradients
+from nanochat.common import (
+    CPU_COMPILE_MIN_STEPS,
+    choose_compile,
+    choose_dtype,
+    configure_threads,
+    cpu_autocast,
+    cpu_flags,
+    native_bf16_flags,
+)
+from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.training.plumbing import accumulate_gradients
 
 CPU = torch.device("cpu")
 STEPS = 40

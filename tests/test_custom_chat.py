@@ -13,8 +13,14 @@ import pytest
 pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer is not built", exc_type=ImportError)
 
 from nanochat.tasks.base import TaskMixture  # noqa: E402
-from nanochat.tasks.custom_chat import (ChatData, ChatDataError, CustomChat, load_conversations,  # noqa: E402
-                                        parse_data_arg, with_custom_data)
+from nanochat.tasks.custom_chat import (  # noqa: E402
+    ChatData,
+    ChatDataError,
+    CustomChat,
+    load_conversations,
+    parse_data_arg,
+    with_custom_data,
+)
 
 
 def conversation(i: int) -> dict:
@@ -65,7 +71,7 @@ def test_every_bad_line_is_reported_with_its_number(tmp_path):
 
 
 def test_data_argument_is_checked_at_parse_time_with_exit_2(tmp_path, capsys):
-    from nanochat import chat_sft, mid_train
+    from nanochat.training import chat_sft, mid_train
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [conversation(1), {"messages": []}, b"{nope\n"])
     for stage in (chat_sft, mid_train):
@@ -122,8 +128,8 @@ def test_parse_data_arg_keeps_colons_in_names(tmp_path):
 @pytest.fixture
 def base_checkpoint(base_dir):
     """A tiny random base model and tokenizer in a fresh NANOCHAT_BASE_DIR."""
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.tiny import tiny_model, tiny_tokenizer
+    from nanochat.model.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.model.tiny import tiny_model, tiny_tokenizer
     from nanochat.tokenizer import default_tokenizer_path
 
     tokenizer = tiny_tokenizer(512)
@@ -136,8 +142,8 @@ def base_checkpoint(base_dir):
 
 @pytest.mark.slow
 def test_sft_and_mid_train_on_your_file(base_checkpoint, tmp_path):
-    from nanochat import chat_sft, mid_train
-    from nanochat.checkpoint import checkpoint_dir
+    from nanochat.model.checkpoint import checkpoint_dir
+    from nanochat.training import chat_sft, mid_train
 
     data = write_jsonl(tmp_path / "mine.jsonl", [conversation(i) for i in range(24)] + [TOOL])
     common = ["--device", "cpu", "--eval-every", "0", "--spelling-size", "20", "--smoltalk-limit", "0"]

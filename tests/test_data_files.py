@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
-from nanochat.data_files import cut_document
+from nanochat.data import shards as dataset
+from nanochat.data.from_files import cut_document
 
 
 def shard_texts(folder: Path) -> list[list[str]]:
@@ -159,7 +159,7 @@ def test_fifty_megabyte_document(tmp_path):
 @pytest.mark.slow
 def test_tok_train_and_base_train_run_on_the_shards(tmp_path, base_dir):
     """The shards feed tok-train and base-train unchanged (default data folder, no --data-dir)."""
-    from nanochat import base_train, tok_train
+    from nanochat.training import base_train, tok_train
 
     src = tmp_path / "in"
     src.mkdir()
@@ -197,7 +197,7 @@ def test_unreadable_files_are_skipped_or_stop_with_strict(tmp_path, capsys):
 def test_progress_on_a_terminal_and_for_large_inputs():
     import io
 
-    from nanochat.data_files import PROGRESS_MIN_BYTES, Progress
+    from nanochat.data.from_files import PROGRESS_MIN_BYTES, Progress
 
     class Terminal(io.StringIO):
         def isatty(self):

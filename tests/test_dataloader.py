@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.dataloader import BestFitBuffer, DataLoader, Document, ReferenceBestFitBuffer
+from nanochat.data.loader import BestFitBuffer, DataLoader, Document, ReferenceBestFitBuffer
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny" / "tiny.parquet"
 B, T = 4, 256

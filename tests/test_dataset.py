@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset, debian_sources, offline_corpus, plaintext
-from nanochat.dataset import DownloadConfig, download, iter_texts, list_shards, split_shards
+from nanochat.data import cli as data_cli
+from nanochat.data import debian_sources, offline_corpus, plaintext
+from nanochat.data import shards as dataset
+from nanochat.data.shards import DownloadConfig, download, iter_texts, list_shards, split_shards
 
 
 def write_shard(path: Path, texts: list[str], row_group_size: int = 1024) -> Path:
@@ -186,11 +188,11 @@ def test_download_rejects_bad_counts(tmp_path):
 def test_cli_download_uses_env_url(remote, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_DATA_URL", remote.url)
     out = tmp_path / "data"
-    assert dataset.main(["download", "-n", "1", "--data-dir", str(out), "--backoff", "0.01"]) == 0
+    assert data_cli.main(["download", "-n", "1", "--data-dir", str(out), "--backoff", "0.01"]) == 0
     assert [p.name for p in list_shards(out)] == ["shard_00000.parquet", "shard_01822.parquet"]
     assert "2 downloaded" in capsys.readouterr().out
     remote.plan = {"shard_00001.parquet": ["404"]}
-    assert dataset.main(["download", "-n", "2", "--data-dir", str(out), "--base-url", remote.url]) == 1
+    assert data_cli.main(["download", "-n", "2", "--data-dir", str(out), "--base-url", remote.url]) == 1
     assert "shard_00001.parquet" in capsys.readouterr().err
 
 
@@ -368,20 +370,20 @@ def test_cli_offline_refuses_to_mix_and_prints_notice(tmp_path, capsys):
     out = tmp_path / "data"
     out.mkdir()
     write_shard(out / "shard_00000.parquet", ["fineweb text"])
-    assert dataset.main(["offline", "--data-dir", str(out)]) == 1
+    assert data_cli.main(["offline", "--data-dir", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
     src = tmp_path / "src"
     fake_python_doc(src, 12)
-    assert dataset.main(["offline", "--data-dir", str(out), "--src", str(src), "--force",
+    assert data_cli.main(["offline", "--data-dir", str(out), "--src", str(src), "--force",
                          "--packages", "python3.11-doc"]) == 0
     printed = capsys.readouterr().out
     assert "PIPELINE DEMO" in printed and "NOT FineWeb" in printed
     assert len(split_shards("train", out)) >= 1 and "fineweb text" not in "".join(iter_texts("train", out))
     before = {p.name: p.stat().st_mtime_ns for p in list_shards(out)}
     args = ["offline", "--data-dir", str(out), "--src", str(src), "--packages", "python3.11-doc"]
-    assert dataset.main(args) == 0 and "already holds" in capsys.readouterr().out  # idempotent
+    assert data_cli.main(args) == 0 and "already holds" in capsys.readouterr().out  # idempotent
     assert {p.name: p.stat().st_mtime_ns for p in list_shards(out)} == before
-    assert dataset.main(args + ["--seed", "5"]) == 1  # a different build is not silently mixed in
+    assert data_cli.main(args + ["--seed", "5"]) == 1  # a different build is not silently mixed in
 
 
 def test_cli_evals_delegates(monkeypatch):
@@ -392,7 +394,7 @@ def test_cli_evals_delegates(monkeypatch):
     if "nanochat.tasks" not in sys.modules:
         monkeypatch.setitem(sys.modules, "nanochat.tasks", types.ModuleType("nanochat.tasks"))
     monkeypatch.setattr(sys.modules["nanochat.tasks"], "offline_data", module, raising=False)
-    assert dataset.main(["evals", "--only", "gsm8k", "--help-me"]) == 0
+    assert data_cli.main(["evals", "--only", "gsm8k", "--help-me"]) == 0
     assert calls == [["--only", "gsm8k", "--help-me"]]
 
 

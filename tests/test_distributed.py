@@ -21,7 +21,7 @@ VOCAB = 61  # odd: the AdamW row shards need padding
 
 
 def build():
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     # 3 layers: the MLP stacks hold 3 matrices each, so the Muon stacks need padding on 2 ranks
@@ -34,7 +34,7 @@ def batches():
 
 
 def run_steps(model, opt, data, steps, rank=0, world_size=1):
-    from nanochat.schedules import lr_multiplier, muon_momentum
+    from nanochat.model.schedules import lr_multiplier, muon_momentum
 
     rows = GLOBAL_BATCH // world_size
     for step in steps:
@@ -51,8 +51,8 @@ def run_steps(model, opt, data, steps, rank=0, world_size=1):
 def worker(out_dir: Path) -> None:
     import torch.distributed as dist
 
-    from nanochat.checkpoint import load_checkpoint, save_checkpoint
     from nanochat.common import init_process_group
+    from nanochat.model.checkpoint import load_checkpoint, save_checkpoint
 
     init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()

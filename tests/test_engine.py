@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams, sample_tokens
-from nanochat.scheduler import GenerationRequest, Scheduler
-from nanochat.text_stream import TextStream
-from nanochat.tiny import tiny_model
+from nanochat.inference.engine import Engine
+from nanochat.inference.sampling import SamplingParams, sample_tokens
+from nanochat.inference.scheduler import GenerationRequest, Scheduler
+from nanochat.inference.text_stream import TextStream
+from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 

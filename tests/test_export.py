@@ -17,10 +17,10 @@ import pytest
 
 pytest.importorskip("nanochat.tokenizer", reason="the native tokenizer is not built", exc_type=ImportError)
 
-from nanochat import export  # noqa: E402
-from nanochat.checkpoint import checkpoint_dir, load_exported, save_checkpoint  # noqa: E402
-from nanochat.engine import Engine  # noqa: E402
-from nanochat.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from nanochat.hf import export  # noqa: E402
+from nanochat.inference.engine import Engine  # noqa: E402
+from nanochat.model.checkpoint import checkpoint_dir, load_exported, save_checkpoint  # noqa: E402
+from nanochat.model.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 from nanochat.tokenizer import default_tokenizer_path  # noqa: E402
 
 CONVERSATIONS = [
@@ -99,8 +99,8 @@ FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from nanochat.checkpoint import load_chat_model
-    from nanochat.engine import Engine
+    from nanochat.model.checkpoint import load_chat_model
+    from nanochat.inference.engine import Engine
 
     folder, conversations, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     model, tokenizer, meta, stage = load_chat_model(model_dir=folder)
@@ -181,7 +181,8 @@ def test_corrupted_safetensors_is_rejected(exported, tmp_path):
 @pytest.mark.slow
 def test_commands_accept_model_dir(exported, base_dir, capsys):
     """chat, base-eval and chat-eval load the folder with --model (a fresh NANOCHAT_BASE_DIR: no checkpoints, no tokenizer)."""
-    from nanochat import base_eval, chat_cli, chat_eval
+    from nanochat.evals import base_eval, chat_eval
+    from nanochat.serve import chat_cli
 
     folder = str(exported["dir"])
     assert chat_cli.main(["--model", folder, "-p", "hello", "--temperature", "0", "--max-tokens", "4",

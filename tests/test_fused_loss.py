@@ -339,7 +339,7 @@ def test_gpu_linear_ce_bf16(reduction, monkeypatch):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gpt_fused_loss_matches_materialized(reduction):
     """GPT.forward with targets: the fused loss (default) and fused_loss=False give the same loss and gradients."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64))
@@ -369,7 +369,7 @@ def test_gpt_fused_loss_matches_materialized(reduction):
 def test_core_loss_scoring_uses_the_fused_loss(monkeypatch):
     """CORE's loss-only forward (multiple choice, schema) gives the losses of the logits path without logits."""
     from nanochat.evals import core
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))

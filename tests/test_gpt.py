@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import nanochat_kernels
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.kv_cache import KVCache
+from nanochat.inference.kv_cache import KVCache
+from nanochat.model.gpt import GPT, GPTConfig
 
 V = 97
 
@@ -239,7 +239,7 @@ def test_cuda_bf16_forward_close_to_fp32():
 
 
 def test_bits_per_byte_counts_bytes_not_tokens():
-    from nanochat.evals.bpb import evaluate_bpb
+    from nanochat.model.bpb import evaluate_bpb
 
     model = tiny()
     gen = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 
-from nanochat.sandbox import SandboxLimits
 from nanochat.tasks.humaneval import CandidateError, judge, passes, plain_decode, plain_encode
+from nanochat.tools.sandbox import SandboxLimits
 
 FAST = SandboxLimits(timeout_s=5.0, cpu_s=5, memory_mb=512)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.checkpoint import load_exported
-from nanochat.engine import Engine
-from nanochat.importer import import_checkpoint
-from nanochat.kv_cache import KVCache
+from nanochat.hf.importer import import_checkpoint
+from nanochat.inference.engine import Engine
+from nanochat.inference.kv_cache import KVCache
+from nanochat.model.checkpoint import load_exported
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nanochat-checkpoints"
 ERAS = ("launch", "jan2026", "head")
@@ -90,7 +90,7 @@ def test_eras_are_detected_and_assumptions_printed(tmp_path):
 
 @pytest.mark.parametrize("era", ERAS)
 def test_state_shapes_match_the_model(loaded, era):
-    from nanochat.gpt import GPT, state_shapes
+    from nanochat.model.gpt import GPT, state_shapes
 
     model, _ = loaded[era]
     for config in (model.config, dataclasses.replace(model.config, n_layer=5, pad_vocab_to=128, ve_layers=[0, 4])):
@@ -340,7 +340,7 @@ def test_corrupt_truncated_and_mismatched_files(tmp_path, capsys):
 
 def test_an_export_from_before_the_switches_still_loads(folders, tmp_path):
     """config.json of an older export has no switch fields: their defaults are that model."""
-    from nanochat.gpt import GPTConfig
+    from nanochat.model.gpt import GPTConfig
 
     old = tmp_path / "old"
     shutil.copytree(folders["launch"], old)
@@ -356,10 +356,10 @@ def test_an_export_from_before_the_switches_still_loads(folders, tmp_path):
 def test_mid_train_starts_from_an_imported_model(folders, tmp_path, monkeypatch, capsys):
     """--model DIR starts a finetuning stage; the base dir adopts the folder's tokenizer (its checkpoints load with
     it), and a base dir holding another tokenizer is refused."""
-    from nanochat import mid_train
-    from nanochat.checkpoint import load_model
     from nanochat.cli import main
+    from nanochat.model.checkpoint import load_model
     from nanochat.tokenizer import Tokenizer, default_tokenizer_path
+    from nanochat.training import mid_train
 
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     args = ["--model", str(folders["head"]), "--model-tag", "imp", "--device-batch-size", "4", "--num-iterations",

@@ -17,8 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 import nanochat_kernels  # noqa: E402
-from nanochat_kernels import (_common, flash_attention, flash_decoding, linear_ce_triton,  # noqa: E402
-                              newton_schulz_triton, reference)
+from nanochat_kernels import _common, flash_attention, flash_decoding, linear_ce_triton, newton_schulz_triton, reference  # noqa: E402
 
 
 class Recorder:

@@ -31,7 +31,6 @@ import nanochat_kernels
 from nanochat_kernels import reference
 from nanochat_kernels._common import interpreting
 
-
 interp = pytest.mark.skipif(not interpreting(), reason="runs in the TRITON_INTERPRET=1 subprocess of "
                                                        "test_interpreter_group")
 gpu = pytest.mark.gpu
@@ -332,7 +331,7 @@ def test_interp_attention_dispatch(monkeypatch):
 
 
 def _tiny_gpt():
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))  # D=16
@@ -345,7 +344,7 @@ def _tiny_gpt():
 @interp
 def test_interp_attention_in_gpt_training_step(monkeypatch):
     """The model's loss and every parameter gradient are the same through the kernels as through the reference."""
-    pytest.importorskip("nanochat.gpt")
+    pytest.importorskip("nanochat.model.gpt")
     model = _tiny_gpt()
     idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
     results = {}
@@ -367,8 +366,8 @@ def test_interp_attention_in_gpt_training_step(monkeypatch):
 @interp
 def test_interp_decode_in_gpt_kv_cache():
     """Prefill, a multi-token chunk and single-token steps through the KV cache reproduce the full forward."""
-    pytest.importorskip("nanochat.gpt")
-    from nanochat.kv_cache import KVCache
+    pytest.importorskip("nanochat.model.gpt")
+    from nanochat.inference.kv_cache import KVCache
 
     model = _tiny_gpt().eval()
     x = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -585,7 +584,7 @@ def _train_tiny_model(steps: int = 50) -> list[float]:
     """A 3-layer MLP on a fixed regression task; its two 16x16 matrices form one Muon stack.
 
     16x16 keeps each Newton-Schulz product one 16x16 tile (the interpreter costs ~10 ms per program)."""
-    from nanochat.optim import MuonAdamW
+    from nanochat.model.optim import MuonAdamW
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 16, generator=g)
@@ -610,7 +609,7 @@ def _train_tiny_model(steps: int = 50) -> list[float]:
 @pytest.mark.slow
 def test_interp_ns_training_loss_matches_reference(monkeypatch):
     """50 MuonAdamW steps of a tiny model: Triton Newton-Schulz gives the reference's loss curve."""
-    pytest.importorskip("nanochat.optim")
+    pytest.importorskip("nanochat.model.optim")
     losses_triton = _train_tiny_model()
     monkeypatch.setenv("NANOCHAT_KERNELS", "reference")
     losses_ref = _train_tiny_model()

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT, SHARED_DATA
 
 TOY = {"DEPTH": "2", "VOCAB": "1024", "SEQ_LEN": "256", "BATCH": "4", "BASE_STEPS": "30", "MID_STEPS": "6",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nanochat_kernels
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import MuonAdamW, muon_update
+from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.model.optim import MuonAdamW, muon_update
 
 
 def tiny_model(seed=0) -> GPT:

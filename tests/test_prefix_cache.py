@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams
-from nanochat.scheduler import GenerationRequest, Scheduler
-from nanochat.kv_cache import KVCache, PrefixStore
+from nanochat.inference.engine import Engine
+from nanochat.inference.kv_cache import KVCache, PrefixStore
+from nanochat.inference.sampling import SamplingParams
+from nanochat.inference.scheduler import GenerationRequest, Scheduler
+from nanochat.model.tiny import tiny_model
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -165,7 +165,7 @@ def test_metrics_report_hits_and_reused_tokens(model, tok):
 def test_the_cli_session_reuses_its_history(model, tok):
     import io
 
-    from nanochat.chat_cli import ChatSession, ChatSettings
+    from nanochat.serve.chat_cli import ChatSession, ChatSettings
 
     engine = Engine(model, tok)
     session = ChatSession(engine, tok, ChatSettings(temperature=0.0, max_tokens=12))

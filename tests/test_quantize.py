@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from nanochat import quantize as qz
-from nanochat.engine import Engine
-from nanochat.tiny import tiny_model
+from nanochat.inference.engine import Engine
+from nanochat.model import quantize as qz
+from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -93,7 +93,7 @@ def test_convert_model_covers_every_linear_and_keeps_embedding_and_cache_dtype(t
 def _save_tiny_checkpoint(model, tag="tiny"):
     from dataclasses import asdict
 
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.model.checkpoint import checkpoint_dir, save_checkpoint
 
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # as saved from a compiled model
     return save_checkpoint(checkpoint_dir("sft", tag), 7, state, None, {"config": asdict(model.config), "step": 7})
@@ -101,7 +101,7 @@ def _save_tiny_checkpoint(model, tag="tiny"):
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
 def test_streaming_load_equals_converting_the_loaded_model(base_dir, tok, monkeypatch, fmt):
-    from nanochat import checkpoint as ck
+    from nanochat.model import checkpoint as ck
 
     monkeypatch.setattr("nanochat.tokenizer.get_tokenizer", lambda path=None: tok)
     monkeypatch.setattr(qz, "_CHUNK_BYTES", 1000)  # several chunks per matrix (64-wide rows: 3 rows a chunk)
@@ -140,7 +140,8 @@ def test_streaming_load_refuses_a_file_that_does_not_fit(base_dir, tok, monkeypa
 
 
 def test_weights_flag_on_every_generating_command():
-    from nanochat import base_eval, chat_cli, chat_eval
+    from nanochat.evals import base_eval, chat_eval
+    from nanochat.serve import chat_cli
     from nanochat.serve import cli as serve_cli
 
     assert chat_cli.build_parser().parse_args([]).weights == "auto"
@@ -190,7 +191,7 @@ def test_engine_on_converted_model_matches_its_reference_sampler(tok, fmt):
 def trained(tok):
     """A 2-layer model trained for 100 AdamW steps of 8 x 64 tokens on the tiny corpus: weights with real
     structure (~5 s on one idle core)."""
-    from nanochat.tiny import tiny_corpus
+    from nanochat.model.tiny import tiny_corpus
 
     torch.manual_seed(0)
     ids = torch.tensor([t for text in tiny_corpus(60_000) for t in tok.encode(text)], dtype=torch.long)

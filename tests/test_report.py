@@ -2,7 +2,7 @@
 
 import json
 
-from nanochat import report
+from nanochat.evals import report
 
 
 def _write_stage(root, stage, losses, evals):

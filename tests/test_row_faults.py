@@ -13,15 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-import nanochat.scheduler as scheduler_module
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams
-from nanochat.scheduler import GenerationRequest, Scheduler
-from nanochat.text_stream import TextStream
-from nanochat.tiny import tiny_model
-
 from test_engine import prompt_of
+
+import nanochat.inference.scheduler as scheduler_module
+from nanochat.inference.engine import Engine
+from nanochat.inference.sampling import SamplingParams
+from nanochat.inference.scheduler import GenerationRequest, Scheduler
+from nanochat.inference.text_stream import TextStream
+from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 

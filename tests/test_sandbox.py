@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from nanochat.sandbox import SandboxLimits, SandboxUnavailable, available_protections, run_code, sandbox_mode
+from nanochat.tools.sandbox import SandboxLimits, SandboxUnavailable, available_protections, run_code, sandbox_mode
 
 FAST = SandboxLimits(timeout_s=3.0, cpu_s=3, memory_mb=512)
 
@@ -197,11 +197,11 @@ def test_humaneval_passes_correct_solutions():
 
 
 def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base_dir):
-    import nanochat.sandbox
-    from nanochat import chat_eval
+    import nanochat.tools.sandbox
+    from nanochat.evals import chat_eval
 
     for layers in (["rlimits", "audit"], ["netns", "pidns", "rlimits", "uid-drop", "audit"]):  # none, namespace
-        monkeypatch.setattr(nanochat.sandbox, "available_protections", lambda *a, layers=layers, **k: layers)
+        monkeypatch.setattr(nanochat.tools.sandbox, "available_protections", lambda *a, layers=layers, **k: layers)
         assert chat_eval.main(["--tasks", "HumanEval", "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert "--allow-unsandboxed" in err and "Traceback" not in err
@@ -211,7 +211,7 @@ def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys, base
 def test_remove_tree_any_depth_without_following_links(tmp_path):
     """The scratch clean-up: 3,000 nested dirs (paths past PATH_MAX), a dir without permissions and a symlink to a
     dir outside; the tree is gone, the link's target is untouched, and nothing raises."""
-    from nanochat.sandbox import remove_tree
+    from nanochat.tools.sandbox import remove_tree
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -239,7 +239,7 @@ def test_bad_code_type():
 
 
 def test_report_card_names_the_sandbox_mode():
-    from nanochat.report import _eval_metrics
+    from nanochat.evals.report import _eval_metrics
 
     metrics = _eval_metrics({"summary": {"HumanEval": 0.5}, "sandbox": {"mode": "kernel",
                                                                         "protections": ["seccomp", "landlock"]}})

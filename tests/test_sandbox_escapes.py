@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.sandbox import SandboxLimits, available_protections, run_code, sandbox_mode
+from nanochat.tools.sandbox import SandboxLimits, available_protections, run_code, sandbox_mode
 
 PROTECTIONS = available_protections()
 MODES = {
@@ -172,7 +172,7 @@ def test_proc_of_other_processes(mode):
 
 def test_environment_secrets_stay_in_the_parent():
     """The secret is in the real environment block of the sandbox's parent, as a token in CI would be."""
-    code = ("import sys\nfrom nanochat.sandbox import run_code\n"
+    code = ("import sys\nfrom nanochat.tools.sandbox import run_code\n"
             "r = run_code(sys.stdin.read())\nprint(r.stdout, r.stderr)")
     attack_body = DISARM + textwrap.dedent("""
         ppid = os.getppid()

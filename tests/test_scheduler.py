@@ -10,14 +10,13 @@ import random
 
 import pytest
 import torch
-
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams
-from nanochat.scheduler import DecodeGraphs, GenerationRequest, Scheduler
-from nanochat.kv_cache import KVCache, PackedBatch
-from nanochat.tiny import tiny_model
-
 from test_engine import FailingModel, prompt_of, scripted
+
+from nanochat.inference.engine import Engine
+from nanochat.inference.kv_cache import KVCache, PackedBatch
+from nanochat.inference.sampling import SamplingParams
+from nanochat.inference.scheduler import DecodeGraphs, GenerationRequest, Scheduler
+from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 

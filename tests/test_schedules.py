@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanochat.schedules import lr_multiplier, muon_momentum
+from nanochat.model.schedules import lr_multiplier, muon_momentum
 
 
 def test_constant_then_warmdown():

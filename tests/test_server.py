@@ -13,10 +13,10 @@ import httpx
 import pytest
 import torch
 
-from nanochat.engine import Engine
+from nanochat.inference.engine import Engine
+from nanochat.model.tiny import tiny_model
 from nanochat.serve.app import ServerConfig, create_app
 from nanochat.serve.thread import ServerThread
-from nanochat.tiny import tiny_model
 
 openai = pytest.importorskip("openai")
 
@@ -363,7 +363,7 @@ def test_nanochat_serve_command_end_to_end(base_dir, model, tok, tmp_path):
     import sys
     from dataclasses import asdict
 
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.model.checkpoint import checkpoint_dir, save_checkpoint
     from nanochat.tokenizer import default_tokenizer_path
 
     tok.save(default_tokenizer_path())

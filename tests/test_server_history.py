@@ -16,13 +16,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanochat.calculator import evaluate
-from nanochat.chat_cli import ChatSession, ChatSettings
-from nanochat.engine import Engine
+from nanochat.inference.engine import Engine
 from nanochat.serve.app import ServerConfig, create_app
-from nanochat.serve.history import (FENCE, PY_OPEN, Part, ReplyMemory, emit_parts, parse_reply, parts_to_ids,
-                                    render_prompt)
+from nanochat.serve.chat_cli import ChatSession, ChatSettings
+from nanochat.serve.history import (
+    FENCE,
+    PY_OPEN,
+    Part,
+    ReplyMemory,
+    emit_parts,
+    parse_reply,
+    parts_to_ids,
+    render_prompt,
+)
 from nanochat.serve.thread import ServerThread
+from nanochat.tools.calculator import evaluate
 
 openai = pytest.importorskip("openai")
 

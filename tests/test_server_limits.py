@@ -12,9 +12,9 @@ import httpx
 import pytest
 import torch
 
+from nanochat.model.tiny import tiny_model
 from nanochat.serve.app import Replica, ServerConfig, create_app
 from nanochat.serve.thread import ServerThread
-from nanochat.tiny import tiny_model
 
 CONTEXT = 128
 ROWS = 2

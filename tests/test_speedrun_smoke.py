@@ -14,7 +14,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT
 
 STAGES = ["data-tok", "evaldata", "tokenizer", "tok-eval", "base", "base-eval", "mid", "mid-eval", "sft", "sft-eval",
@@ -35,7 +34,7 @@ def test_speedrun_smoke_runs_every_stage_and_resumes(shared_data, tmp_path):
     for stage in STAGES:
         assert f"== {stage}: finished in" in run.stdout, f"stage {stage} did not run:\n{run.stdout[-3000:]}"
     # the real commands ran, with the sizing's batch and the toy sizes appended
-    assert "--nproc_per_node=2 -m nanochat.base_train -- --depth 2 --device-batch-size 32" in run.stdout
+    assert "--nproc_per_node=2 -m nanochat.training.base_train -- --depth 2 --device-batch-size 32" in run.stdout
     assert "2 rank(s) x 2 accumulation step(s)" in run.stdout
     for stage in ["base", "mid", "sft", "rl"]:
         assert (base / "checkpoints" / stage / "d2" / "latest").is_file(), f"no {stage} checkpoint"

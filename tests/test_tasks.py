@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.tasks import ARC, GSM8K, MMLU, HumanEval, Identity, ListTask, SmolTalk, TaskMixture, TaskSequence
-from nanochat.tasks import offline_data
+from nanochat.tasks import (
+    ARC,
+    GSM8K,
+    MMLU,
+    HumanEval,
+    Identity,
+    ListTask,
+    SmolTalk,
+    TaskMixture,
+    TaskSequence,
+    offline_data,
+)
 from nanochat.tasks.gsm8k import answer_parts, extract_answer
 from nanochat.tasks.mixtures import MixtureSizes, mid_mixture, sft_mixture
 from nanochat.tasks.spelling import SimpleSpelling, SpellingBee

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from nanochat import cli
-from nanochat.bpe_reference import ReferenceBPE
 from nanochat.tokenizer import default_tokenizer_path, get_tokenizer
+from nanochat.tokenizer.reference import ReferenceBPE
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny" / "tiny.parquet"
-SAMPLES = Path(__file__).resolve().parents[1] / "python" / "nanochat" / "tok_samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "python" / "nanochat" / "evals" / "tok_samples"
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def shards(tmp_path) -> Path:
 
 
 def test_tok_train_end_to_end(shards, base_dir, capsys):
-    from nanochat.dataset import iter_texts
+    from nanochat.data.shards import iter_texts
 
     argv = ["tok-train", "--vocab-size", "512", "--max-chars", "6e4", "--doc-cap", "5000",
             "--data-dir", str(shards), "--no-progress", "--hf-json"]
@@ -125,7 +125,7 @@ def test_help(capsys):
 
 @pytest.mark.slow
 def test_runnable_as_module():
-    proc = subprocess.run([sys.executable, "-m", "nanochat.tok_eval", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "nanochat.evals.tok_eval", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--gpt2-ranks" in proc.stdout

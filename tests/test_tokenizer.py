@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from nanochat import _rustbpe
-from nanochat.bpe_reference import PATTERNS, ReferenceBPE
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, default_tokenizer_path, get_token_bytes, get_tokenizer
+from nanochat.tokenizer.reference import PATTERNS, ReferenceBPE
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "books" / "text"
 BOOK_EXCERPTS = {  # language -> (file, start, characters)

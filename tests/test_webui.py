@@ -12,12 +12,12 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from test_server_history import PIECES, play, random_text, replay_server, script
 
+from nanochat.model.tiny import tiny_model
 from nanochat.serve.app import ServerConfig, create_app
 from nanochat.serve.history import parse_reply
 from nanochat.serve.thread import ServerThread
-from nanochat.tiny import tiny_model
-from test_server_history import PIECES, play, random_text, replay_server, script
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

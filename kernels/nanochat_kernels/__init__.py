@@ -74,7 +74,7 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None, window: 
     visible to query i iff 0 <= i - j <= window. See reference.attention."""
     window = reference.check_window(window, causal)
     if use_triton(q, k, v, supported=q.shape[-1] in _HEAD_DIMS):
-        from .flash_attention import flash_attention
+        from .flash_attention import flash_attention  # imports Triton: only when a Triton path runs
         return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
     return reference.attention(q, k, v, causal=causal, scale=scale, window=window)
 
@@ -90,7 +90,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     supported = q.shape[-1] in _HEAD_DIMS and not needs_grad
     if use_triton(q, k_cache, v_cache, cache_lens, supported=supported):
-        from .flash_decoding import flash_decode
+        from .flash_decoding import flash_decode  # imports Triton: only when a Triton path runs
         return flash_decode(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
     return reference.decode_attention(q, k_cache, v_cache, cache_lens, scale=scale, window=window)
 
@@ -98,7 +98,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
 def newton_schulz(G, steps: int = 5, coeffs="quintic"):
     """Orthogonalize G (..., M, N) batched over leading dims. See reference.newton_schulz."""
     if use_triton(G):
-        from .newton_schulz_triton import newton_schulz_triton
+        from .newton_schulz_triton import newton_schulz_triton  # imports Triton: only when a Triton path runs
         return newton_schulz_triton(G, steps=steps, coeffs=coeffs)
     return reference.newton_schulz(G, steps=steps, coeffs=coeffs)
 
@@ -113,7 +113,5 @@ def linear_cross_entropy(hidden, weight, targets, softcap: float | None, ignore_
     """
     if kernel_mode() == "reference":
         return reference.linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction)
-    if use_triton(hidden, weight, targets):
-        from .linear_ce_triton import linear_cross_entropy_triton
-        return linear_cross_entropy_triton(hidden, weight, targets, softcap, ignore_index, reduction)
-    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl="torch")
+    impl = "triton" if use_triton(hidden, weight, targets) else "torch"
+    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl=impl)

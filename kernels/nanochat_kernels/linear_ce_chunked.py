@@ -104,7 +104,7 @@ def _buffer(scratch: dict | None, name: str, shape, device) -> torch.Tensor:
 
 def _step(impl: str):
     if impl == "triton":
-        from .linear_ce_triton import triton_step
+        from .linear_ce_triton import triton_step  # Triton is optional: imported only when a Triton step is asked for
         return triton_step
     return torch_step
 

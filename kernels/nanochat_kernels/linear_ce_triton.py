@@ -18,13 +18,11 @@ of Liger-Kernel's fused linear cross-entropy and the online softmax of Milakov &
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreting, on_device
-from .linear_ce_chunked import fused_linear_cross_entropy
 
 # UNTUNED (no GPU lent when written): 4096-wide slices with 8 warps keep 16 fp32 values per thread per slice and
 # a long enough contiguous load (8 KB of bf16) per step; the kernel is memory-bound (2 reads + 1 write of the
@@ -118,10 +116,3 @@ def triton_step(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor
             z, targets.contiguous(), weights, loss, V, z.stride(0), float(softcap or 1.0), int(ignore_index),
             HAS_CAP=bool(softcap), COMPUTE_GRAD=row_weight is not None, BLOCK_V=block_v, **launch)
     return loss
-
-
-def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                softcap: float | None, ignore_index: int = -1,
-                                reduction: str = "mean") -> torch.Tensor:
-    """nanochat_kernels.linear_cross_entropy with this kernel as the per-chunk step (CUDA, or the interpreter)."""
-    return fused_linear_cross_entropy(hidden, weight, targets, softcap, ignore_index, reduction, impl="triton")

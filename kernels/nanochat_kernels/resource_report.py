@@ -38,7 +38,7 @@ class Report:
 def compile_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> Report:
     """Compile `kernel` (a triton.jit function) for sm_90; args maps each runtime argument name to a sample value
     (a torch dtype stands for a pointer to that dtype)."""
-    import triton
+    import triton  # the report is a GPU-side tool; the package itself must not need Triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -83,7 +83,7 @@ def compile_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_s
 
 def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, group: int = 1,
                       windowed: bool = False) -> list[Report]:
-    from . import flash_attention as fa
+    from . import flash_attention as fa  # imports Triton (see compile_for_sm90)
 
     T, H, D = 2048, 10, head_dim  # strides of a (B, T, H, D) tensor do not depend on B
     strides = dict(b=T * H * D, t=H * D, h=D)
@@ -110,7 +110,7 @@ def attention_reports(head_dim: int, causal: bool = True, dtype=torch.bfloat16, 
 def decode_reports(head_dim: int = 128, rows: int = 16, dtype=torch.bfloat16,
                    windowed: bool = False) -> list[Report]:
     """The decode kernel (final and partial outputs), and the merge kernel unless `windowed` (it has no window)."""
-    from . import flash_decoding as fd
+    from . import flash_decoding as fd  # imports Triton (see compile_for_sm90)
 
     T_max, H, H_kv, D = 2048, 10, 10, head_dim
     args = dict(Q=dtype, K=dtype, V=dtype, LENS=torch.int32, O=dtype, O_PART=torch.float32, LSE_PART=torch.float32,
@@ -128,7 +128,7 @@ def decode_reports(head_dim: int = 128, rows: int = 16, dtype=torch.bfloat16,
 
 
 def newton_schulz_reports(dtype=torch.bfloat16) -> list[Report]:
-    from . import newton_schulz_triton as ns
+    from . import newton_schulz_triton as ns  # imports Triton (see compile_for_sm90)
 
     M, K = 1280, 5120
     args = dict(Y=dtype, Z=dtype, OUT=dtype, TILE_I=torch.int32, TILE_J=torch.int32, M=M, K=K, stride_yb=M * K,

@@ -15,20 +15,20 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "tok-train": ("nanochat.tok_train", "train the BPE tokenizer on the pretraining shards"),
-    "tok-eval": ("nanochat.tok_eval", "compare bytes/token against GPT-2 and GPT-4 tokenizers"),
-    "data": ("nanochat.dataset", "download FineWeb-Edu, build shards from your files, the offline corpus or eval data"),
-    "base-train": ("nanochat.base_train", "pretrain the GPT (use torchrun -m nanochat.base_train for many GPUs)"),
-    "base-eval": ("nanochat.base_eval", "bits per byte, CORE and samples of a base model"),
-    "mid-train": ("nanochat.mid_train", "midtrain on the conversation mixture"),
-    "chat-sft": ("nanochat.chat_sft", "supervised finetuning on conversations"),
-    "chat-rl": ("nanochat.chat_rl", "reinforcement learning on GSM8K"),
-    "chat-eval": ("nanochat.chat_eval", "ARC, MMLU, GSM8K, HumanEval and ChatCORE of a chat model"),
-    "chat": ("nanochat.chat_cli", "talk to a chat model in the terminal"),
+    "tok-train": ("nanochat.training.tok_train", "train the BPE tokenizer on the pretraining shards"),
+    "tok-eval": ("nanochat.evals.tok_eval", "compare bytes/token against GPT-2 and GPT-4 tokenizers"),
+    "data": ("nanochat.data.cli", "download FineWeb-Edu, build shards from your files, the offline corpus or eval data"),
+    "base-train": ("nanochat.training.base_train", "pretrain the GPT (use torchrun -m nanochat.training.base_train for many GPUs)"),
+    "base-eval": ("nanochat.evals.base_eval", "bits per byte, CORE and samples of a base model"),
+    "mid-train": ("nanochat.training.mid_train", "midtrain on the conversation mixture"),
+    "chat-sft": ("nanochat.training.chat_sft", "supervised finetuning on conversations"),
+    "chat-rl": ("nanochat.training.chat_rl", "reinforcement learning on GSM8K"),
+    "chat-eval": ("nanochat.evals.chat_eval", "ARC, MMLU, GSM8K, HumanEval and ChatCORE of a chat model"),
+    "chat": ("nanochat.serve.chat_cli", "talk to a chat model in the terminal"),
     "serve": ("nanochat.serve.cli", "OpenAI-compatible server with a web UI"),
-    "report": ("nanochat.report", "write report.md from the stages' results"),
-    "export": ("nanochat.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
-    "import": ("nanochat.importer", "convert a checkpoint of Karpathy's nanochat (folder, base dir or hub id)"),
+    "report": ("nanochat.evals.report", "write report.md from the stages' results"),
+    "export": ("nanochat.hf.export", "write a checkpoint as a self-contained folder (safetensors, HF-loadable)"),
+    "import": ("nanochat.hf.importer", "convert a checkpoint of Karpathy's nanochat (folder, base dir or hub id)"),
 }
 
 

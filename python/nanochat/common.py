@@ -317,7 +317,7 @@ def init_process_group(backend: str, **kwargs) -> None:
     leaves C-level references to that group behind, so destroy_process_group no longer joins gloo's worker threads;
     one of them may then free a finished collective's tensors while the interpreter finalizes and abort the process
     ("terminate called without an active exception") after a run that succeeded. Imported first, no reference leaks."""
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo  # noqa: F401  (deliberately here: must precede init_process_group, see above)
 
     dist.init_process_group(backend=backend, **kwargs)
 
@@ -359,7 +359,7 @@ def system_info() -> dict:
         if torch.cuda.is_available() else [],
     }
     with contextlib.suppress(ImportError):
-        import triton
+        import triton  # optional: a CPU-only install may lack it
 
         info["triton"] = triton.__version__
     return info

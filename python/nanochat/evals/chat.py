@@ -20,7 +20,8 @@ import time
 import torch
 
 from nanochat.common import rank_and_world, sum_counts_over_ranks
-from nanochat.engine import Engine
+from nanochat.inference.engine import Engine
+from nanochat.tasks import ARC, GSM8K, MMLU, Arithmetic, HumanEval, SpellingBee
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
              "SpellingBee": 0.0}
@@ -110,7 +111,6 @@ def evaluate_generative(model, tokenizer, task, device, num_samples: int = 1, ma
 
 
 def build_task(name: str, **kwargs):
-    from nanochat.tasks import ARC, GSM8K, MMLU, Arithmetic, HumanEval, SpellingBee
 
     arithmetic = kwargs.get("arithmetic_size", 200)
     factories = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),

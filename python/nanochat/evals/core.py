@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import MissingInputError, rank_and_world, sum_counts_over_ranks
+from nanochat.common import MissingInputError, atomic_write, base_dir, rank_and_world, sum_counts_over_ranks
+from nanochat.tasks.base import eval_data_dir
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -231,16 +232,14 @@ def model_forward(model, device, pad_id: int = 0, predictions: bool = True) -> F
 
 
 def bundle_dir() -> Path:
-    from nanochat.common import base_dir
 
     return base_dir() / "eval_bundle"
 
 
 def download_bundle(url: str = EVAL_BUNDLE_URL, dest: Path | None = None, retries: int = 3) -> Path:
     """Fetch and unpack the DCLM eval bundle (atomic: a partial download never looks complete)."""
-    import requests
+    import requests  # only the online download needs it
 
-    from nanochat.common import atomic_write
 
     dest = dest or bundle_dir()
     if (dest / "eval_data").is_dir():
@@ -287,7 +286,7 @@ def tasks_from_bundle(root: Path) -> list[CoreTask]:
     config = root / "core.yaml"
     if config.exists():
         try:
-            import yaml
+            import yaml  # only the CORE bundle's config needs it
 
             spec = yaml.safe_load(config.read_text())
             tasks = {}
@@ -309,7 +308,6 @@ def load_core_data(data_dir: str | os.PathLike | None = None, download: bool | N
     `data_dir` may be a DCLM bundle (has eval_data/) or an offline core folder (<label>.jsonl files). Default: the
     downloaded bundle, else the offline folder, else download the bundle (unless HF_HUB_OFFLINE/NANOCHAT_OFFLINE).
     """
-    from nanochat.tasks.base import eval_data_dir
 
     candidates = [Path(data_dir)] if data_dir is not None else [bundle_dir(), eval_data_dir() / "core"]
     root = next((c for c in candidates if (c / "eval_data").is_dir() or any(c.glob("*.jsonl"))), None)

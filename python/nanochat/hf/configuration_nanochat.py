@@ -1,6 +1,6 @@
 """Configuration of an exported nanochat GPT for Hugging Face transformers (copied into the export folder).
 
-The fields are those of nanochat.gpt.GPTConfig (its architecture switches included, with the same defaults) plus
+The fields are those of nanochat.model.gpt.GPTConfig (its architecture switches included, with the same defaults) plus
 the rotary table length; the usual transformers names (hidden_size, num_hidden_layers, ...) are aliases.
 """
 

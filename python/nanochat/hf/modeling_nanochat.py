@@ -1,6 +1,6 @@
 """The nanochat GPT in plain torch for Hugging Face transformers (copied into the export folder).
 
-Mirrors nanochat/gpt.py exactly, so greedy generation matches nanochat's engine token for token:
+Mirrors nanochat/model/gpt.py exactly, so greedy generation matches nanochat's engine token for token:
 - token embedding, then parameter-free RMSNorm; per block x += attn(norm(x)); x += mlp(norm(x)); final norm
 - attention: rotary embeddings (base config.rotary_base; the halves of the head dim form the pairs), then QK-norm
   (parameter-free RMSNorm of q and k), causal, GQA (n_kv_head K/V heads), no biases

@@ -1,2 +1,2 @@
-"""The OpenAI-compatible server and web UI over a chat model: the Starlette app in serve/app.py, the `nanochat serve`
-command in serve/cli.py (also `python -m nanochat.serve`)."""
+"""The front ends of a chat model: the OpenAI-compatible server with its web UI (app, history, cli; also
+`python -m nanochat.serve`) and the terminal chat (chat_cli)."""

@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -32,9 +33,9 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from nanochat.common import get_logger
-from nanochat.engine import Engine
-from nanochat.sampling import SamplingParams
-from nanochat.scheduler import TERMINAL_TOKENS, GenerationRequest, TokenEvent
+from nanochat.inference.engine import Engine
+from nanochat.inference.sampling import SamplingParams
+from nanochat.inference.scheduler import TERMINAL_TOKENS, GenerationRequest, TokenEvent
 from nanochat.serve.history import ReplyMemory, render_prompt
 
 ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
@@ -238,8 +239,6 @@ class Replica:
         `serve_forever` survives model errors; whatever still ends it is recorded for /health."""
         try:
             if self.scheduler.device.type == "cuda":
-                import torch
-
                 torch.cuda.set_device(self.scheduler.device)
             self.scheduler.serve_forever(self.stop_event)
         except BaseException as e:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.checkpoint import add_chat_model_args
-from nanochat.common import at_least
+import torch
+import uvicorn
+
+from nanochat.common import UserError, at_least, autodetect_device, get_logger
+from nanochat.model.checkpoint import add_chat_model_args, load_chat_model
 from nanochat.serve.app import ServerConfig, create_app
 
 
@@ -47,12 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-    import uvicorn
-
-    from nanochat.common import UserError, autodetect_device, get_logger
-    from nanochat.checkpoint import load_chat_model
-
     device = autodetect_device(args.device)
     if device.type == "cuda":
         n = args.num_replicas or torch.cuda.device_count()

@@ -30,7 +30,7 @@ import hashlib
 from array import array
 from dataclasses import dataclass
 
-from nanochat.text_stream import SPECIAL_TEXT
+from nanochat.inference.text_stream import SPECIAL_TEXT
 
 PY_OPEN, PY_CLOSE = SPECIAL_TEXT["<|python_start|>"], SPECIAL_TEXT["<|python_end|>"]
 OUT_OPEN, OUT_CLOSE = SPECIAL_TEXT["<|output_start|>"], SPECIAL_TEXT["<|output_end|>"]

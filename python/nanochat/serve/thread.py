@@ -12,7 +12,7 @@ class ServerThread:
     """`with ServerThread(app) as server:` serves `app` at server.url until the block ends."""
 
     def __init__(self, app, host: str = "127.0.0.1"):
-        import uvicorn
+        import uvicorn  # heavy; only a running server needs it
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

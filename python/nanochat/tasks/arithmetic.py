@@ -15,7 +15,7 @@ many surface forms so that the model learns the request, not the wording.
   never saw. The operation lexicon, number styles and noise are shared: what is new is the sentence around them.
 - The reference answer is exactly what the engine executes at inference: a python part with the expression in
   digits (`1234*45`: separators dropped, words converted), the calculator's own output
-  (`nanochat.calculator.evaluate`, so the two can never disagree), then "The answer is 55530." Nothing precedes
+  (`nanochat.tools.calculator.evaluate`, so the two can never disagree), then "The answer is 55530." Nothing precedes
   the call, so the first sampled token decides it.
 - Examples are a pure function of (seed, split, phrasing, index).
 - Scoring: the last number of the reply's text outside the tool blocks (commas, a trailing period or words, a
@@ -32,7 +32,7 @@ import re
 from decimal import Decimal
 
 from nanochat.tasks.base import Task
-from nanochat.calculator import evaluate as calculate
+from nanochat.tools.calculator import evaluate as calculate
 
 OPS = "+-*/"
 TEST_FRACTION = 8  # one problem in 8 is held out

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanochat.common import MissingInputError
+from nanochat.common import MissingInputError, base_dir
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row loading: offline JSONL store first, hub second
@@ -31,7 +31,6 @@ def eval_data_dir() -> Path:
     env = os.environ.get("NANOCHAT_EVAL_DATA")
     if env:
         return Path(env).expanduser()
-    from nanochat.common import base_dir
 
     return base_dir() / "eval_data"
 
@@ -63,7 +62,7 @@ def load_rows(dataset: str, split: str, hub: Callable[[], list[dict]] | None = N
 def hub_dataset(path: str, name: str | None, split: str) -> list[dict]:
     """A Hugging Face dataset split as a list of dicts (lazy import: only needed online)."""
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy (and online); offline files never need it
     except ImportError as e:  # pragma: no cover - datasets is installed in dev set-ups
         raise ImportError("loading tasks from the hub needs `pip install datasets`; "
                           "or build the offline copies with `nanochat data evals`") from e

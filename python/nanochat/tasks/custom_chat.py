@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanochat.tasks.base import Task, TaskMixture
+from nanochat.tokenizer import _turns
 
 HOLDOUT_EVERY = 20   # every 20th conversation is held out (5%) when the file has at least this many
 MAX_LISTED = 20      # bad lines reported with their reason; the rest by number only
@@ -48,7 +49,6 @@ class ChatData:
 
 def _check(record) -> str | None:
     """None when the record is a valid training conversation, else the reason."""
-    from nanochat.tokenizer import _turns
 
     if isinstance(record, dict) and "messages" not in record:
         return "expected an object with a 'messages' list"

@@ -6,7 +6,7 @@
 
 How a completion is scored (`passes`; chat-eval and anything else that scores HumanEval go through it):
 
-- The sandbox (`nanochat.sandbox`, kernel mode) runs the prompt + the extracted code + a small serving loop. It
+- The sandbox (`nanochat.tools.sandbox`, kernel mode) runs the prompt + the extracted code + a small serving loop. It
   never sees the tests, the expected values or any secret: it only answers calls.
 - This process, the trusted evaluator, runs the task's test code (`check`, METADATA) together with the prompt's own
   helper functions (`poly`, `encode_cyclic`, ...; the prompt is dataset text, not model output) and calls
@@ -49,8 +49,8 @@ import json
 import random
 import re
 
-from nanochat.sandbox import ChannelError, SandboxLimits, SandboxUnavailable, run_code
 from nanochat.tasks.base import Task, hub_dataset, load_rows
+from nanochat.tools.sandbox import ChannelError, SandboxLimits, SandboxUnavailable, run_code
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
 

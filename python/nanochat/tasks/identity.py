@@ -1,6 +1,6 @@
 """Identity conversations: who the assistant is, from a JSONL file the user can edit.
 
-- Default file: nanochat/data/identity_conversations.jsonl (package data); `path=` or $NANOCHAT_IDENTITY_FILE
+- Default file: nanochat/tasks/identity_conversations.jsonl (package data); `path=` or $NANOCHAT_IDENTITY_FILE
   points elsewhere. One conversation per line, either {"messages": [...]} or a bare list of messages.
 - Midtraining and SFT oversample it (it is small) so the model answers "who are you?" consistently.
 """
@@ -17,7 +17,7 @@ from nanochat.tasks.smoltalk import is_well_formed
 
 def default_identity_path() -> Path:
     env = os.environ.get("NANOCHAT_IDENTITY_FILE")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data" / "identity_conversations.jsonl"
+    return Path(env) if env else Path(__file__).resolve().parent / "identity_conversations.jsonl"
 
 
 class Identity(Task):

