@@ -39,10 +39,10 @@ from .reference import check_window
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 
-# UNTUNED: no GPU was lent when these were written. They start from the known-good H100 settings of
-# FlashAttention-2 and the Triton fused-attention tutorial for D in {64, 128}, adjusted until the sm_90 compile shows
-# no register spills and fitting shared memory (`python -m nanochat_kernels.resource_report`: e.g. the D=64 dK/dV
-# kernel spilled 56 B with 4 warps, none with 8). Tune on a GPU with bench/kernels.py (B=8, H=10, T=2048, D=128).
+# The known-good H100 settings of FlashAttention-2 and the Triton fused-attention tutorial for D in {64, 128},
+# adjusted until the sm_90 compile shows no register spills and fitting shared memory
+# (`python -m nanochat_kernels.resource_report`); provenance and GPU status: bench/RESULTS.md, "Kernel
+# configurations". Tune with bench/kernels.py (B=8, H=10, T=2048, D=128).
 _FWD_CONFIG = {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
 _BWD_DKDV_CONFIG = {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=4),

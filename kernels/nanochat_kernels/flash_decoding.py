@@ -37,9 +37,9 @@ from .reference import check_window
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 
-# UNTUNED (no GPU lent when written): 64-key blocks and 4 warps are the usual H100 flash-decoding setting for
-# D=128 (sm_90 compile: 70 KB shared, ~100 registers, no spills; `python -m nanochat_kernels.resource_report`);
-# tune with bench/kernels.py (batch 1 and 32 over a 2048-token cache).
+# 64-key blocks and 4 warps: the usual H100 flash-decoding setting for D=128, compiling for sm_90 without spills
+# (`python -m nanochat_kernels.resource_report`); provenance and GPU status: bench/RESULTS.md, "Kernel
+# configurations". Tune with bench/kernels.py (batch 1 and 32 over a 2048-token cache).
 _BLOCK_N = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3

@@ -9,9 +9,8 @@ fp32 scratch, with R chosen so a chunk stays under a byte budget, instead of sev
   and dW for a unit gradient are computed while z is at hand and scaled in the backward. That is the same three
   matmuls as the materialized path (no recomputation). "none" (per-token losses, used by RL with gradients and by
   the evals without) recomputes z chunk by chunk in the backward, with the upstream gradient as row weights.
-  Recomputing costs a fourth matmul and a second pass of the step: measured on the 2-core box (N=2048, D=256,
-  V=32768, 64-128-row chunks, load ~12), "none" fwd+bwd 16.6 s against 14-17 s for "sum" in fp32, and 12.3 s
-  against 6.2 s under bf16 autocast.
+  Recomputing costs a fourth matmul and a second pass of the step (measured: bench/RESULTS.md, "Kernel
+  configurations").
 - Soft-cap: s = cap * tanh(z / cap) lies in (-cap, cap), so exp(s - cap) cannot overflow: the log-sum-exp needs no
   max pass (cap 15: the smallest term exp(-30) ~ 1e-13 is still a normal fp32). Without a cap a row max is taken.
 - Everything after the matmul is fp32, in place where autograd is not involved (this is inside a custom op), in
@@ -30,13 +29,12 @@ from __future__ import annotations
 import torch
 
 # Rows per chunk come from a byte budget for one (R, V) chunk.
-# CPU: counted in fp32 (the step's scratch is one or two fp32 chunks beside the logits). Measured on the 2-core dev
-# box (N=2048, D=256, V=32768, fwd+bwd, load average ~12, so ratios only): 16 rows 48 s, 64 rows 14 s, 256 rows
-# 9.8 s, 1024 rows 4.6 s (fp32; bf16 autocast 17, 6.2, 4.9, 3.8 s at 32..2048 rows), materialized 6.5 s. Small
-# chunks lose because every chunk streams all of W (V x D) through the three matmuls again. 128 MB = 1024 rows at
-# V=32768, 512 at V=65536: the fp32 scratch is then 1/16 to 1/32 of the materialized logits at N=16384.
-# CUDA: counted in the compute dtype (the Triton step needs no scratch). UNTUNED (no GPU lent); 1 GiB of bf16
-# logits is 8192 rows at V=65536: full-speed cuBLAS GEMMs, 1/16 of the materialized fp32 logits at d20, 32 x 2048.
+# CPU: counted in fp32 (the step's scratch is one or two fp32 chunks beside the logits). Small chunks lose because
+# every chunk streams all of W (V x D) through the three matmuls again; the time per chunk size is measured in
+# bench/RESULTS.md ("Kernel configurations"). 128 MB = 1024 rows at V=32768, 512 at V=65536: the fp32 scratch is
+# then 1/16 to 1/32 of the materialized logits at N=16384.
+# CUDA: counted in the compute dtype (the Triton step needs no scratch); 1 GiB of bf16 logits is 8192 rows at
+# V=65536: full-speed cuBLAS GEMMs, 1/16 of the materialized fp32 logits at d20, 32 x 2048.
 CPU_CHUNK_BYTES = 128 << 20
 CUDA_CHUNK_BYTES = 1 << 30
 

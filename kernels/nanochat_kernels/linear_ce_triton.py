@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ._common import interpreting, on_device
 
-# UNTUNED (no GPU lent when written): 4096-wide slices with 8 warps keep 16 fp32 values per thread per slice and
-# a long enough contiguous load (8 KB of bf16) per step; the kernel is memory-bound (2 reads + 1 write of the
-# chunk), ~1/10 of the chunk's matmul time at d20. sm_90 compile (tests/test_fused_loss.py): 40-48 registers, no
-# spills. Tune with bench/fused_loss.py on a GPU.
+# 4096-wide slices with 8 warps keep 16 fp32 values per thread per slice and a long contiguous load (8 KB of bf16)
+# per step; the kernel is memory-bound (2 reads + 1 write of the chunk). Compiles for sm_90 without spills
+# (tests/test_fused_loss.py); how these sizes were chosen and their GPU status: bench/RESULTS.md, "Kernel
+# configurations". Tune with bench/fused_loss.py.
 _BLOCK_V = 4096
 _NUM_WARPS = 8
 _INTERP_BLOCK_V = 64  # small slices in the interpreter, so test vocabularies span several of them

@@ -23,9 +23,9 @@ import triton.language as tl
 from ._common import interpreting, on_device
 from .reference import coefficient_schedule
 
-# UNTUNED (no GPU lent when written): 128x128 output tiles with 64-deep K steps, 8 warps and 3 stages is the
-# standard good bf16 Triton GEMM setting on H100 (sm_90 compile: 96 KB shared, 105-126 registers, no spills;
-# `python -m nanochat_kernels.resource_report`); tune with bench/kernels.py (1280², 1280x5120, 1664² stacks).
+# 128x128 output tiles with 64-deep K steps, 8 warps and 3 stages: the standard bf16 Triton GEMM setting on H100,
+# compiling for sm_90 without spills (`python -m nanochat_kernels.resource_report`); provenance and GPU status:
+# bench/RESULTS.md, "Kernel configurations". Tune with bench/kernels.py (1280², 1280x5120, 1664² stacks).
 _BLOCK = 128
 _BLOCK_K = 64
 _NUM_WARPS = 8

@@ -3,8 +3,7 @@
 `python -m nanochat_kernels.resource_report` runs Triton's real compiler and ptxas (both ship in the triton wheel)
 on each kernel at the configurations the host code launches, and prints shared memory, registers per thread and
 spill stack per config. It catches what the CPU interpreter cannot (compile-mode-only errors, shared memory over
-the 227 KB an H100 block may use) and was used to pick the UNTUNED block sizes when no GPU was lent; it does not
-replace timing on a GPU.
+the 227 KB an H100 block may use); it does not replace timing on a GPU (bench/kernels.py).
 
 Arguments are specialized as Triton's JIT does at launch: pointers 16-byte aligned, integers equal to 1 become
 constants, integers divisible by 16 carry that divisibility. Sample values come from the benchmark shapes

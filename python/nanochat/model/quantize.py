@@ -8,9 +8,9 @@ autocast), so a format is a property of the loaded model and the engine needs no
 
 - int8: per output channel, symmetric: w[n, :] ~ scale[n] * q[n, :], q in [-127, 127], scale = max|w[n, :]| / 127.
   The matmul is torch's weight-only int8 kernel `aten._weight_int8pack_mm(x, q (N, K), scales (N,))` (CPU and
-  CUDA). On CPU its fp32-activation path is not vectorized (0.5 GB/s of weights against 2.7 GB/s with bf16
-  activations, one thread on the loaded 2-core CI machine), so the activations enter the matmul as bf16 and its output returns to the compute dtype,
-  as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big batches) the layer
+  CUDA). On CPU its fp32-activation path is not vectorized (about 5x slower than with bf16 activations:
+  bench/RESULTS.md, "Weight formats"), so the activations enter the matmul as bf16 and its output returns to the
+  compute dtype, as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big batches) the layer
   instead converts the matrix to bf16 and runs the bf16 GEMM, since the int8 kernel's throughput does not grow with
   the rows. `int8_linear_reference` is the plain-torch definition (dequantize, then an fp32 matmul) that the parity
   tests hold both paths to.
@@ -53,13 +53,12 @@ FORMATS = ("fp32", "bf16", "int8")
 WEIGHT_CHOICES = ("auto",) + FORMATS
 GUARD_BOUNDS = {"bf16": 0.002, "int8": 0.01}  # largest relative increase of bits per byte over fp32
 GUARD_FILE = "weights_guard.json"
-# tokens of the guard sample (the identity conversations, repeated as needed): three forwards over it take ~1 min
-# for d20 on 2 cores, once per model; the comparison is paired (same tokens), so 1k tokens resolve 0.1% of bpb
+# tokens of the guard sample (the identity conversations, repeated as needed): three forwards over it, once per
+# model; the comparison is paired (same tokens), so 1k tokens resolve 0.1% of bpb
 GUARD_TOKENS = 1024
 # From this many rows on (prefill chunks, large batches) Int8Linear converts its matrix to bf16 and runs the bf16
-# GEMM: the int8 kernel's throughput stays ~7 GFLOP/s however many rows (the bf16 GEMM: 85 GFLOP/s at M = 256).
-# Measured on d20's 5120 x 1280 matrix, one thread, loaded machine: int8 kernel 8 ms at M = 1, 32 ms at 16, 116 ms
-# at 64; convert + bf16 GEMM 60, 76, 88 ms (the conversion dominates until M ~ 48).
+# GEMM: the int8 kernel's throughput does not grow with the rows, the bf16 GEMM's does, and the conversion's cost is
+# paid back from about 48 rows on (d20's 5120 x 1280 matrix; the timings are in bench/RESULTS.md, "Weight formats").
 DEQUANT_MIN_ROWS = 64
 _CHUNK_BYTES = 16 << 20  # rows read and converted at a time while loading
 
