@@ -55,7 +55,7 @@ class Completion:
         self.req, self.queue, self.replica, self.parsed = req, queue, replica, parsed
         self.prompt_tokens, self.t0, self.config, self.metrics = prompt_tokens, t0, config, metrics
         self.memory, self.terminal = memory, terminal
-        self.id = protocol.completion_id()
+        self.id = protocol.new_completion_id()
         self.received = 0  # final events seen here (the worker sets req.finished a moment later)
         self.texts = [""] * parsed.n  # each sample's content so far, and the tokens that produced it
         self.tokens: list[list[int]] = [[] for _ in range(parsed.n)]

@@ -194,7 +194,7 @@ def parse_request(payload, config: ServerConfig, context: int, vocab_size: int,
 # The answer objects
 
 
-def completion_id() -> str:
+def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
@@ -203,11 +203,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chunk_event(id: str, model: str, choices: list[dict], usage: dict | None = None,
+def chunk_event(completion_id: str, model: str, choices: list[dict], usage: dict | None = None,
                 include_usage: bool = False) -> str:
     """A chat.completion.chunk as a server-sent event; with stream_options.include_usage every chunk carries a
     "usage" key, null except on the last one."""
-    body = {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "system_fingerprint": None, "choices": choices}
     if include_usage:
         body["usage"] = usage
@@ -228,11 +228,11 @@ def final_choice(index: int, reason: str) -> dict:
     return {"index": index, "delta": {}, "logprobs": None, "finish_reason": FINISH[reason]}
 
 
-def completion_body(id: str, model: str, texts: list[str], reasons: list[str], usage: dict) -> dict:
+def completion_body(completion_id: str, model: str, texts: list[str], reasons: list[str], usage: dict) -> dict:
     """A chat.completion: one choice per sample, its whole text and its finish reason (the scheduler's, mapped)."""
     choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None,
                 "finish_reason": FINISH[reason]} for i, (text, reason) in enumerate(zip(texts, reasons))]
-    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None, "choices": choices, "usage": usage}
 
 
