@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanochat.inference.engine import Engine
 from nanochat.model.tiny import tiny_model
@@ -146,6 +147,24 @@ def test_models_health_metrics_and_page(server, client):
                  "nanochat_time_to_first_token_seconds_bucket", "nanochat_active_rows"):
         assert name in metrics
     assert 'nanochat_requests_total{code="200"}' in metrics
+
+
+METRIC_SERIES = {f"nanochat_{name}" for name in (
+    "requests_total", "prompt_tokens_total", "completion_tokens_total", "client_disconnects_total", "queue_depth",
+    "active_rows", "batch_rows", "prefill_tokens_total", "prefix_cache_lookups_total", "prefix_cache_hits_total",
+    "prefix_cache_hit_rate", "prefix_cache_reused_tokens_total", "prefix_cache_tokens", "reply_memory_hits_total",
+    "reply_memory_misses_total", "time_to_first_token_seconds_bucket", "time_to_first_token_seconds_sum",
+    "time_to_first_token_seconds_count")}
+
+
+def test_metrics_page_has_exactly_its_series_and_one_registry_per_app(model, tok):
+    """The page parses as Prometheus text with these series and no others (prometheus_client's `_created` gauges
+    stay off), and two apps in one process count apart."""
+    first, second = (create_app(model, tok, ServerConfig(batch_size=2)) for _ in range(2))
+    first.state.metrics.request(200)
+    families = list(text_string_to_metric_families(first.state.metrics.render()))
+    assert {sample.name for family in families for sample in family.samples} == METRIC_SERIES
+    assert 'code="200"' in first.state.metrics.render() and "code=" not in second.state.metrics.render()
 
 
 def test_user_typed_special_tokens_stay_text(client, tok):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from nanochat.model.tiny import tiny_model
-from nanochat.serve.app import Replica, ServerConfig, create_app
+from nanochat.serve.app import ServerConfig, create_app
+from nanochat.serve.replicas import Replica
 from nanochat.serve.thread import ServerThread
 
 CONTEXT = 128

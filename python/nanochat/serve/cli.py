@@ -11,7 +11,8 @@ import uvicorn
 
 from nanochat.common import UserError, at_least, autodetect_device, get_logger
 from nanochat.model.checkpoint import add_chat_model_args, load_chat_model
-from nanochat.serve.app import ServerConfig, create_app
+from nanochat.serve.app import create_app
+from nanochat.serve.config import ServerConfig
 
 
 def _port(text: str) -> int:
