@@ -118,7 +118,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nanochat.tools import sandbox_child
-from nanochat.tools.sandbox_child import parse_header
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration and result
@@ -337,7 +336,7 @@ class _Child:
     def header(self) -> dict:
         """The bootstrap's first stderr line (its layers), once it is complete."""
         if self._header is None:
-            self._header = parse_header(b"".join(self.chunks[self.proc.stderr]))
+            self._header = sandbox_child.parse_header(b"".join(self.chunks[self.proc.stderr]))
         return self._header or {}
 
     def _over_disk_quota(self) -> bool:
