@@ -38,5 +38,5 @@ os.execv(sys.executable, [sys.executable] + sys.argv[1:])'
     runuser -u nanochat-ci -- env -i PATH="$PATH" HOME="$(getent passwd nanochat-ci | cut -d: -f6)" TMPDIR=/tmp \
         LANG=C.UTF-8 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 \
         "$PWD/.venv/bin/python" -c "$no_userns" -m pytest -q -p no:cacheprovider \
-        tests/test_sandbox.py tests/test_sandbox_escapes.py tests/test_humaneval.py
+        tests/test_sandbox.py tests/test_sandbox_child.py tests/test_sandbox_escapes.py tests/test_humaneval.py
 fi

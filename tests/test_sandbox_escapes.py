@@ -36,18 +36,21 @@ MODES = {
 }
 
 # Neutralise every in-process layer the bootstrap left behind: module-level policy (sets, `_inside`) and closure
-# cells of its functions (sets, path prefixes, helper predicates). Counts what it found.
+# cells of its functions (sets, path prefixes, helper predicates). The bootstrap is the interpreter's __main__ module
+# (the program runs in a namespace of its own), so its functions are the ones compiled from __main__'s file. Counts
+# what it found.
 DISARM = r'''
 import gc, os, sys, types
 def _disarm():
     allow = lambda *a, **k: True
     found = 0
-    boot = [f for f in gc.get_objects() if isinstance(f, types.FunctionType) and f.__code__.co_filename == "<string>"]
+    BOOT = sys.modules["__main__"].__file__
+    boot = [f for f in gc.get_objects() if isinstance(f, types.FunctionType) and f.__code__.co_filename == BOOT]
     for g in [sys.modules["__main__"].__dict__] + [f.__globals__ for f in boot]:
         for k, v in list(g.items()):
             if isinstance(v, (set, frozenset)):
                 g[k], found = set(), found + 1
-            elif isinstance(v, types.FunctionType) and v.__code__.co_filename == "<string>" and k != "_disarm":
+            elif isinstance(v, types.FunctionType) and v.__code__.co_filename == BOOT and k != "_disarm":
                 g[k], found = allow, found + 1
     for f in boot:
         for cell in f.__closure__ or ():
@@ -59,7 +62,7 @@ def _disarm():
                 cell.cell_contents = frozenset()
             elif isinstance(v, tuple) and v and all(isinstance(x, str) for x in v):
                 cell.cell_contents = ("",)
-            elif isinstance(v, types.FunctionType) and v.__code__.co_filename == "<string>":
+            elif isinstance(v, types.FunctionType) and v.__code__.co_filename == BOOT:
                 cell.cell_contents = allow
             else:
                 continue

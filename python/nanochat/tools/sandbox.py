@@ -1,6 +1,7 @@
 """Run model-written Python in a throw-away subprocess that cannot hurt the machine or see the parent.
 
-The untrusted program runs inside a fresh interpreter (`python -I`) after a trusted bootstrap has locked it in.
+The untrusted program runs inside a fresh interpreter after a trusted bootstrap has locked it in: the module
+`nanochat.tools.sandbox_child`, run by path in isolated mode (`python -I`), configured by one JSON argument.
 It may take over every Python object of its own process (the bootstrap's globals, audit hooks, builtins, ctypes):
 the layers that matter are enforced by the kernel, installed before the program's first line and irrevocable.
 Each layer that applied is named in `SandboxResult.protections`; `sandbox_mode` sums them up.
@@ -115,6 +116,8 @@ import termios
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+from nanochat.tools import sandbox_child
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration and result
@@ -232,293 +235,28 @@ def _read_only_paths() -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The child's bootstrap: runs inside the fresh interpreter before the untrusted program
-
-_MARKER = "\x00NANOCHAT_SANDBOX "
-
-_BOOTSTRAP = r'''
-import json, os, resource, select, signal, sys
-cfg = json.loads(sys.argv[1])
-scratch = os.path.realpath(cfg["scratch"])
-nonce_fd = cfg["nonce_fd"]
-os.set_inheritable(nonce_fd, False)
-protections, unavailable = [], {}
-program = open(os.path.join(scratch, "program.py"), encoding="utf-8").read()  # before a tmpfs hides it
-
-# 0. the kernel-barrier libraries, loaded while the whole filesystem is still readable (find_library runs ldconfig)
-landlockpy = pyseccomp = None
-if cfg["kernel_barrier"]:
-    try:
-        import landlockpy
-    except Exception as e:
-        unavailable["landlock"] = f"landlockpy: {e}"
-    try:
-        import pyseccomp
-    except Exception as e:
-        unavailable["seccomp"] = f"pyseccomp: {e}"
-else:
-    unavailable["seccomp"] = unavailable["landlock"] = "switched off by the caller"
-
-# 1. namespaces (must happen while we still may: before the uid drop and the syscall filter): network, and where the
-# kernel allows them also pid and mount (for the tmpfs quota); a new user namespace first when not root
-namespaces = set()
-if cfg["namespaces"]:
-    import ctypes, ctypes.util
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    NEWNET, NEWUSER, NEWNS, NEWPID = 0x40000000, 0x10000000, 0x00020000, 0x20000000
-    uid, gid = os.getuid(), os.getgid()
-    user = 0 if uid == 0 else NEWUSER
-    if _libc.unshare(user | NEWNET | NEWNS | NEWPID) == 0:
-        namespaces = {"net", "mnt", "pid"}
-    elif _libc.unshare(user | NEWNET) == 0:
-        namespaces = {"net"}
-    else:
-        unavailable["netns"] = os.strerror(ctypes.get_errno())
-    if namespaces:
-        protections.append("netns")
-    if user and namespaces:  # map our own ids so that files on the tmpfs can be owned
-        try:
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        except OSError as e:
-            namespaces.discard("mnt")
-            unavailable["disk-quota"] = f"id maps: {e}"
-    if "mnt" in namespaces:
-        MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
-        owner = ",uid=65534,gid=65534" if uid == 0 and cfg["drop_uid"] else ""
-        opts = f"size={cfg['max_disk_mb']}m,nr_inodes={cfg['max_files'] + 1},mode=0700{owner}"
-        if _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 and _libc.mount(
-                b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()) == 0:
-            os.chdir(scratch)  # the cwd was the dir under the mount
-            with open("program.py", "w", encoding="utf-8") as f:  # for tracebacks
-                f.write(program)
-            protections.append("disk-quota")
-        else:
-            unavailable["disk-quota"] = os.strerror(ctypes.get_errno())
-
-# 2. pid namespace: this process stays outside as the monitor, its child is the namespace's init (trusted: it only
-# waits), and init's child goes on to run the program. When init dies (the program ended, or the parent killed the
-# group) the kernel kills everything left in the namespace.
-if "pid" in namespaces:
-    mine = [nonce_fd] + cfg["channel_fds"]
-    alive_r, alive_w = os.pipe()     # EOF for init when the monitor is gone
-    status_r, status_w = os.pipe()   # init -> monitor: the program's wait status
-    init = os.fork()
-    if init:
-        for fd in mine + [alive_r, status_w]:
-            os.close(fd)
-        os.waitpid(init, 0)
-        raw = os.read(status_r, 32)
-        st = int(raw) if raw.strip() else signal.SIGKILL  # init killed before it could report
-        if os.WIFEXITED(st):
-            os._exit(os.WEXITSTATUS(st))
-        sig = os.WTERMSIG(st)  # die of the program's signal, so that the parent sees it (no core file)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-        os._exit(128 + sig)
-    os.close(alive_w)
-    os.close(status_r)
-    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: init dies with the monitor
-    if select.select([alive_r], [], [], 0)[0]:
-        os._exit(1)  # the monitor died before the line above
-    child = os.fork()
-    if child:
-        for fd in mine + [alive_r]:
-            os.close(fd)
-        while True:  # init reaps every orphan of the namespace until the program itself ends
-            try:
-                pid, st = os.waitpid(-1, 0)
-            except ChildProcessError:
-                os._exit(1)
-            if pid == child:
-                os.write(status_w, str(st).encode())
-                os._exit(0)
-    os.close(alive_r)
-    os.close(status_w)
-    protections.append("pidns")
-if cfg["namespaces"]:
-    del _libc
-
-# 3. modules a solution commonly needs, loaded now in case the uid drop makes the stdlib unreadable
-for _name in cfg["preload"]:
-    try:
-        __import__(_name)
-    except Exception:
-        pass
-
-# 4. resource limits
-def _limit(kind, value):
-    try:
-        resource.setrlimit(kind, (value, value))
-    except (ValueError, OSError):
-        soft, hard = resource.getrlimit(kind)
-        if hard == resource.RLIM_INFINITY or value <= hard:
-            raise
-        resource.setrlimit(kind, (hard, hard))
-_limit(resource.RLIMIT_CPU, cfg["cpu_s"])
-_limit(resource.RLIMIT_AS, cfg["memory_mb"] << 20)
-_limit(resource.RLIMIT_FSIZE, cfg["max_file_mb"] << 20)
-_limit(resource.RLIMIT_NOFILE, cfg["max_open_files"])
-_limit(resource.RLIMIT_NPROC, cfg["max_processes"])
-_limit(resource.RLIMIT_CORE, 0)
-protections.append("rlimits")
-
-# Landlock and seccomp bind the calling thread only: make sure it is the only one
-if os.path.isdir("/proc/self/task") and len(os.listdir("/proc/self/task")) != 1:
-    raise SystemExit("sandbox bootstrap: more than one thread before the kernel barrier")
-
-# 5. Landlock (before the uid drop: nobody may not be able to open the interpreter's dirs to name them)
-if landlockpy is not None:
-    try:
-        abi = landlockpy.abi_version()
-        if abi < 1:
-            unavailable["landlock"] = "the kernel has no Landlock (or it is disabled)"
-        else:
-            A, N, S = landlockpy.AccessFS, landlockpy.AccessNet, landlockpy.Scope
-            read_dir, read_file = A.READ_FILE | A.READ_DIR | A.EXECUTE, A.READ_FILE
-            no_devices = ~(A.MAKE_CHAR | A.MAKE_BLOCK | A.IOCTL_DEV | A.EXECUTE)
-            with landlockpy.Ruleset(handled_net=N.BIND_TCP | N.CONNECT_TCP | N.BIND_UDP | N.CONNECT_SEND_UDP,
-                                    scoped=S.ABSTRACT_UNIX_SOCKET | S.SIGNAL) as rs:
-                for p in cfg["read_only"]:
-                    rs.allow_path(p, read_dir if os.path.isdir(p) else read_file)
-                rs.allow_path("/dev/null", A.READ_FILE | A.WRITE_FILE | A.TRUNCATE)
-                rs.allow_path(scratch, landlockpy.fs_for_abi(abi) & no_devices)
-                rs.restrict()  # sets no_new_privs first
-            protections.append("landlock")
-    except Exception as e:
-        unavailable["landlock"] = f"{type(e).__name__}: {e}"
-
-# 6. drop root
-if os.getuid() == 0 and cfg["drop_uid"]:
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
-    protections.append("uid-drop")
-
-# 7. seccomp allow-list, last: after it nothing above would be permitted
-if pyseccomp is not None:
-    try:
-        import errno, socket
-        sc = pyseccomp
-        f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
-        def _rule(action, name, *args):  # names this architecture lacks are skipped
-            if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
-                f.add_rule(action, name, *args)
-        for name in cfg["seccomp_allow"]:
-            _rule(sc.ALLOW, name)
-        for name, err in cfg["seccomp_fake"].items():
-            _rule(sc.ERRNO(err), name)
-        pid = os.getpid()
-        for name in ("kill", "tgkill"):  # signals to itself only (raise(), os.kill(os.getpid(), ...))
-            _rule(sc.ALLOW, name, sc.Arg(0, sc.EQ, pid))
-        for name in cfg["seccomp_own_pid"]:
-            for own in (0, pid):
-                _rule(sc.ALLOW, name, sc.Arg(0, sc.EQ, own))
-        # read its own limits only: a child left as root could otherwise raise its hard limits
-        _rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0), sc.Arg(2, sc.EQ, 0))
-        # clone: threads only (CLONE_THREAD set, no namespace flags)
-        CLONE_THREAD, NS_FLAGS = 0x00010000, 0x7E020000
-        _rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD | NS_FLAGS, CLONE_THREAD))
-        # a connected unix stream pair only: a datagram socket could sendto any unix socket path on the host
-        SOCK_TYPE_MASK = 0xF
-        _rule(sc.ALLOW, "socketpair", sc.Arg(0, sc.EQ, socket.AF_UNIX),
-              sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, socket.SOCK_STREAM))
-        _rule(sc.ALLOW, "sendto", sc.Arg(4, sc.EQ, 0))  # no destination address
-        for cmd in cfg["seccomp_ioctls"]:
-            _rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, cmd))
-        for cmd in cfg["seccomp_fcntls"]:
-            _rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, cmd))
-        f.load()  # with no_new_privs (libseccomp's default), so no privilege is needed
-        protections.append("seccomp")
-        del f, sc, _rule
-    except Exception as e:
-        unavailable["seccomp"] = f"{type(e).__name__}: {e}"
-
-# 8. without the kernel barrier there is no sandbox (namespaces alone leave files, exec and the disk open): stop
-# before the program's first line unless the caller accepted that
-refused = cfg["require_isolation"] and not {"seccomp", "landlock"} <= set(protections)
-
-# 9. audit hook (convenience: readable errors for the usual attempts; the program can disarm it)
-def _make_hook(scratch, proc_self):
-    class SandboxViolation(PermissionError):
-        pass
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    forbidden = frozenset({
-        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
-        "os.kill", "os.killpg", "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.__new__",
-        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.sethostname", "os.setuid",
-        "os.setgid", "resource.setrlimit", "resource.prlimit", "sys.remote_exec", "mmap.__new__"})
-    path_events = frozenset({
-        "os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink", "os.chmod", "os.chown",
-        "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.setxattr",
-        "os.removexattr"})
-    blocked_imports = frozenset({"ctypes", "_ctypes", "cffi", "_cffi_backend"})
-    realpath, fsdecode = os.path.realpath, os.fsdecode
-
-    def inside(path):
-        if isinstance(path, int):
-            return True  # operations on an already-open descriptor were checked when it was opened
-        try:
-            p = realpath(fsdecode(path))
-        except Exception:
-            return False
-        return p == scratch or p.startswith(scratch + "/")
-
-    def hook(event, args):
-        if event in forbidden:
-            raise SandboxViolation(f"sandbox: {event} is not allowed")
-        if event == "import" and args and str(args[0]).split(".")[0] in blocked_imports:
-            raise SandboxViolation(f"sandbox: importing {args[0]} is not allowed")
-        if event == "open":
-            path, mode, flags = (tuple(args) + (None, None, None))[:3]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                      (isinstance(flags, int) and flags & write_flags)
-            if writing and not inside(path):
-                raise SandboxViolation(f"sandbox: writing {path!r} outside the scratch dir is not allowed")
-            if isinstance(path, (str, bytes)):
-                p = realpath(fsdecode(path))  # relative paths too (os.chdir('/proc'); open('1/cmdline'))
-                if p.startswith(("/proc/", "/sys/")) and not p.startswith(proc_self):
-                    raise SandboxViolation(f"sandbox: reading {p!r} is not allowed")
-        elif event in path_events:
-            paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
-            if not all(inside(p) for p in paths):
-                raise SandboxViolation(f"sandbox: {event} outside the scratch dir is not allowed")
-    return hook
-
-# the barrier's helpers leave the process: a plain `import ctypes` then meets the audit hook again
-for _name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes", "landlockpy", "pyseccomp")]:
-    del sys.modules[_name]
-landlockpy = pyseccomp = None
-if cfg["audit"] and not refused:
-    sys.addaudithook(_make_hook(scratch, ("/proc/self/", f"/proc/{os.getpid()}/")))
-    protections.append("audit")
-del _make_hook
-sys.stderr.write(__MARKER__ + json.dumps({"protections": protections, "unavailable": unavailable,
-                                         "refused": bool(refused)}) + "\n")
-sys.stderr.flush()
-if refused:
-    os._exit(3)
-del cfg, json, resource
-sys.argv = ["program.py"]
-exec(compile(program, "program.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-# Only reached when the program's top level ran to its end (see "completed" in the module docstring).
-try:
-    sys.stdout.flush()
-finally:
-    nonce = os.read(nonce_fd, 64).strip()
-    os.write(1, b"\n" + nonce + b"\n")
-'''.replace("__MARKER__", repr(_MARKER))
-
 # Loaded before the uid drop; run-as-nobody cannot import from a root-only interpreter install (e.g. /root/.pyenv).
 PRELOAD = ["math", "cmath", "itertools", "functools", "collections", "collections.abc", "re", "string", "heapq",
            "bisect", "random", "statistics", "fractions", "decimal", "hashlib", "copy", "operator", "datetime",
            "typing", "dataclasses", "enum", "textwrap", "unicodedata", "numbers", "array", "io", "struct",
            "traceback", "linecache", "time", "json", "socket", "encodings.idna", "encodings.ascii", "encodings.latin_1"]
+
+# The child's start-up code, run by path in isolated mode (its docstring has the contract).
+CHILD = os.path.abspath(sandbox_child.__file__)
+
+
+def child_config(scratch: str, limits: SandboxLimits, nonce_fd: int, channel_fds: list[int],
+                 require_isolation: bool) -> dict:
+    """The child's whole configuration, as plain data (passed to it as one JSON argument)."""
+    return {"scratch": scratch, "cpu_s": int(limits.cpu_s), "memory_mb": int(limits.memory_mb),
+            "max_file_mb": int(limits.max_file_mb), "max_open_files": int(limits.max_open_files),
+            "max_processes": int(limits.max_processes), "max_disk_mb": int(limits.max_disk_mb),
+            "max_files": int(limits.max_files), "preload": PRELOAD, "audit": bool(limits.audit),
+            "namespaces": bool(limits.namespaces), "drop_uid": bool(limits.drop_uid),
+            "kernel_barrier": bool(limits.kernel_barrier), "nonce_fd": nonce_fd, "channel_fds": list(channel_fds),
+            "read_only": _read_only_paths(), "seccomp_allow": SECCOMP_ALLOW, "seccomp_own_pid": SECCOMP_OWN_PID,
+            "seccomp_fake": SECCOMP_FAKE, "seccomp_ioctls": SECCOMP_IOCTLS, "seccomp_fcntls": SECCOMP_FCNTLS,
+            "require_isolation": require_isolation}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,11 +336,7 @@ class _Child:
     def header(self) -> dict:
         """The bootstrap's first stderr line (its layers), once it is complete."""
         if self._header is None:
-            err = b"".join(self.chunks[self.proc.stderr])
-            marker = _MARKER.encode()
-            end = err.find(b"\n")
-            if end >= 0 or len(err) > 65536:
-                self._header = json.loads(err[len(marker):end]) if err.startswith(marker) and end >= 0 else {}
+            self._header = sandbox_child.parse_header(b"".join(self.chunks[self.proc.stderr]))
         return self._header or {}
 
     def _over_disk_quota(self) -> bool:
@@ -693,18 +427,10 @@ def _run(scratch: str, env: dict, limits: SandboxLimits, stdin_text: str | None,
         child_fds += [req_r, rep_w]
         parent_fds += [req_w, rep_r]
         env = {**env, "NANOCHAT_CHANNEL": f"{req_r},{rep_w}"}
-    cfg = {"scratch": scratch, "cpu_s": int(limits.cpu_s), "memory_mb": int(limits.memory_mb),
-           "max_file_mb": int(limits.max_file_mb), "max_open_files": int(limits.max_open_files),
-           "max_processes": int(limits.max_processes), "max_disk_mb": int(limits.max_disk_mb),
-           "max_files": int(limits.max_files), "preload": PRELOAD, "audit": bool(limits.audit),
-           "namespaces": bool(limits.namespaces), "drop_uid": bool(limits.drop_uid),
-           "kernel_barrier": bool(limits.kernel_barrier), "nonce_fd": nonce_r, "channel_fds": child_fds[1:],
-           "read_only": _read_only_paths(), "seccomp_allow": SECCOMP_ALLOW, "seccomp_own_pid": SECCOMP_OWN_PID,
-           "seccomp_fake": SECCOMP_FAKE, "seccomp_ioctls": SECCOMP_IOCTLS, "seccomp_fcntls": SECCOMP_FCNTLS,
-           "require_isolation": require_isolation}
+    cfg = child_config(scratch, limits, nonce_r, child_fds[1:], require_isolation)
     t0 = time.monotonic()
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(cfg)], cwd=scratch, env=env,
+        proc = subprocess.Popen([sys.executable, "-I", CHILD, json.dumps(cfg)], cwd=scratch, env=env,
                                 stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
                                 pass_fds=tuple(child_fds), start_new_session=True)
