@@ -16,6 +16,7 @@ import torch
 from test_engine import prompt_of
 
 import nanochat.inference.scheduler as scheduler_module
+import nanochat.inference.tool_calls as tool_calls_module
 from nanochat.inference.engine import Engine
 from nanochat.inference.sampling import SamplingParams
 from nanochat.inference.scheduler import GenerationRequest, Scheduler
@@ -131,10 +132,10 @@ def inject(stage: str, monkeypatch, faulty: GenerationRequest) -> str:
     if stage == "tool call":
         def evaluate(expression):
             raise RuntimeError(f"injected: the calculator crashed on {expression!r}")
-        monkeypatch.setattr(scheduler_module, "evaluate", evaluate)
+        monkeypatch.setattr(tool_calls_module, "evaluate", evaluate)
         return f"the tool call failed: RuntimeError: injected: the calculator crashed on {EXPRESSION!r}"
     assert stage == "tool output"
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
     return "encoding the tool output failed: ValueError: text is not valid Unicode text"
 
 
@@ -230,7 +231,7 @@ def test_a_failed_batch_forward_fails_the_batch_then_the_replica_recovers(model,
 
 def test_engine_generate_names_the_cause(model, tok, monkeypatch):
     """Engine.generate raises on a failed row with the cause in its message, never an empty one."""
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")
     engine = Engine(ToolCaller(model, tool_script(tok)), tok, prefix_cache_tokens=0)
     with pytest.raises(RuntimeError, match=r"generation failed for prompt 1: encoding the tool output failed: "
                                            r"ValueError: text is not valid Unicode"):
@@ -288,7 +289,7 @@ def test_a_stream_whose_tool_output_is_not_text_errors_while_another_completes(t
     expected = {n: "".join(ev.text for ev in engine.stream(prompt, max_tokens=n, temperature=1.0, seed=plain_seed))
                 for n in (20, 150)}
 
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
     model.delay_s = 0.01  # the plain stream takes 150 steps (>= 1.5 s), the tool call fails within 6
     app = create_app(model, tok, ServerConfig(batch_size=4, max_waiting=8))
     with ServerThread(app) as server:

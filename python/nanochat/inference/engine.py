@@ -33,13 +33,12 @@ class Engine:
         self.terminal = {tokenizer.encode_special(name) for name in TERMINAL_TOKENS}
         self._scheduler: Scheduler | None = None
 
-    def serving_scheduler(self, batch_size: int, max_waiting: int | None = None,
-                          policy: str = "chunked") -> Scheduler:
+    def serving_scheduler(self, batch_size: int, max_waiting: int | None = None) -> Scheduler:
         """A scheduler over the whole context for `Scheduler.serve_forever` in a worker thread, fed by `submit`
         from other threads; `max_waiting` bounds its queue (submit returns False when full)."""
         return Scheduler(self.model, self.tokenizer, batch_size=batch_size, tools=self.tools,
                          max_waiting=max_waiting, step_tokens=self.step_tokens, prefix_cache=self.prefix_store,
-                         cuda_graphs=self.cuda_graphs, policy=policy)
+                         cuda_graphs=self.cuda_graphs)
 
     def stream(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = 42,
@@ -94,20 +93,20 @@ class Engine:
 
     def _run(self, requests: list[GenerationRequest], rows: int) -> Iterator[tuple[int, TokenEvent]]:
         """Step a scheduler of `rows` rows until `requests` finish, yielding (request index, event) as they come.
+        A failed batch step ends the requests with error events naming the cause (as a server replica's would).
         However it ends (done, failed, or the caller stops early) their rows are freed at once."""
         sched = self._scheduler_for(rows, max(len(r.prompt) + r.params.max_tokens for r in requests))
         for req in requests:
             sched.submit(req)
         try:
             while not all(req.finished.is_set() for req in requests):
-                sched.step()
+                sched.run_step()
                 for i, req in enumerate(requests):
                     while req.events:
                         yield i, req.events.popleft()
         finally:
             for req in requests:
-                req.cancel()
-            sched._retire(cancelled_only=True)  # no forward: a failed one may have raised
+                sched.release(req)
             if sched.has_work():
                 self._scheduler = None
 
