@@ -166,6 +166,39 @@ def test_cancel_mid_prefill_frees_the_row_and_the_budget_at_once(model, tok):
     assert sched.requests_finished == 2
 
 
+def test_release_ends_a_request_at_once_wherever_it_is(model, tok):
+    """release() (what the Engine calls when its caller stops early): a decoding request and a waiting one end
+    with "cancelled" events and free their rows without a forward; the request beside them is unaffected; a
+    finished request is left as it is."""
+    rec = Recorder(model)
+    sched = Scheduler(rec, tok, batch_size=3, tools=False, step_tokens=64)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    decoding = GenerationRequest(prompt_of(tok, TEXTS[0]), greedy, n=2)
+    other = GenerationRequest(prompt_of(tok, TEXTS[2]), greedy)
+    waiting = GenerationRequest(prompt_of(tok, TEXTS[4]), greedy, n=2)  # 2 + 1 + 2 rows > 3: it waits
+    for req in (decoding, other, waiting):
+        sched.submit(req)
+    sched.step()
+    sched.step()
+    assert len(sched.rows) == 3 and sched.num_waiting == 1 and decoding.completion_tokens == 4
+    steps = len(rec.steps)
+    sched.release(decoding)
+    sched.release(waiting)
+    assert len(rec.steps) == steps  # no forward
+    for req in (decoding, waiting):
+        finals = [ev for ev in req.events if ev.finish_reason is not None]
+        assert req.finished.is_set() and [(ev.sample, ev.finish_reason) for ev in finals] == [(0, "cancelled"),
+                                                                                              (1, "cancelled")]
+    assert [r.request for r in sched.rows] == [other] and sched.num_waiting == 0 and sched.requests_finished == 2
+    assert sched.cache.cache_lens.tolist()[1:] == [0, 0]
+    run(sched)
+    assert tokens_by_sample(other) == alone(model, tok, other)
+    events = len(other.events)
+    sched.release(other)
+    assert len(other.events) == events and sched.requests_finished == 3 and not sched.has_work()
+    assert int(sched.cache.cache_lens.abs().sum()) == 0
+
+
 def test_random_traffic_with_cancellations(model, tok):
     """Random prompts, n, budgets and cancellations at random steps: every request that is not cancelled gets the
     tokens it gets alone, rows never leak, and the host lengths always mirror the cache."""
