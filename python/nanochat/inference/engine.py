@@ -1,11 +1,17 @@
-"""The one way to generate with a model: `Engine.stream` (one prompt, events as they come: the CLI),
-`Engine.generate` (many prompts to completion: the evals and RL) and `Engine.serving_scheduler` (a scheduler that
-a worker thread runs while other threads submit requests: the server).
+"""The one front door to generation, so that the chat CLI, the evals and RL, and the server run the same scheduler
+and a request gets the same tokens whichever of them sends it.
 
-All three run on the continuous-batching `Scheduler` (scheduler.py) with this engine's settings: the python tool,
-the prefix store, CUDA graphs, tokens per step. The synchronous calls drive a scheduler sized to the call, kept
-while the next call fits it (its CUDA graphs stay captured); the KV of finished replies stays in the engine's prefix
-store across calls, so a chat that resends its history prefills only the new turn.
+Contracts:
+- `stream` (one prompt, events as they come) and `generate` (many prompts to completion) drive a `Scheduler` in the
+  caller's thread; `serving_scheduler` builds one for a server's worker thread. All use this engine's settings
+  (the python tool, the prefix store, CUDA graphs, tokens per step).
+- A synchronous call owns its scheduler until it returns. However it ends (done, a failed batch step, the caller
+  stopping early) its requests are released and their rows freed; the scheduler is kept while the next call fits
+  it, so its CUDA graphs stay captured.
+- A model failure reaches the caller as an error event naming the cause (`stream`), or a RuntimeError naming the
+  prompt and the cause (`generate`), as it reaches a server's client.
+- The KV of finished replies stays in the engine's prefix store across calls and is shared with the serving
+  scheduler, so a chat that resends its history prefills only the new turn.
 """
 
 from __future__ import annotations

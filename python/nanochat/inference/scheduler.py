@@ -105,7 +105,7 @@ class GenerationRequest:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Continuous-batching scheduler
+# Decoding rows
 
 
 @dataclass(eq=False)
@@ -252,6 +252,10 @@ class DecodeGraphs:
             graph.replay()
             return out
         return replay
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The continuous-batching scheduler
 
 
 class Scheduler:

@@ -4,9 +4,9 @@ Contract: the model opens a call by sampling <|python_start|> and closes it with
 are decoded and handed to `nanochat.tools.calculator.evaluate` (a bounded evaluator: model output is never run as
 Python), and the row must then emit <|output_start|> result <|output_end|> as forced tokens (mask 0, not the
 model's: RL does not train on them). Only a sampled <|python_start|> opens a call, so the tool's own output can
-never start another one. A block longer than MAX_EXPRESSION_TOKENS is not evaluated: the model is rambling, and the
-calculator would refuse the text anyway. A failure of the call or of encoding its result raises `RowFailed` naming
-that stage, so the scheduler ends this row alone.
+never start another one. A block longer than MAX_EXPRESSION_TOKENS is not evaluated (the model is rambling) and
+forces nothing. A failure of the call or of encoding its result raises `RowFailed` naming that stage, so the
+scheduler ends this row alone.
 """
 
 from __future__ import annotations
