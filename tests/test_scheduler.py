@@ -1,12 +1,14 @@
 """The continuous-batching scheduler with chunked prefill against the one-request-at-a-time path: mixed prompt
 lengths chunked over several steps and batched with decoding rows, stop strings, n > 1, the python tool and
 cancellations in flight give the tokens each request gets alone; a request cancelled mid-prefill frees its row and
-its chunk budget at once; the decode step compiles with torch.compile(fullgraph=True) (no host sync); on CUDA the
+its chunk budget at once; release() ends a request wherever it is, without a forward; the step plan's packing
+(ids, kept positions, logits rows) is checked on its own; the decode step compiles with torch.compile(fullgraph=True) (no host sync); on CUDA the
 decode step from CUDA graphs equals the eager one."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +16,9 @@ from test_engine import FailingModel, prompt_of, scripted
 
 from nanochat.inference.engine import Engine
 from nanochat.inference.kv_cache import KVCache, PackedBatch
+from nanochat.inference.rows import Prefill
 from nanochat.inference.sampling import SamplingParams
-from nanochat.inference.scheduler import DecodeGraphs, GenerationRequest, Scheduler
+from nanochat.inference.scheduler import DecodeGraphs, GenerationRequest, Scheduler, StepPlan
 from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -164,6 +167,22 @@ def test_cancel_mid_prefill_frees_the_row_and_the_budget_at_once(model, tok):
     assert tokens_by_sample(after) == alone(model, tok, after)
     assert sched.num_active_rows == 0 and int(sched.cache.cache_lens.abs().sum()) == 0
     assert sched.requests_finished == 2
+
+
+def test_step_plan_says_what_each_part_feeds_and_which_logits_row_answers_it():
+    """Two decoding rows, a chunk that leaves its prompt unfinished, then two that complete theirs: the packed ids,
+    the positions whose logits are kept, and the logits row of each completed prompt."""
+    rows = [SimpleNamespace(last_token=7), SimpleNamespace(last_token=8)]
+    partial = Prefill(SimpleNamespace(prompt=[10, 11, 12, 13, 14], n=1), row=2, done=1)
+    first = Prefill(SimpleNamespace(prompt=[20, 21, 22], n=2), row=3, done=1)
+    second = Prefill(SimpleNamespace(prompt=[30], n=1), row=5, done=0)
+    plan = StepPlan.build(rows, [(partial, 2), (first, 2), (second, 1)])
+    assert plan.tokens() == [7, 8, 11, 12, 21, 22, 30]
+    assert plan.packed_chunks() == [(2, 1, 2), (3, 1, 2), (5, 0, 1)]
+    assert plan.outputs() == [0, 1, 5, 6]  # the decoding rows, then each completed prompt's last token
+    assert [c.logits_row for c in plan.chunks] == [None, 2, 3]
+    assert [c.prefill for c in plan.completing] == [first, second]
+    assert StepPlan.build([], [(second, 1)]).outputs() == [0] and StepPlan.build(rows, []).outputs() == [0, 1]
 
 
 def test_release_ends_a_request_at_once_wherever_it_is(model, tok):

@@ -141,7 +141,8 @@ class _PackedForwardFailed(RuntimeError):
 @dataclass
 class _Chunk:
     prefill: Prefill
-    take: int  # prompt tokens fed this step, from prefill.done on
+    start: int  # the first prompt position fed (prefill.done when planned)
+    take: int  # prompt tokens fed this step
     position: int  # index of its last token in the packed step's tokens
     logits_row: int | None  # the logits row of the prompt's last token when this chunk completes it, else None
 
@@ -162,7 +163,7 @@ class StepPlan:
         for p, take in chunks:
             position += take
             completes = p.done + take == len(p.request.prompt)
-            planned.append(_Chunk(p, take, position - 1, logits_row if completes else None))
+            planned.append(_Chunk(p, p.done, take, position - 1, logits_row if completes else None))
             logits_row += completes
         return cls(list(rows), planned)
 
@@ -174,7 +175,7 @@ class StepPlan:
         """The packed step's input ids: each decoding row's last token, then each chunk's prompt slice."""
         out = [r.last_token for r in self.rows]
         for c in self.chunks:
-            out += c.prefill.request.prompt[c.prefill.done:c.prefill.done + c.take]
+            out += c.prefill.request.prompt[c.start:c.start + c.take]
         return out
 
     def outputs(self) -> list[int]:
@@ -183,7 +184,7 @@ class StepPlan:
 
     def packed_chunks(self) -> list[tuple[int, int, int]]:
         """(cache row, start position, length) of each chunk, as PackedBatch takes them."""
-        return [(c.prefill.row, c.prefill.done, c.take) for c in self.chunks]
+        return [(c.prefill.row, c.start, c.take) for c in self.chunks]
 
 
 # ---------------------------------------------------------------------------------------------------------------
