@@ -1,4 +1,4 @@
-"""Serving throughput and latency under load, the new scheduling against the old in one run.
+"""Serving throughput and latency under load, the batching server against an unbatched one in one run.
 
 - Load: aggregate streamed tokens/s with 16 concurrent clients against 1 client (the anchor: what a server without
   batching would give at best), and time to first token (TTFT) p50/p95 under the 16-stream load against the
@@ -14,8 +14,8 @@
   store stops matching at the first call). TTFT per turn and the prompt tokens the prefix store reused.
 
 Servers (one child process each, started together, measured in turn so that load changes hit all alike): "new"
-(chunked prefill batched with decode, prefix reuse), "old" (`--old-policy`, default serial: each new prompt
-prefilled alone between decode steps, no prefix reuse), and "new, no prefix reuse" (the multi-turn anchor). Each is
+(chunked prefill batched with decode, prefix reuse), "unbatched" (the same server with one row: requests run one at
+a time, no prefix reuse; the load anchor), and "new, no prefix reuse" (the multi-turn anchor). Each is
 the real server (uvicorn on 127.0.0.1 in a thread, continuous batching in its worker thread) over a small random
 model and a tokenizer trained on a little real text; clients are asyncio + httpx streaming SSE in this process.
 The model's stop tokens are never sampled (their logits are -inf), so replies run to max_tokens and every run does
@@ -159,7 +159,7 @@ class ToolCallModel(torch.nn.Module):
         return logits.masked_fill(has, float("-inf")).masked_fill(hot, 0.0)
 
 
-def build_app(args, policy: str, prefix_cache_tokens: int, tools: bool = False, **config):
+def build_app(args, batch_size: int, prefix_cache_tokens: int, tools: bool = False, **config):
     """The server under test: a random depth-`args.depth` GPT (stop tokens silenced; `tools`: every reply opens
     with a calculator call) and a small real tokenizer; `config`: more ServerConfig fields."""
     if args.threads:
@@ -172,7 +172,7 @@ def build_app(args, policy: str, prefix_cache_tokens: int, tools: bool = False, 
             prm.normal_(0, 0.05)
     silenced = [tok.encode_special(name) for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>")]
     served = ToolCallModel(model, tok) if tools else NoStopModel(model, silenced)
-    config = ServerConfig(batch_size=max(16, args.streams), max_waiting=256, policy=policy,
+    config = ServerConfig(batch_size=batch_size, max_waiting=256,
                           step_tokens=args.step_tokens, prefix_cache_tokens=prefix_cache_tokens, **config)
     return create_app(served, tok, config), model, tok
 
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="reply length under load (tokens)")
     p.add_argument("--turns", type=int, default=10, help="turns of the multi-turn conversation (0: skip it)")
     p.add_argument("--turn-reply-tokens", type=int, default=50, help="reply length per turn (tokens)")
-    p.add_argument("--step-tokens", type=int, default=256, help="new policy: tokens per scheduler step")
-    p.add_argument("--old-policy", default="serial", choices=["serial", "chunked"],
-                   help="scheduling of the 'old' server (serial: each prompt prefilled alone, the old scheduler)")
+    p.add_argument("--step-tokens", type=int, default=256, help="tokens per scheduler step")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the model (0 = torch's default)")
     p.add_argument("--cases", default="load,multiturn,tools",
@@ -211,16 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
     prefix = 8 * args.context
-    setups = {}  # name: (policy, prefix cache tokens, more build_app arguments)
+    rows = max(16, args.streams)
+    setups = {}  # name: (batch rows, prefix cache tokens, more build_app arguments)
     if cases & {"load", "multiturn"}:
-        setups["new"] = ("chunked", prefix, {})
+        setups["new"] = (rows, prefix, {})
     if "load" in cases:
-        setups["old"] = (args.old_policy, 0, {})
+        setups["unbatched"] = (1, 0, {})
     if "multiturn" in cases:
-        setups["new, no prefix reuse"] = ("chunked", 0, {})
+        setups["new, no prefix reuse"] = (rows, 0, {})
     tool_setups = {"exact": {}, "fences only": {"reply_memory_tokens": 0}, "plain text": {"exact_history": False}}
     if "tools" in cases:
-        setups.update({f"tools: {k}": ("chunked", prefix, {"tools": True, **v}) for k, v in tool_setups.items()})
+        setups.update({f"tools: {k}": (rows, prefix, {"tools": True, **v}) for k, v in tool_setups.items()})
     children, urls = [], {}
     try:
         for name, setup in setups.items():
@@ -235,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
               f"per reply, step budget {args.step_tokens} tokens; loadavg {os.getloadavg()[0]:.1f} at start")
         for url in urls.values():
             asyncio.run(load(url, 2, 1, 8))  # warm-up
-        runs = {name: {"one": [], "many": [], "ttft1": [], "ttft": []} for name in ("new", "old")}
+        runs = {name: {"one": [], "many": [], "ttft1": [], "ttft": []} for name in ("new", "unbatched")}
         last_turn = {"new": [], "new, no prefix reuse": []}
         tool_turns = {name: [] for name in tool_setups}  # per repeat: the TTFT of every turn
         before = {name: prefix_reuse(urls[f"tools: {name}"]) for name in tool_turns} if "tools" in cases else {}
         for rep in range(args.repeats):
-            for name in ("old", "new") if "load" in cases else ():
+            for name in ("unbatched", "new") if "load" in cases else ():
                 r = runs[name]
                 tps, ttft1 = asyncio.run(load(urls[name], 1, args.requests, args.max_tokens))
                 r["one"].append(tps)
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| server | {args.streams} streams tokens/s | 1 stream tokens/s | ratio (>= 8x) | TTFT 1 stream p50 | "
               f"TTFT {args.streams} streams p50 / p95 | p95 / 1-stream (<= 3x) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in ("old", "new") if "load" in cases else ():
+    for name in ("unbatched", "new") if "load" in cases else ():
         r = runs[name]
         one, many, single = statistics.median(r["one"]), statistics.median(r["many"]), statistics.median(r["ttft1"])
         print(f"| {name} | {many:.1f} | {one:.1f} | {many / one:.2f}x | {single * 1000:.0f} ms | "

@@ -1,12 +1,14 @@
 """One row's failure is that row's alone: a fault injected into one row of a running batch at each stage of a row's
 step (its sampling parameters, its sampling, its text decoding and stop strings, its tool call, the encoding of its
 tool output) ends that row with an error event naming the cause, while every other row gets exactly the tokens it
-gets in a run without the faulty row; a failed batch forward fails the batch and the next request succeeds; through
+gets in a run without the faulty row; a failed batch forward fails the batch (under a server's worker and under the
+Engine, whose streams then end with an error naming the exception) and the next request succeeds; through
 the real server, a stream whose calculator returns a lone surrogate ends with an OpenAI-style error while a
 concurrent stream completes."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from types import SimpleNamespace
@@ -16,11 +18,13 @@ import torch
 from test_engine import prompt_of
 
 import nanochat.inference.scheduler as scheduler_module
+import nanochat.inference.tool_calls as tool_calls_module
 from nanochat.inference.engine import Engine
 from nanochat.inference.sampling import SamplingParams
 from nanochat.inference.scheduler import GenerationRequest, Scheduler
 from nanochat.inference.text_stream import TextStream
 from nanochat.model.tiny import tiny_model
+from nanochat.serve.chat_cli import ChatSession, ChatSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
@@ -131,10 +135,10 @@ def inject(stage: str, monkeypatch, faulty: GenerationRequest) -> str:
     if stage == "tool call":
         def evaluate(expression):
             raise RuntimeError(f"injected: the calculator crashed on {expression!r}")
-        monkeypatch.setattr(scheduler_module, "evaluate", evaluate)
+        monkeypatch.setattr(tool_calls_module, "evaluate", evaluate)
         return f"the tool call failed: RuntimeError: injected: the calculator crashed on {EXPRESSION!r}"
     assert stage == "tool output"
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
     return "encoding the tool output failed: ValueError: text is not valid Unicode text"
 
 
@@ -178,19 +182,22 @@ def test_a_fault_in_one_row_fails_that_row_alone(stage, model, tok, monkeypatch)
     assert sched.requests_finished == len(rest) + 1
 
 
+class Flaky(torch.nn.Module):
+    """The model, except that every decode forward (one token per row) raises while `armed`."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.armed = inner, inner.config, False
+
+    def forward(self, idx, kv_cache=None):
+        if self.armed and idx.size(1) == 1:
+            raise RuntimeError("injected: device lost")
+        return self.inner(idx, kv_cache=kv_cache)
+
+
 def test_a_failed_batch_forward_fails_the_batch_then_the_replica_recovers(model, tok):
     """Only the decode forward itself fails everyone in flight (serve_forever), with its cause in every error
     event; the next request then gets exactly the tokens it gets on a fresh scheduler."""
-
-    class Flaky(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config, self.armed = inner, inner.config, False
-
-        def forward(self, idx, kv_cache=None):
-            if self.armed and idx.size(1) == 1:
-                raise RuntimeError("injected: device lost")
-            return self.inner(idx, kv_cache=kv_cache)
 
     flaky = Flaky(model)
     sched = Scheduler(flaky, tok, batch_size=4, tools=False, prefix_cache=4096)
@@ -228,9 +235,35 @@ def test_a_failed_batch_forward_fails_the_batch_then_the_replica_recovers(model,
     assert outputs(again) == outputs(alone) and all(reason != "error" for _, reason in outputs(alone))
 
 
+def test_a_failed_batch_step_under_the_engine_ends_its_requests_with_the_cause(model, tok):
+    """Engine.stream (the chat CLI) and Engine.generate (evals, RL) step the scheduler themselves: a failed decode
+    forward ends their requests with an error event naming the exception, as a server replica's does, and the
+    engine's next call works."""
+    flaky = Flaky(model)
+    engine = Engine(flaky, tok, prefix_cache_tokens=0)
+    prompt = others(tok)[0].prompt
+    events = []
+    for ev in engine.stream(prompt, max_tokens=20, temperature=0.0):
+        events.append(ev)
+        flaky.armed = len(events) >= 3
+    assert [ev.finish_reason for ev in events] == [None, None, None, "error"] and events[-1].token is None
+    assert events[-1].error == "the batch step failed: RuntimeError: injected: device lost"
+    with pytest.raises(RuntimeError, match="^generation failed for prompt 0: the batch step failed: RuntimeError: "
+                                           "injected: device lost$"):
+        engine.generate([prompt], max_tokens=5)
+    flaky.armed = False
+    assert engine.generate([prompt], max_tokens=5) == Engine(model, tok).generate([prompt], max_tokens=5)
+
+    session = ChatSession(engine, tok, ChatSettings(temperature=0.0, max_tokens=8))  # what the user sees
+    flaky.armed = True
+    out = io.StringIO()
+    assert session.reply("Hi", out) == "" and session.turns == 0
+    assert out.getvalue().endswith("(generation failed: the batch step failed: RuntimeError: injected: device lost)\n")
+
+
 def test_engine_generate_names_the_cause(model, tok, monkeypatch):
     """Engine.generate raises on a failed row with the cause in its message, never an empty one."""
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")
     engine = Engine(ToolCaller(model, tool_script(tok)), tok, prefix_cache_tokens=0)
     with pytest.raises(RuntimeError, match=r"generation failed for prompt 1: encoding the tool output failed: "
                                            r"ValueError: text is not valid Unicode"):
@@ -288,7 +321,7 @@ def test_a_stream_whose_tool_output_is_not_text_errors_while_another_completes(t
     expected = {n: "".join(ev.text for ev in engine.stream(prompt, max_tokens=n, temperature=1.0, seed=plain_seed))
                 for n in (20, 150)}
 
-    monkeypatch.setattr(scheduler_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
+    monkeypatch.setattr(tool_calls_module, "evaluate", lambda expression: "\ud800")  # a calculator that lets it by
     model.delay_s = 0.01  # the plain stream takes 150 steps (>= 1.5 s), the tool call fails within 6
     app = create_app(model, tok, ServerConfig(batch_size=4, max_waiting=8))
     with ServerThread(app) as server:

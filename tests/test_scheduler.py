@@ -1,12 +1,14 @@
 """The continuous-batching scheduler with chunked prefill against the one-request-at-a-time path: mixed prompt
 lengths chunked over several steps and batched with decoding rows, stop strings, n > 1, the python tool and
 cancellations in flight give the tokens each request gets alone; a request cancelled mid-prefill frees its row and
-its chunk budget at once; the decode step compiles with torch.compile(fullgraph=True) (no host sync); on CUDA the
+its chunk budget at once; release() ends a request wherever it is, without a forward; the step plan's packing
+(ids, kept positions, logits rows) is checked on its own; the decode step compiles with torch.compile(fullgraph=True) (no host sync); on CUDA the
 decode step from CUDA graphs equals the eager one."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +16,9 @@ from test_engine import FailingModel, prompt_of, scripted
 
 from nanochat.inference.engine import Engine
 from nanochat.inference.kv_cache import KVCache, PackedBatch
+from nanochat.inference.rows import Prefill
 from nanochat.inference.sampling import SamplingParams
-from nanochat.inference.scheduler import DecodeGraphs, GenerationRequest, Scheduler
+from nanochat.inference.scheduler import DecodeGraphs, GenerationRequest, Scheduler, StepPlan
 from nanochat.model.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -97,16 +100,14 @@ def test_chunked_prefill_batched_with_decode_matches_requests_alone(model, tok):
     assert sched.num_active_rows == 0 and int(sched.cache.cache_lens.abs().sum()) == 0
 
 
-def test_serial_policy_gives_the_same_tokens(model, tok):
-    outs = {}
-    for policy in ("serial", "chunked"):
-        sched = Scheduler(model, tok, batch_size=3, tools=False, step_tokens=8, policy=policy)
-        reqs = [GenerationRequest(prompt_of(tok, t), SamplingParams(max_tokens=10, temperature=0.0)) for t in TEXTS]
-        for r in reqs:
-            sched.submit(r)
-        run(sched)
-        outs[policy] = [tokens_by_sample(r) for r in reqs]
-    assert outs["serial"] == outs["chunked"]
+def test_small_chunks_give_the_tokens_of_whole_prompts(model, tok):
+    """8-token steps over 3 rows against each prompt prefilled whole, alone (the serial scheduling's parity)."""
+    sched = Scheduler(model, tok, batch_size=3, tools=False, step_tokens=8)
+    reqs = [GenerationRequest(prompt_of(tok, t), SamplingParams(max_tokens=10, temperature=0.0)) for t in TEXTS]
+    for r in reqs:
+        sched.submit(r)
+    run(sched)
+    assert [alone(model, tok, r) for r in reqs] == [tokens_by_sample(r) for r in reqs]
 
 
 def test_stop_strings_and_samples_inside_a_busy_batch(model, tok):
@@ -166,6 +167,55 @@ def test_cancel_mid_prefill_frees_the_row_and_the_budget_at_once(model, tok):
     assert tokens_by_sample(after) == alone(model, tok, after)
     assert sched.num_active_rows == 0 and int(sched.cache.cache_lens.abs().sum()) == 0
     assert sched.requests_finished == 2
+
+
+def test_step_plan_says_what_each_part_feeds_and_which_logits_row_answers_it():
+    """Two decoding rows, a chunk that leaves its prompt unfinished, then two that complete theirs: the packed ids,
+    the positions whose logits are kept, and the logits row of each completed prompt."""
+    rows = [SimpleNamespace(last_token=7), SimpleNamespace(last_token=8)]
+    partial = Prefill(SimpleNamespace(prompt=[10, 11, 12, 13, 14], n=1), row=2, done=1)
+    first = Prefill(SimpleNamespace(prompt=[20, 21, 22], n=2), row=3, done=1)
+    second = Prefill(SimpleNamespace(prompt=[30], n=1), row=5, done=0)
+    plan = StepPlan.build(rows, [(partial, 2), (first, 2), (second, 1)])
+    assert plan.tokens() == [7, 8, 11, 12, 21, 22, 30]
+    assert plan.packed_chunks() == [(2, 1, 2), (3, 1, 2), (5, 0, 1)]
+    assert plan.outputs() == [0, 1, 5, 6]  # the decoding rows, then each completed prompt's last token
+    assert [c.logits_row for c in plan.chunks] == [None, 2, 3]
+    assert [c.prefill for c in plan.completing] == [first, second]
+    assert StepPlan.build([], [(second, 1)]).outputs() == [0] and StepPlan.build(rows, []).outputs() == [0, 1]
+
+
+def test_release_ends_a_request_at_once_wherever_it_is(model, tok):
+    """release() (what the Engine calls when its caller stops early): a decoding request and a waiting one end
+    with "cancelled" events and free their rows without a forward; the request beside them is unaffected; a
+    finished request is left as it is."""
+    rec = Recorder(model)
+    sched = Scheduler(rec, tok, batch_size=3, tools=False, step_tokens=64)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    decoding = GenerationRequest(prompt_of(tok, TEXTS[0]), greedy, n=2)
+    other = GenerationRequest(prompt_of(tok, TEXTS[2]), greedy)
+    waiting = GenerationRequest(prompt_of(tok, TEXTS[4]), greedy, n=2)  # 2 + 1 + 2 rows > 3: it waits
+    for req in (decoding, other, waiting):
+        sched.submit(req)
+    sched.step()
+    sched.step()
+    assert len(sched.rows) == 3 and sched.num_waiting == 1 and decoding.completion_tokens == 4
+    steps = len(rec.steps)
+    sched.release(decoding)
+    sched.release(waiting)
+    assert len(rec.steps) == steps  # no forward
+    for req in (decoding, waiting):
+        finals = [ev for ev in req.events if ev.finish_reason is not None]
+        assert req.finished.is_set() and [(ev.sample, ev.finish_reason) for ev in finals] == [(0, "cancelled"),
+                                                                                              (1, "cancelled")]
+    assert [r.request for r in sched.rows] == [other] and sched.num_waiting == 0 and sched.requests_finished == 2
+    assert sched.cache.cache_lens.tolist()[1:] == [0, 0]
+    run(sched)
+    assert tokens_by_sample(other) == alone(model, tok, other)
+    events = len(other.events)
+    sched.release(other)
+    assert len(other.events) == events and sched.requests_finished == 3 and not sched.has_work()
+    assert int(sched.cache.cache_lens.abs().sum()) == 0
 
 
 def test_random_traffic_with_cancellations(model, tok):
@@ -393,5 +443,3 @@ def test_cuda_graphs_need_cuda(model, tok):
     with pytest.raises(ValueError, match="cuda_graphs"):
         Scheduler(model, tok, batch_size=2, cuda_graphs=True)
     assert Scheduler(model, tok, batch_size=2).graphs is None  # off by default off CUDA
-    with pytest.raises(ValueError, match="policy"):
-        Scheduler(model, tok, batch_size=2, policy="fifo")

@@ -1,11 +1,17 @@
-"""The one way to generate with a model: `Engine.stream` (one prompt, events as they come: the CLI),
-`Engine.generate` (many prompts to completion: the evals and RL) and `Engine.serving_scheduler` (a scheduler that
-a worker thread runs while other threads submit requests: the server).
+"""The one front door to generation, so that the chat CLI, the evals and RL, and the server run the same scheduler
+and a request gets the same tokens whichever of them sends it.
 
-All three run on the continuous-batching `Scheduler` (scheduler.py) with this engine's settings: the python tool,
-the prefix store, CUDA graphs, tokens per step. The synchronous calls drive a scheduler sized to the call, kept
-while the next call fits it (its CUDA graphs stay captured); the KV of finished replies stays in the engine's prefix
-store across calls, so a chat that resends its history prefills only the new turn.
+Contracts:
+- `stream` (one prompt, events as they come) and `generate` (many prompts to completion) drive a `Scheduler` in the
+  caller's thread; `serving_scheduler` builds one for a server's worker thread. All use this engine's settings
+  (the python tool, the prefix store, CUDA graphs, tokens per step).
+- A synchronous call owns its scheduler until it returns. However it ends (done, a failed batch step, the caller
+  stopping early) its requests are released and their rows freed; the scheduler is kept while the next call fits
+  it, so its CUDA graphs stay captured.
+- A model failure reaches the caller as an error event naming the cause (`stream`), or a RuntimeError naming the
+  prompt and the cause (`generate`), as it reaches a server's client.
+- The KV of finished replies stays in the engine's prefix store across calls and is shared with the serving
+  scheduler, so a chat that resends its history prefills only the new turn.
 """
 
 from __future__ import annotations
@@ -33,13 +39,12 @@ class Engine:
         self.terminal = {tokenizer.encode_special(name) for name in TERMINAL_TOKENS}
         self._scheduler: Scheduler | None = None
 
-    def serving_scheduler(self, batch_size: int, max_waiting: int | None = None,
-                          policy: str = "chunked") -> Scheduler:
+    def serving_scheduler(self, batch_size: int, max_waiting: int | None = None) -> Scheduler:
         """A scheduler over the whole context for `Scheduler.serve_forever` in a worker thread, fed by `submit`
         from other threads; `max_waiting` bounds its queue (submit returns False when full)."""
         return Scheduler(self.model, self.tokenizer, batch_size=batch_size, tools=self.tools,
                          max_waiting=max_waiting, step_tokens=self.step_tokens, prefix_cache=self.prefix_store,
-                         cuda_graphs=self.cuda_graphs, policy=policy)
+                         cuda_graphs=self.cuda_graphs)
 
     def stream(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = 42,
@@ -94,20 +99,20 @@ class Engine:
 
     def _run(self, requests: list[GenerationRequest], rows: int) -> Iterator[tuple[int, TokenEvent]]:
         """Step a scheduler of `rows` rows until `requests` finish, yielding (request index, event) as they come.
+        A failed batch step ends the requests with error events naming the cause (as a server replica's would).
         However it ends (done, failed, or the caller stops early) their rows are freed at once."""
         sched = self._scheduler_for(rows, max(len(r.prompt) + r.params.max_tokens for r in requests))
         for req in requests:
             sched.submit(req)
         try:
             while not all(req.finished.is_set() for req in requests):
-                sched.step()
+                sched.run_step()
                 for i, req in enumerate(requests):
                     while req.events:
                         yield i, req.events.popleft()
         finally:
             for req in requests:
-                req.cancel()
-            sched._retire(cancelled_only=True)  # no forward: a failed one may have raised
+                sched.release(req)
             if sched.has_work():
                 self._scheduler = None
 

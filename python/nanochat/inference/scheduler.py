@@ -1,20 +1,23 @@
 """The continuous-batching scheduler: many requests share one model replica and its preallocated KV cache; each
 step is one forward over a token of every decoding row plus prefill chunks of admitted prompts.
 
-Notable choices:
-- Decoding rows are kept compacted at the front of the cache, so the decode step runs over a view of the first rows
-  and reads no device value on the host: it compiles, and on CUDA it replays graphs captured per bucketed batch
-  size (`DecodeGraphs`). A prompt is prefilled in a free row above them, a chunk per step (a long prompt never
-  stalls the streams), then moves down; its other samples get copies of its row (one prefill per prompt).
-- A finished row's KV goes to a `PrefixStore`; a new prompt that starts with held tokens prefills only the rest.
-- Stops: <|assistant_end|> and <|bos|> (sampled), the token budget, stop strings (on the decoded text),
-  cancellation (checked before every step). A sampled <|python_start|> … <|python_end|> is evaluated by
-  `nanochat.tools.calculator.evaluate` and the result forced as <|output_start|> result <|output_end|> (mask 0).
+Contracts, and why:
+- Every request gets the tokens it would get alone: rows are independent in the forward (a packed step attends
+  within each row only) and in sampling (each sample draws from its own generator), so batching, chunking and
+  row moves never change a reply. The tests compare against a request run by itself.
+- The decode step reads no device value on the host: decoding rows are compacted at the front of the cache (see
+  rows.py), so it is a view over the first rows, which compiles and on CUDA replays as a graph (`DecodeGraphs`).
+- A long prompt never stalls the streams: it is prefilled a chunk per step within `step_tokens`, next to the
+  decoding rows. A prompt's other samples get copies of its row: one prefill per prompt.
+- A finished reply's KV goes to a `PrefixStore`, so a chat that resends its history prefills only the new turn.
 - Failures are attributed to rows: whatever belongs to one row (its sampling parameters and sampling, its text
-  decoding and stop strings, its tool call and the encoding of the tool output) ends that row alone with an "error"
-  event naming the cause, and the batch goes on; a failed forward over prefill chunks is retried part by part, so
-  a prompt the model fails on fails its own request; only a failure of the batch step itself (the decode forward)
-  fails every request in flight, after which the replica starts clean (`serve_forever`).
+  and stop strings, its tool call) ends that row alone with an "error" event whose `error` names the stage and
+  the exception ("the tool call failed: RuntimeError: ..."), and the batch goes on. A failed forward over prefill
+  chunks is retried part by part, so a prompt the model fails on fails its own request. Only a failure of the
+  batch step itself (the decode forward) fails every request in flight (`run_step`), and the scheduler starts
+  clean: a server replica keeps serving.
+- Threads: `submit` and `GenerationRequest.cancel` may be called from any thread; `step`, `run_step`, `release`
+  and `serve_forever` run in one worker thread.
 """
 
 from __future__ import annotations
@@ -25,19 +28,19 @@ import dataclasses
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from nanochat.common import get_logger
 from nanochat.inference.kv_cache import CacheView, KVCache, PackedBatch, PrefixStore, round_up
+from nanochat.inference.rows import Prefill, RowFailed, RowTable, describe, row_stage
 from nanochat.inference.sampling import SamplingParams, row_generator, sample_tokens
 from nanochat.inference.text_stream import SPECIAL_TEXT, TextStream
-from nanochat.tools.calculator import evaluate
+from nanochat.inference.tool_calls import ToolCalls, ToolTokens
 
 TERMINAL_TOKENS = ("<|assistant_end|>", "<|bos|>")
-MAX_TOOL_EXPRESSION_TOKENS = 512  # a longer python block is not evaluated (the model is rambling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,11 +105,12 @@ class GenerationRequest:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Continuous-batching scheduler
+# Decoding rows
 
 
 @dataclass(eq=False)
 class _Row:
+    """One sample being decoded; the row table keeps it in cache row `rows.index(self)`."""
     request: GenerationRequest
     sample: int
     generator: torch.Generator
@@ -114,48 +118,79 @@ class _Row:
     cache_len: int  # valid positions in its cache row (mirrors cache.cache_lens, kept on the host)
     text: TextStream
     sampling: tuple[float, int, float]  # (temperature, top_k, top_p) as the sampler takes them (0 = off)
+    tool: ToolCalls | None  # None when the scheduler runs without tools
     last_token: int = -1  # emitted but not yet fed to the model
-    generated: list = field(default_factory=list)  # every emitted token, sampled or forced
-    forced: collections.deque = field(default_factory=collections.deque)
-    in_python: bool = False
-    python_tokens: list = field(default_factory=list)
+    generated: list = dataclasses.field(default_factory=list)  # every emitted token, sampled or forced
     finish_reason: str | None = None
     finished: bool = False
+
+    @property
+    def forced(self) -> bool:
+        """The row's next token is forced (tool output), not sampled."""
+        return self.tool is not None and bool(self.tool.forced)
 
 
 class _PackedForwardFailed(RuntimeError):
     """The model failed on a forward with prefill chunks, before any length or row changed."""
 
 
-class _RowFailed(Exception):
-    """One row's own part of a step failed (see `_row_stage`): that row ends with an error, the batch goes on."""
+# ---------------------------------------------------------------------------------------------------------------
+# The step plan
 
 
-def _describe(e: BaseException) -> str:
-    """An exception in words: its type, and its message when it has one."""
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+@dataclass
+class _Chunk:
+    prefill: Prefill
+    start: int  # the first prompt position fed (prefill.done when planned)
+    take: int  # prompt tokens fed this step
+    position: int  # index of its last token in the packed step's tokens
+    logits_row: int | None  # the logits row of the prompt's last token when this chunk completes it, else None
 
 
-@contextlib.contextmanager
-def _row_stage(what: str):
-    """Attribute a failure inside to one row's `what` (e.g. "the tool call"): it becomes a _RowFailed naming both."""
-    try:
-        yield
-    except _RowFailed:
-        raise
-    except Exception as e:
-        raise _RowFailed(f"{what} failed: {_describe(e)}") from e
+@dataclass
+class StepPlan:
+    """One forward, built by `StepPlan.build` and consumed by `Scheduler._forward`: what each part feeds and which
+    logits row answers it. Decoding row i (cache row i) feeds its last token and is answered by logits row i; a
+    prefill chunk feeds `take` prompt tokens into its cache row, and a chunk that completes its prompt is answered
+    by `logits_row`, from which every sample of that request draws its first token."""
+    rows: list[_Row]
+    chunks: list[_Chunk]
+
+    @classmethod
+    def build(cls, rows: list[_Row], chunks: list[tuple[Prefill, int]]) -> StepPlan:
+        """`chunks`: (prefill, prompt tokens to feed), in packing order."""
+        planned, position, logits_row = [], len(rows), len(rows)
+        for p, take in chunks:
+            position += take
+            completes = p.done + take == len(p.request.prompt)
+            planned.append(_Chunk(p, p.done, take, position - 1, logits_row if completes else None))
+            logits_row += completes
+        return cls(list(rows), planned)
+
+    @property
+    def completing(self) -> list[_Chunk]:
+        return [c for c in self.chunks if c.logits_row is not None]
+
+    def tokens(self) -> list[int]:
+        """The packed step's input ids: each decoding row's last token, then each chunk's prompt slice."""
+        out = [r.last_token for r in self.rows]
+        for c in self.chunks:
+            out += c.prefill.request.prompt[c.start:c.start + c.take]
+        return out
+
+    def outputs(self) -> list[int]:
+        """The positions whose logits the step needs, in logits-row order."""
+        return list(range(len(self.rows))) + [c.position for c in self.completing]
+
+    def packed_chunks(self) -> list[tuple[int, int, int]]:
+        """(cache row, start position, length) of each chunk, as PackedBatch takes them."""
+        return [(c.prefill.row, c.start, c.take) for c in self.chunks]
 
 
-@dataclass(eq=False)
-class _Prefill:
-    """An admitted request whose prompt is being written into cache row `row`, a chunk per step."""
-    request: GenerationRequest
-    row: int
-    done: int  # prompt tokens already in the row (reused from the prefix store, then prefilled)
+# ---------------------------------------------------------------------------------------------------------------
+# The decode step from CUDA graphs
 
 
-POLICIES = ("chunked", "serial")
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # decode batch sizes with a CUDA graph
 
 
@@ -220,26 +255,23 @@ class DecodeGraphs:
         return replay
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The continuous-batching scheduler
+
+
 class Scheduler:
     """Many requests share one model replica: admit waiting requests into free rows, and each step run one forward
     over the decoding rows plus prefill chunks of admitted prompts; retire finished rows. Thread-safe `submit`;
-    `step` and `serve_forever` run in one worker thread.
-
-    Cache rows: the decoding rows are rows 0..n-1 (compacted, so the decode step is a view over the first rows);
-    a prompt being prefilled owns one free row above them and moves down (a row swap) when its prefill completes;
-    its other samples get copies of that row then. `policy="serial"` is the old scheduling, kept for benchmarks:
-    each admitted prompt is prefilled alone and whole, then the rows decode."""
+    `step` (or `run_step`), `release` and `serve_forever` run in one worker thread. Which request holds which cache
+    row is the row table's (`self.table`, rows.py)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_len: int | None = None, tools: bool = True,
-                 max_waiting: int | None = None, max_prefill_tokens: int = 4096, step_tokens: int = 256,
-                 prefix_cache: PrefixStore | int | None = None, cuda_graphs: bool | None = None,
-                 policy: str = "chunked"):
+                 max_waiting: int | None = None, step_tokens: int = 256,
+                 prefix_cache: PrefixStore | int | None = None, cuda_graphs: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if step_tokens < 1:
             raise ValueError(f"step_tokens must be >= 1, got {step_tokens}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         cfg = model.config
         self.model = model
         self.tokenizer = tokenizer
@@ -250,14 +282,13 @@ class Scheduler:
         self.sample_vocab = min(cfg.vocab_size, tokenizer.get_vocab_size())
         self.tools = tools
         self.max_waiting = max_waiting
-        self.max_prefill_tokens = max_prefill_tokens  # serial policy: prompt tokens admitted per step
-        self.step_tokens = step_tokens  # chunked policy: tokens per forward, one per decoding row + prefill chunks
-        self.policy = policy
+        self.step_tokens = step_tokens  # tokens per forward: one per decoding row, the rest prefill chunks
         p = next(model.parameters())
         self.device = p.device
         cache_dtype = torch.bfloat16 if self.device.type == "cuda" else p.dtype
         self.cache = KVCache(batch_size, self.max_len, cfg.n_layer, cfg.n_kv_head, cfg.head_dim, self.device,
                              cache_dtype)
+        self.table = RowTable(self.cache)
         if isinstance(prefix_cache, int):
             prefix_cache = PrefixStore(prefix_cache) if prefix_cache > 0 else None
         self.prefix_store: PrefixStore | None = prefix_cache  # shared with an Engine's later schedulers
@@ -268,13 +299,10 @@ class Scheduler:
         self.graphs = DecodeGraphs(model, self.cache) if cuda_graphs else None
         special = lambda name: tokenizer.encode_special(name)  # noqa: E731
         self.terminal = {special(name) for name in TERMINAL_TOKENS}
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.tool_tokens = ToolTokens.of(tokenizer)
         self.special_text = {special(name): text for name, text in SPECIAL_TEXT.items()}
         for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"):
             self.special_text[special(name)] = ""  # structure tokens never show up as text
-        self.rows: list[_Row] = []  # decoding: rows[i] lives in cache row i
-        self.prefilling: list[_Prefill] = []  # admitted, prompt not complete yet (FIFO: chunks go to the oldest)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.purged: list[GenerationRequest] = []  # cancelled while waiting, final events not yet sent
         self.cond = threading.Condition()
@@ -283,6 +311,16 @@ class Scheduler:
         self.decode_steps = 0
         self.prefill_tokens = 0
         self.requests_finished = 0
+
+    @property
+    def rows(self) -> list[_Row]:
+        """The decoding rows: rows[i] lives in cache row i."""
+        return self.table.decoding
+
+    @property
+    def prefilling(self) -> list[Prefill]:
+        """Admitted requests whose prompt is not complete yet, oldest first."""
+        return self.table.prefilling
 
     # -- thread-safe front --------------------------------------------------------------------------------------
 
@@ -334,92 +372,87 @@ class Scheduler:
                 if not self.has_work():
                     self.cond.wait(idle_wait_s)
                     continue
-            try:
-                self.step()
-            except Exception as e:  # the batch step failed: fail the requests in flight, not the worker
-                get_logger().exception("decode step failed")
-                self._fail_all(f"the batch step failed: {_describe(e)}")
+            self.run_step()
 
-    # -- one step -----------------------------------------------------------------------------------------------
+    # -- the worker's side --------------------------------------------------------------------------------------
+
+    def run_step(self) -> int:
+        """`step`, and when the batch step itself fails, every request in flight ends with an error event naming
+        the cause and the scheduler starts clean, so the caller's loop goes on. Returns the tokens emitted."""
+        try:
+            return self.step()
+        except Exception as e:
+            get_logger().exception("decode step failed")
+            self._fail_all(f"the batch step failed: {describe(e)}")
+            return 0
+
+    def release(self, request: GenerationRequest) -> None:
+        """End `request` now, wherever it is (waiting, prefilling, decoding, or already finished: then nothing
+        happens): its unfinished samples get "cancelled" events and its rows are freed, without a forward (so it
+        is safe after a step that raised). Other cancelled requests are dropped along with it."""
+        request.cancel()
+        with self.cond:
+            queued = request in self.waiting or request in self.purged
+            if queued:
+                self.waiting = collections.deque(r for r in self.waiting if r is not request)
+                self.purged = [r for r in self.purged if r is not request]
+        if queued:
+            self._finish_cancelled(request)
+        self._retire(cancelled_only=True)
 
     @torch.no_grad()
     def step(self) -> int:
-        """Retire cancelled requests, admit waiting ones, run one forward (decoding rows + prefill chunks; under
-        the serial policy, each new prompt alone and then the decode step). Returns the tokens emitted."""
+        """Retire cancelled requests, admit waiting ones, run one forward (decoding rows + prefill chunks), retire
+        finished rows. Returns the tokens emitted; raises when the batch step itself fails (see `run_step`)."""
         self._retire(cancelled_only=True)
         self._admit()
-        if self.policy == "serial":
-            emitted = 0
-            for p in list(self.prefilling):
-                emitted += self._forward_guarded([], [(p, len(p.request.prompt) - p.done)])
-            self._retire()  # rows that finished on their first token are not decoded
-            if self.rows:
-                emitted += self._forward(self.rows, [])
-        elif self.rows or self.prefilling:
-            emitted = self._forward_guarded(self.rows, self._plan_chunks())
-        else:
-            emitted = 0
+        emitted = self._forward_guarded(self.rows, self._plan_chunks()) if self.rows or self.prefilling else 0
         self._retire()
         self.tokens_generated += emitted
         return emitted
-
-    def _reserved_rows(self) -> int:
-        return len(self.rows) + sum(p.request.n for p in self.prefilling)
-
-    def _free_row(self, lo: int) -> int:
-        """The lowest cache row >= lo that no request holds."""
-        held = {p.row for p in self.prefilling}
-        return next(r for r in range(lo, self.batch_size) if r not in held)
 
     def _admit(self) -> None:
         with self.cond:
             purged, self.purged = self.purged, []
         for req in purged:
             self._finish_cancelled(req)
-        admitted_tokens = 0
         while True:
             with self.cond:
                 if not self.waiting:
                     break
                 req = self.waiting[0]
-                if not req.cancelled:
-                    if self._reserved_rows() + req.n > self.batch_size:
-                        break
-                    if self.policy == "serial" and admitted_tokens and \
-                            admitted_tokens + len(req.prompt) > self.max_prefill_tokens:
-                        break
+                if not req.cancelled and not self.table.can_admit(req.n):
+                    break
                 self.waiting.popleft()
             if req.cancelled:
                 self._finish_cancelled(req)
                 continue
-            admitted_tokens += len(req.prompt)
-            p = _Prefill(req, self._free_row(len(self.rows)), 0)
+            p = self.table.admit(req)
             if self.prefix_store is not None:
                 key, reuse = self.prefix_store.lookup(req.prompt)
                 if key is not None:
                     self.prefix_store.load(key, reuse, self.cache, p.row)
                     p.done = reuse
-            self.prefilling.append(p)
 
-    def _plan_chunks(self) -> list[tuple[_Prefill, int]]:
+    def _plan_chunks(self) -> list[tuple[Prefill, int]]:
         """Prefill chunks for this step, oldest prompt first, within the tokens the decoding rows leave."""
         budget = max(1, self.step_tokens - len(self.rows))
         chunks = []
         for p in self.prefilling:
             if budget <= 0:
                 break
-            take = min(budget, len(p.request.prompt) - p.done)
+            take = min(budget, p.remaining)
             chunks.append((p, take))
             budget -= take
         return chunks
 
-    def _forward_guarded(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
+    def _forward_guarded(self, rows: list[_Row], chunks: list[tuple[Prefill, int]]) -> int:
         """`_forward`, and when the model fails on a forward with prefill chunks (e.g. out of memory on a long
         prompt), the parts again one by one: the chunk that fails fails its own request only. The failed forward
         changed no length (lengths advance after the last layer; k/v written past them are never read), so the
-        retry sees the same state. Any other failure propagates (serve_forever fails every request in flight)."""
+        retry sees the same state. Any other failure propagates (`run_step` fails every request in flight)."""
         try:
-            return self._forward(rows, chunks)
+            return self._forward(StepPlan.build(rows, chunks))
         except _PackedForwardFailed as e:
             get_logger().exception("a forward with prefill chunks failed")
             if len(chunks) == 1 and not rows:
@@ -428,73 +461,57 @@ class Scheduler:
         emitted = 0
         for p, take in chunks:
             try:
-                emitted += self._forward([], [(p, take)])
+                emitted += self._forward(StepPlan.build([], [(p, take)]))
             except _PackedForwardFailed as e:
                 get_logger().exception("prefill failed; failing the request")
                 self._fail_prefill(p, str(e))
         if rows:
             self._retire()  # a row started above may have ended on its first token (or failed)
             if self.rows:
-                emitted += self._forward(self.rows, [])
+                emitted += self._forward(StepPlan.build(self.rows, []))
         return emitted
 
-    def _fail_prefill(self, p: _Prefill, cause: str) -> None:
-        self.prefilling.remove(p)
-        self.cache.reset([p.row])
+    def _fail_prefill(self, p: Prefill, cause: str) -> None:
+        self.table.drop(p)
         for s in range(p.request.n):
             p.request._emit(TokenEvent(s, None, 0, "", "error", error=cause))
         self._count_finished(p.request)
 
-    def _forward(self, rows: list[_Row], chunks: list[tuple[_Prefill, int]]) -> int:
-        """One forward: a token for each of `rows` (the decoding rows 0..n-1, or none) and the prefill chunks.
-        Samples the next token of every row and the first tokens of each prompt the step completes."""
-        rows = list(rows)
-        n = len(rows)
-        last = [r.last_token for r in rows]
-        if not chunks:
-            ids = torch.tensor(last, dtype=torch.long, device=self.device).view(n, 1)
+    def _forward(self, plan: StepPlan) -> int:
+        """Run one planned forward and emit what it answers: the next token of every decoding row (sampled, or
+        the tool's forced one) and the first token of every sample of each prompt the step completes. Returns
+        the tokens emitted."""
+        rows, n = plan.rows, len(plan.rows)
+        if not plan.chunks:
+            ids = torch.tensor([r.last_token for r in rows], dtype=torch.long, device=self.device).view(n, 1)
             logits = self._decode_logits(rows, ids)  # (n, V)
-            finishing = []
         else:
             decode_lens = [r.cache_len for r in rows]
             length = min(self.max_len, round_up(max(decode_lens, default=0) + 1))
-            outputs, finishing, tokens, at = list(range(n)), [], list(last), n
-            for p, take in chunks:
-                tokens += p.request.prompt[p.done:p.done + take]
-                at += take
-                if p.done + take == len(p.request.prompt):
-                    outputs.append(at - 1)
-                    finishing.append(p)
-            batch = PackedBatch(self.cache, n, decode_lens, length,
-                                [(p.row, p.done, take) for p, take in chunks], outputs)
-            ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+            batch = PackedBatch(self.cache, n, decode_lens, length, plan.packed_chunks(), plan.outputs())
+            ids = torch.tensor(plan.tokens(), dtype=torch.long, device=self.device).view(1, -1)
             try:
-                logits = self.model(ids, kv_cache=batch)[0]  # (n + len(finishing), V)
+                logits = self.model(ids, kv_cache=batch)[0]  # (n + completing prompts, V)
             except Exception as e:  # nothing changed yet: the parts can be retried one by one
-                raise _PackedForwardFailed(f"the forward over its prompt failed: {_describe(e)}") from e
-            for p, take in chunks:
-                p.done += take
-                self.prefill_tokens += take
+                raise _PackedForwardFailed(f"the forward over its prompt failed: {describe(e)}") from e
+            for c in plan.chunks:
+                c.prefill.done += c.take
+                self.prefill_tokens += c.take
         if rows:
             self.decode_steps += 1
         for r in rows:
             r.cache_len += 1
-        started: list[tuple[_Row, int]] = []  # new rows and the logits row of their first token
-        for j, p in enumerate(finishing):
-            self.prefilling.remove(p)
-            started += [(r, n + j) for r in self._start_rows(p)]
-        free = [i for i, r in enumerate(rows) if not r.forced]
-        to_sample = [rows[i] for i in free] + [r for r, _ in started]
-        picks = free + [i for _, i in started]
-        sampled = self._sample(to_sample, logits[picks]) if to_sample else []
-        chosen = dict(zip(picks[:len(free)], sampled))
-        for i, r in enumerate(rows):
-            if i in chosen:
-                self._accept_row(r, chosen[i], 1)
+        started = [(r, c.logits_row) for c in plan.completing for r in self._start_rows(c.prefill)]
+        picks = [(r, i) for i, r in enumerate(rows) if not r.forced] + started  # (row, its logits row)
+        sampled = self._sample([r for r, _ in picks], logits[[i for _, i in picks]]) if picks else []
+        token_of = dict(zip([r for r, _ in picks], sampled))
+        for r in rows:
+            if r in token_of:
+                self._accept_row(r, token_of[r], 1)
             else:
-                self._accept_row(r, r.forced.popleft(), 0)
-        for (r, _), tok in zip(started, sampled[len(free):]):
-            self._accept_row(r, tok, 1)
+                self._accept_row(r, r.tool.forced.popleft(), 0)
+        for r, _ in started:
+            self._accept_row(r, token_of[r], 1)
         return n + len(started)
 
     def _decode_logits(self, rows: list[_Row], ids: torch.Tensor) -> torch.Tensor:
@@ -506,14 +523,13 @@ class Scheduler:
         length = min(self.max_len, round_up(max(r.cache_len for r in rows) + 1))
         return self.model(ids, kv_cache=self.cache.view(0, n, length))[:, -1, :]
 
-    def _start_rows(self, p: _Prefill) -> list[_Row]:
-        """A prompt is in: move its row down to the decoding rows (row d = len(self.rows)), give its other samples
-        copies, and make their _Rows. A prefilling request in the way moves to a free row; the admission count
-        (rows reserved for every sample) guarantees one. When the request's own settings fail (its sampling
-        parameters, seed or stop strings), its samples end with an error instead and its row is freed."""
-        req, P, d = p.request, len(p.request.prompt), len(self.rows)
+    def _start_rows(self, p: Prefill) -> list[_Row]:
+        """A prompt is in: make a _Row per sample and promote them to decoding rows (the row table moves the
+        KV). When the request's own settings fail (its sampling parameters, seed or stop strings), its samples
+        end with an error instead and its row is freed."""
+        req = p.request
         try:
-            with _row_stage("checking the sampling parameters"):
+            with row_stage("checking the sampling parameters"):
                 # checked again (SamplingParams checks them when built, but they are plain attributes): a bad
                 # value fails this request here, not the batched sampler of every row later
                 params = dataclasses.replace(req.params)
@@ -521,37 +537,18 @@ class Scheduler:
                             1.0 if params.top_p is None else float(params.top_p))
                 seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
                 generators = [row_generator(seed, s, self.device) for s in range(req.n)]
-            with _row_stage("setting up the stop strings"):
+            with row_stage("setting up the stop strings"):
                 texts = [TextStream(self.tokenizer, params.stop, self.special_text) for _ in range(req.n)]
-        except _RowFailed as e:
+        except RowFailed as e:
             get_logger().warning("request failed at its start: %s", e)
-            self.cache.reset([p.row])
-            for s in range(req.n):
-                req._emit(TokenEvent(s, None, 0, "", "error", error=str(e)))
-            self._count_finished(req)
+            self._fail_prefill(p, str(e))
             return []
-        holder = {q.row: q for q in self.prefilling}
-        if p.row != d:
-            q = holder.pop(d, None)
-            if q is None:
-                self.cache.copy_row(self.cache, p.row, d, P)
-                self.cache.reset([p.row])
-            else:
-                self.cache.swap_rows(p.row, d, max(P, q.done))
-                q.row = p.row
-                holder[q.row] = q
-            p.row = d
-        for s in range(1, req.n):
-            q = holder.pop(d + s, None)
-            if q is not None:
-                free = next(r for r in range(d + req.n, self.batch_size) if r not in holder)
-                self.cache.copy_row(self.cache, q.row, free, q.done)
-                q.row = free
-                holder[free] = q
-            self.cache.copy_row(self.cache, d, d + s, P)
+        P = len(req.prompt)
         budget = min(params.max_tokens, self.max_len - P)
-        new_rows = [_Row(req, s, generators[s], budget, P, texts[s], sampling) for s in range(req.n)]
-        self.rows.extend(new_rows)
+        new_rows = [_Row(req, s, generators[s], budget, P, texts[s], sampling,
+                         ToolCalls(self.tokenizer, self.tool_tokens) if self.tools else None)
+                    for s in range(req.n)]
+        self.table.promote(p, new_rows)
         return new_rows
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | None]:
@@ -573,7 +570,7 @@ class Scheduler:
             try:
                 out += self._sample_rows(logits[i:i + 1], [r.sampling], u[i:i + 1])
             except Exception as e:
-                self._fail_row(r, f"sampling failed: {_describe(e)}")
+                self._fail_row(r, f"sampling failed: {describe(e)}")
                 out.append(None)
         return out
 
@@ -595,22 +592,23 @@ class Scheduler:
             self._accept(row, token, mask)
         except Exception as e:
             get_logger().warning("a row failed; the batch goes on", exc_info=True)
-            self._fail_row(row, str(e) if isinstance(e, _RowFailed) else f"its step failed: {_describe(e)}")
+            self._fail_row(row, str(e) if isinstance(e, RowFailed) else f"its step failed: {describe(e)}")
 
     def _fail_row(self, row: _Row, cause: str) -> None:
         """End one row with an error event (unless it has ended already); `_retire` frees its cache row."""
         if row.finished:
             return
         row.finished, row.finish_reason = True, "error"
-        row.forced.clear()
+        if row.tool is not None:
+            row.tool.forced.clear()
         row.request._emit(TokenEvent(row.sample, None, 0, "", "error", error=cause))
 
     def _accept(self, row: _Row, token: int, mask: int) -> None:
         """Record one emitted token of a row: stops, the tool state machine, the event. A failure of the row's own
-        part raises _RowFailed naming it, before the row has ended or sent an event for the token."""
+        part raises RowFailed naming it, before the row has ended or sent an event for the token."""
         row.last_token = token
         row.generated.append(token)
-        with _row_stage("decoding the text (and matching the stop strings)"):
+        with row_stage("decoding the text (and matching the stop strings)"):
             text, hit_stop = row.text.push(token)
         finish = None
         if mask == 1 and token in self.terminal:
@@ -619,36 +617,20 @@ class Scheduler:
             finish = "stop"
         elif len(row.generated) >= row.budget:
             finish = "length"
-        elif self.tools:
-            self._tool_step(row, token, mask)
+        elif row.tool is not None:
+            row.tool.push(token, mask)
         if finish is not None:
-            with _row_stage("decoding the text"):
+            with row_stage("decoding the text"):
                 text += row.text.flush()
             row.finished, row.finish_reason = True, finish
         row.request._emit(TokenEvent(row.sample, token, mask, text, finish))
 
-    def _tool_step(self, row: _Row, token: int, mask: int) -> None:
-        if mask == 1 and token == self.python_start:
-            row.in_python, row.python_tokens = True, []
-        elif row.in_python and token == self.python_end:
-            row.in_python = False
-            if len(row.python_tokens) <= MAX_TOOL_EXPRESSION_TOKENS:
-                with _row_stage("the tool call"):
-                    result = evaluate(self.tokenizer.decode(row.python_tokens))
-                with _row_stage("encoding the tool output"):
-                    output = self.tokenizer.encode(result)
-                row.forced.extend([self.output_start, *output, self.output_end])
-        elif row.in_python:
-            row.python_tokens.append(token)
-
     def _retire(self, cancelled_only: bool = False) -> None:
-        """Drop cancelled prefills (their rows free at once) and finished (or only cancelled) rows, moving the
-        last decoding row into each hole. A row that finished normally leaves its KV in the prefix store first
-        (sample 0 only: the one a chat client continues); a cancelled or failed one never does."""
-        # a row's cache is reset before the row is dropped: another thread that sees no rows sees empty lengths
+        """Drop cancelled prefills (their rows free at once) and finished (or only cancelled) rows; the row table
+        keeps the rest compacted. A row that finished normally leaves its KV in the prefix store first (sample 0
+        only: the one a chat client continues); a cancelled or failed one never does."""
         for p in [p for p in self.prefilling if p.request.cancelled]:
-            self.cache.reset([p.row])
-            self.prefilling.remove(p)
+            self.table.drop(p)
             self._finish_cancelled(p.request)
         i = 0
         while i < len(self.rows):
@@ -662,12 +644,7 @@ class Scheduler:
             if self.prefix_store is not None and row.sample == 0 and row.finish_reason in ("stop", "length"):
                 fed = row.request.prompt + row.generated[:-1]  # the last token was never fed to the model
                 self.prefix_store.insert(fed[:row.cache_len], self.cache, i)
-            last = len(self.rows) - 1
-            if i != last:
-                self.cache.copy_row(self.cache, last, i, self.rows[last].cache_len)
-                self.rows[i] = self.rows[last]
-            self.cache.reset([last])
-            self.rows.pop()
+            self.table.retire(i)  # the last row moves into i: look at i again
             self._count_finished(row.request)
 
     def _finish_cancelled(self, req: GenerationRequest) -> None:
@@ -690,8 +667,5 @@ class Scheduler:
             for s in range(p.request.n):
                 p.request._emit(TokenEvent(s, None, 0, "", "error", error=message))
             self._count_finished(p.request)
-        self.rows.clear()
-        self.prefilling.clear()
-        self.cache.reset()
+        self.table.clear()
         get_logger().error("failed all active requests: %s", message)
-

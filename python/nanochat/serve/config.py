@@ -22,7 +22,6 @@ class ServerConfig:
     step_tokens: int = 256  # tokens per scheduler step: one per decoding row plus prefill chunks
     prefix_cache_tokens: int = 8192  # KV of recent conversations kept for reuse, per replica (0: off)
     cuda_graphs: bool | None = None  # decode step from CUDA graphs (None: on when the model is on CUDA)
-    policy: str = "chunked"  # "serial": the old scheduling, each new prompt prefilled alone (benchmarks)
     first_token_timeout_s: float = 600.0  # queue wait + prefill: the longest a request waits for its first event
     step_timeout_s: float = 120.0  # the longest between two events of a running request (a decode step, a tool call)
     reply_memory_tokens: int = 1 << 20  # tokens of sent replies kept to render them exactly when sent back (~4 MB)

@@ -65,7 +65,7 @@ class Replica:
     def __init__(self, model, tokenizer, config: ServerConfig):
         engine = Engine(model, tokenizer, tools=config.tools, prefix_cache_tokens=config.prefix_cache_tokens,
                         cuda_graphs=config.cuda_graphs, step_tokens=config.step_tokens)
-        self.scheduler = engine.serving_scheduler(config.batch_size, config.max_waiting, config.policy)
+        self.scheduler = engine.serving_scheduler(config.batch_size, config.max_waiting)
         self.context = self.scheduler.max_len
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
