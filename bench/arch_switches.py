@@ -125,7 +125,7 @@ def main() -> None:
 
     base_bpb = results["default"][1]
     print()
-    print(f"| config | flags | ms/step | vs default | steps at equal wall time | val bpb | bpb vs default |")
+    print("| config | flags | ms/step | vs default | steps at equal wall time | val bpb | bpb vs default |")
     print("|---|---|---|---|---|---|---|")
     for n in names:
         steps, bpb = results[n]
