@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from dataclasses import asdict
 
 import pytest
@@ -96,11 +94,9 @@ class FakeTokenizer:
 
 
 def test_load_model_builds_from_meta(base_dir, monkeypatch):
-    # load_model takes the tokenizer from nanochat.tokenizer.get_tokenizer(); stand in for it (the real one needs
-    # a trained tokenizer file and the native module, tested in test_base_train)
-    fake = types.ModuleType("nanochat.tokenizer")
-    fake.get_tokenizer = lambda path=None: FakeTokenizer()
-    monkeypatch.setitem(sys.modules, "nanochat.tokenizer", fake)
+    # load_model takes the tokenizer from get_tokenizer(), imported into checkpoint.py; stand in for it (the real
+    # one needs a trained tokenizer file, tested in test_base_train)
+    monkeypatch.setattr(ck, "get_tokenizer", lambda path=None: FakeTokenizer())
     cfg, model = tiny_state(seed=1)
     ck.save_checkpoint(ck.checkpoint_dir("base", "d1"), 7, model.state_dict(), None, meta_for(cfg, 7))
     cfg2, model2 = tiny_state(seed=2)
