@@ -101,7 +101,7 @@ def loss_curve(dtype: torch.dtype) -> tuple[list[float], GPT, object, set]:
 @pytest.mark.slow
 def test_bf16_autocast_tracks_the_fp32_loss_curve():
     # one thread: tiny matmuls gain nothing from more, and on a busy machine OpenMP's spinning threads made this
-    # test 15x slower (96 s instead of 7 s at load 12 on 2 cores)
+    # test an order of magnitude slower (bench/RESULTS.md, "Machine notes moved out of code comments")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

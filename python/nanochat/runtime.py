@@ -27,11 +27,11 @@ from nanochat.common import UserError, init_process_group
 # /proc/cpuinfo flags of a native bf16 dot product: AVX512-BF16 (vdpbf16ps; Cooper Lake, Zen 4 and later), AMX-BF16
 # (Sapphire Rapids tiles), and aarch64's "bf16" feature (BFDOT/BFMMLA; Neoverse V1/N2). Without one, oneDNN emulates
 # bf16 through fp32 and autocast only adds conversions; with one, a matmul of the lm_head's shape runs about 2.3x
-# the fp32 rate (bench/RESULTS.md, "Machine notes").
+# the fp32 rate (bench/RESULTS.md, "Machine notes moved out of code comments").
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 # torch.compile on CPU made a depth-4 training step about 2.2x faster but costs about 85 s of compilation
-# (bench/RESULTS.md, "Machine notes"), so it pays back after some tens of steps; automatic compilation starts at
+# (bench/RESULTS.md, "Training step"), so it pays back after some tens of steps; automatic compilation starts at
 # this many optimizer steps, with margin (short runs and the tests stay eager).
 CPU_COMPILE_MIN_STEPS = 200
 

@@ -1,23 +1,19 @@
 """Pretraining: `nanochat base-train`, `python -m nanochat.training.base_train`, or
 `torchrun --nproc_per_node=K -m nanochat.training.base_train -- --depth D ...` (NCCL + bf16 on GPUs, gloo + fp32 on CPU).
 
-- one dial: --depth derives width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and,
-  with the default --target-param-data-ratio 20, the horizon (tokens = 20 x parameters); --num-iterations or
-  --target-flops override the horizon
-- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide;
-  batch and eval sizes default to nanochat's on CUDA and to laptop sizes on CPU (no accumulation)
-- each step logs loss, lr multiplier, tokens/s, MFU (peak bf16 FLOPs of known GPUs; n/a on CPU) and ETA; a
-  JSON-lines log (train_log.jsonl) next to the checkpoints records step, loss, lr, tok/s and val_bpb
-- validation bits per byte every --eval-every steps and at the end; greedy samples every --sample-every steps
-- checkpoints every --save-every steps and at the end (atomic, keep the last --keep-last); a checkpoint taken
-  before step s holds the weights, each rank's optimizer shard and RNG state, and each rank's data-loader
-  position, so `--resume` continues the exact loss curve of an uninterrupted run (on CPU, bit for bit)
-- a NaN or inf loss stops the run before the optimizer step with a clear message and a non-zero exit; the last
-  good checkpoint stays the newest one
-- wandb only with --wandb PROJECT (never required)
-- CPU speed (each an automatic default with an override, the choice and its reason logged at start-up): --dtype
-  (bf16 autocast where the CPU has native bf16 dot products, fp32 weights and optimizer state either way),
-  --compile (CUDA always; CPU when the run is long enough to pay for compiling), --threads (cores per process)
+Contract: a run is a function of its flags and its data, so `--resume` continues the loss curve of an uninterrupted
+run (on CPU bit for bit): a checkpoint taken before step s holds the weights, each rank's optimizer shard, RNG state
+and data-loader position, and the loop's numbers (BaseState). A NaN or inf loss stops the run before the optimizer
+step with a non-zero exit, so the newest checkpoint is always the last good one.
+
+Why the flags look as they do:
+- --depth is the one dial: width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and, with
+  the default 20 tokens per parameter, the horizon follow from it; --num-iterations or --target-flops override
+- gradient accumulation is derived (total batch / (device batch x sequence length x ranks), which must divide), so
+  the total batch, an optimizer hyperparameter, does not change with the number of devices
+- batch and eval sizes default to nanochat's on CUDA and to what fits a laptop on CPU (no accumulation)
+- the CPU speed choices (--dtype, --compile, --threads) are automatic defaults decided in nanochat.runtime and logged
+  with their reasons at start-up; wandb only with --wandb (never required)
 """
 
 from __future__ import annotations
