@@ -44,7 +44,7 @@ def loadavg() -> str:
 
 def resolve(config: str, device: torch.device, steps: int) -> dict:
     """The fused/dtype/compile settings of a named configuration (CPU dtypes as base_train would choose them)."""
-    from nanochat.common import choose_compile, choose_dtype
+    from nanochat.runtime import choose_compile, choose_dtype
 
     if config == "today":
         settings = {"fused": False, "dtype": "bf16" if device.type == "cuda" else "fp32",
@@ -86,8 +86,9 @@ def sync(device: torch.device) -> None:
 
 def step_worker(job: dict) -> dict:
     """Time training steps of one configuration."""
-    from nanochat.common import configure_threads, cpu_autocast
     from nanochat.model.gpt import GPT, GPTConfig
+    from nanochat.runtime import autocast as cpu_autocast
+    from nanochat.runtime import configure_threads
     from nanochat.training.base_train import peak_flops
 
     device = torch.device(job["device"])
@@ -132,8 +133,9 @@ def loss_worker(job: dict) -> dict:
     import torch.nn.functional as F
 
     import nanochat_kernels
-    from nanochat.common import configure_threads, cpu_autocast
     from nanochat.model.gpt import LOGIT_SOFTCAP
+    from nanochat.runtime import autocast as cpu_autocast
+    from nanochat.runtime import configure_threads
 
     device = torch.device(job["device"])
     configure_threads(None, device)
@@ -204,7 +206,8 @@ def main(argv=None):
         print(json.dumps((step_worker if kind == "step" else loss_worker)(job)))
         return
 
-    from nanochat.common import cpu_flags, git_commit, native_bf16_flags, system_info
+    from nanochat.common import git_commit, system_info
+    from nanochat.runtime import cpu_flags, native_bf16_flags
 
     gpu = args.device == "cuda"
     device = torch.device(args.device)

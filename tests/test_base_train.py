@@ -196,7 +196,7 @@ def test_peak_flops_table(monkeypatch):
 
 
 def test_truncate_log_keeps_earlier_steps_and_drops_torn_lines(tmp_path):
-    from nanochat.training.plumbing import read_log, truncate_log
+    from nanochat.training.log import read_log, truncate_log
 
     path = tmp_path / "train_log.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(6)] + ['{"step": 6, "lo']

@@ -16,9 +16,9 @@ tokenizer_mod = pytest.importorskip("nanochat.tokenizer", reason="the native tok
 from nanochat.tasks import SpellingBee  # noqa: E402
 from nanochat.tasks.identity import Identity  # noqa: E402
 from nanochat.tasks.spelling import SimpleSpelling  # noqa: E402
-from nanochat.training.chat_rl import group_advantages, policy_rows  # noqa: E402
+from nanochat.training.chat_rl import RLState, group_advantages, policy_rows  # noqa: E402
 from nanochat.training.chat_sft import ConversationBatches, conversation_rows  # noqa: E402
-from nanochat.training.mid_train import PackedConversations  # noqa: E402
+from nanochat.training.mid_train import MidState, PackedConversations  # noqa: E402
 
 
 def corpus_texts() -> list[str]:
@@ -145,6 +145,20 @@ def test_rl_gradient_is_token_normalised_policy_gradient():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The whole chain, on a tiny CPU model
+
+
+def test_loop_state_saves_the_flat_keys_of_checkpoints_and_metrics():
+    """The typed loop states save as checkpoints held them before (an Evaluated x as initial_x and x) and restore
+    from them; the first evaluation stays the initial one."""
+    state = MidState()
+    state.val_loss.record(3.0, 0, lambda entry: None, "validation loss")
+    state.val_loss.record(2.5, 10, lambda entry: None, "validation loss")
+    state.smooth_loss = 2.7
+    saved = state.saved()
+    assert saved == {"initial_val_loss": 3.0, "val_loss": 2.5, "smooth_loss": 2.7}
+    assert MidState.restored(saved) == state and MidState.restored({}) == MidState()
+    rl = RLState.restored({"initial_eval": {"pass@1": 0.1}, "eval": {"pass@1": 0.3}, "unknown": 1})
+    assert rl.eval.metrics() == {"initial_eval": {"pass@1": 0.1}, "eval": {"pass@1": 0.3}}
 
 
 def _write_base_data(folder, texts):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from dataclasses import asdict
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from nanochat.model import checkpoint as ck
 from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.model.resume import initial_lrs
 
 
 def tiny_state(seed=0):
@@ -96,11 +95,9 @@ class FakeTokenizer:
 
 
 def test_load_model_builds_from_meta(base_dir, monkeypatch):
-    # load_model takes the tokenizer from nanochat.tokenizer.get_tokenizer(); stand in for it (the real one needs
-    # a trained tokenizer file and the native module, tested in test_base_train)
-    fake = types.ModuleType("nanochat.tokenizer")
-    fake.get_tokenizer = lambda path=None: FakeTokenizer()
-    monkeypatch.setitem(sys.modules, "nanochat.tokenizer", fake)
+    # load_model takes the tokenizer from get_tokenizer(), imported into checkpoint.py; stand in for it (the real
+    # one needs a trained tokenizer file, tested in test_base_train)
+    monkeypatch.setattr(ck, "get_tokenizer", lambda path=None: FakeTokenizer())
     cfg, model = tiny_state(seed=1)
     ck.save_checkpoint(ck.checkpoint_dir("base", "d1"), 7, model.state_dict(), None, meta_for(cfg, 7))
     cfg2, model2 = tiny_state(seed=2)
@@ -115,3 +112,18 @@ def test_load_model_builds_from_meta(base_dir, monkeypatch):
     assert meta2["step"] == 1
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         ck.load_model("sft")
+
+
+def test_resume_pairs_optimizer_groups_by_checked_names():
+    """Resuming keeps this invocation's initial lrs, group by group, by name; a group without a name or an initial
+    lr, or two groups of one name, is refused instead of silently mispaired."""
+    _, model = tiny_state()
+    opt = model.setup_optimizer()
+    lrs = initial_lrs(opt)
+    assert list(lrs) == [g["name"] for g in opt.param_groups] and len(lrs) == len(opt.param_groups)
+    opt.param_groups[1]["name"] = opt.param_groups[0]["name"]
+    with pytest.raises(ValueError, match="two optimizer groups are named"):
+        initial_lrs(opt)
+    del opt.param_groups[0]["initial_lr"]
+    with pytest.raises(ValueError, match="needs 'name' and 'initial_lr'"):
+        initial_lrs(opt)

@@ -14,17 +14,17 @@ import math
 import pytest
 import torch
 
-from nanochat.common import (
+from nanochat.model.gpt import GPT, GPTConfig
+from nanochat.runtime import (
     CPU_COMPILE_MIN_STEPS,
+    autocast,
     choose_compile,
     choose_dtype,
     configure_threads,
-    cpu_autocast,
     cpu_flags,
     native_bf16_flags,
 )
-from nanochat.model.gpt import GPT, GPTConfig
-from nanochat.training.plumbing import accumulate_gradients
+from nanochat.training.loop import accumulate_gradients
 
 CPU = torch.device("cpu")
 STEPS = 40
@@ -89,10 +89,10 @@ def loss_curve(dtype: torch.dtype) -> tuple[list[float], GPT, object, set]:
     seen = set()  # dtypes of an MLP matmul's output: bf16 proves autocast reached the matmuls
     model.blocks[0].mlp.c_fc.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
     loader = synthetic_batches(256, 8, 64)
-    autocast = functools.partial(cpu_autocast, CPU, dtype)
+    forward_context = functools.partial(autocast, CPU, dtype)
     losses = []
     for _ in range(STEPS):
-        losses.append(accumulate_gradients(model, loader, 2, CPU, 1, autocast))
+        losses.append(accumulate_gradients(model, loader, 2, CPU, 1, forward_context))
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # keep the gradients to check their dtype
     return losses, model, optimizer, seen
@@ -101,7 +101,7 @@ def loss_curve(dtype: torch.dtype) -> tuple[list[float], GPT, object, set]:
 @pytest.mark.slow
 def test_bf16_autocast_tracks_the_fp32_loss_curve():
     # one thread: tiny matmuls gain nothing from more, and on a busy machine OpenMP's spinning threads made this
-    # test 15x slower (96 s instead of 7 s at load 12 on 2 cores)
+    # test an order of magnitude slower (bench/RESULTS.md, "Machine notes moved out of code comments")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

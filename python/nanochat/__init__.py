@@ -13,7 +13,9 @@ contracts in pyproject.toml enforce this in CI, tests/test_layers.py):
     tools                            what a model may call: the calculator and the code sandbox
     model                            the GPT, its optimizer and schedules, checkpoints, weight formats
     tokenizer                        the BPE tokenizer (Rust fast path, Python reference) and chat rendering
-    common                           paths, errors, logging, runtime (device, precision, distributed)
+    runtime                          the process's device, precision (one rule for every path), compilation,
+                                     threads, and its place in a torchrun job
+    common                           paths, atomic writes, errors, logging, reductions over ranks, provenance
 
 `a | b` are independent: neither imports the other. Triton kernels live in the separate package
 `nanochat_kernels` (kernels/), which never imports nanochat.

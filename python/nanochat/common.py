@@ -1,14 +1,15 @@
-"""Process-wide plumbing shared by every stage; imports nothing else from nanochat.
+"""The bottom layer: what every part of nanochat may need and nothing of nanochat's own (it imports no other
+nanochat module).
 
-- base directory: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat
-- device and dtype: CUDA (bf16) when present, else CPU (fp32); `--device` may force either
-- CPU training speed: bf16 autocast where the instruction set has bf16 dot products (read from /proc/cpuinfo),
-  torch.compile when a run is long enough to pay for the compilation, intra-op threads per process; each choice
-  comes back with the reason, for the start-up log
-- distributed: initialised from torchrun's environment (NCCL on CUDA, gloo on CPU); one process otherwise
-- logging: rank 0 prints, every rank may warn
-- atomic file writes: write to a temporary name in the same folder, fsync, rename
-- user mistakes: `UserError` (and its kinds below) is what `nanochat` reports as one line and exit status 2
+- paths: everything a run writes lives under one base directory ($NANOCHAT_BASE_DIR, default ~/.cache/nanochat),
+  so a fresh directory is a fresh project
+- atomic writes (temporary name in the same folder, fsync, rename): a crash leaves the old file or the new one,
+  never half of one
+- user mistakes are `UserError`s, which `nanochat` reports as one line and exit status 2; anything else is a bug
+  and keeps its traceback
+- rank 0 prints; reductions over the process group are no-ops in a single process, so the same code runs under
+  torchrun and without it
+- provenance (commit, versions, hardware) goes with every checkpoint and report
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import logging
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,155 +130,7 @@ def print0(*args, **kwargs) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Device, dtype and distributed set-up
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype  # compute dtype of the matmuls (bf16 on CUDA; on CPU see choose_dtype)
-    rank: int
-    local_rank: int
-    world_size: int
-    dtype_reason: str = ""  # why that dtype, for the start-up log
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        """The context a training forward runs in: bf16 autocast on a bf16 CPU runtime (weights, gradients and
-        optimizer state stay fp32); nothing on CUDA, where the model enters bf16 autocast itself."""
-        return cpu_autocast(self.device, self.dtype)
-
-
-def autodetect_device(requested: str | None = None) -> torch.device:
-    """'cuda' when available, else 'cpu'; `requested` ("cpu", "cuda") overrides."""
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {requested} requested but CUDA is not available")
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def init_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
-    """Set up device, dtype and (under torchrun) the process group. Safe to call once per process.
-
-    dtype None keeps the historical default (bf16 on CUDA, fp32 on CPU: stages without a --dtype flag never
-    autocast on CPU); "auto", "bf16" or "fp32" go through choose_dtype."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    dev = autodetect_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        init_process_group(backend, **kwargs)
-    if dtype is None:
-        compute_dtype, reason = (torch.bfloat16, "CUDA") if dev.type == "cuda" else (torch.float32, "CPU default")
-    else:
-        compute_dtype, reason = choose_dtype(dtype, dev)
-    return Runtime(dev, compute_dtype, rank, local_rank, world_size, reason)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CPU training speed: dtype, compilation, threads
-
-# /proc/cpuinfo flags of a native bf16 dot product: AVX512-BF16 (vdpbf16ps; Cooper Lake, Zen 4 and later), AMX-BF16
-# (Sapphire Rapids tiles), and aarch64's "bf16" feature (BFDOT/BFMMLA; Neoverse V1/N2). Without one, oneDNN emulates
-# bf16 through fp32 and autocast only adds conversions. Measured on a 2-core avx512_bf16 box: a matmul of the
-# lm_head's shape runs 294 GFLOP/s in bf16 against 127 in fp32.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
-
-# torch.compile on CPU: at depth 4, T=512, 4,096 tokens/step on the 2-core box at load ~13, a compiled bf16 step took
-# 11.3 s against 24.9 s eager and compiling cost ~85 s (bench/RESULTS.md), so it pays back after some tens of steps;
-# automatic compilation starts at this many optimizer steps, with margin (short runs and the tests stay eager).
-CPU_COMPILE_MIN_STEPS = 200
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags ("flags" on x86, "Features" on aarch64 in /proc/cpuinfo); empty where unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def native_bf16_flags(flags: set[str] | None = None) -> list[str]:
-    """Which of NATIVE_BF16_FLAGS this CPU has (empty: no native bf16 dot product)."""
-    flags = cpu_flags() if flags is None else flags
-    return [f for f in NATIVE_BF16_FLAGS if f in flags]
-
-
-def choose_dtype(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[torch.dtype, str]:
-    """--dtype auto|bf16|fp32 -> (compute dtype, reason). auto on CPU: bf16 where the CPU has a native bf16 dot
-    product, fp32 otherwise. On CUDA only bf16 exists (the model autocasts itself)."""
-    if requested not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"dtype must be auto, bf16 or fp32, got {requested!r}")
-    if device.type == "cuda":
-        if requested == "fp32":
-            raise ValueError("--dtype fp32 is for CPUs: on CUDA the model always runs under bf16 autocast")
-        return torch.bfloat16, "CUDA: the model's bf16 autocast"
-    native = native_bf16_flags(flags)
-    if requested == "fp32":
-        return torch.float32, "--dtype fp32"
-    if requested == "bf16":
-        return torch.bfloat16, "--dtype bf16" + ("" if native else " (no native bf16 on this CPU: emulated, slower)")
-    if native:
-        return torch.bfloat16, f"auto: the CPU has {'/'.join(native)} (native bf16 dot products)"
-    return torch.float32, f"auto: no native bf16 dot product on this CPU (none of {', '.join(NATIVE_BF16_FLAGS)})"
-
-
-def cpu_autocast(device: torch.device, dtype: torch.dtype):
-    """bf16 autocast on CPU when dtype is bf16: matmuls and attention in bf16, norms, soft-cap and loss in fp32;
-    a no-op otherwise."""
-    enabled = device.type == "cpu" and dtype == torch.bfloat16
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def choose_compile(requested: bool | None, device: torch.device, steps: int) -> tuple[bool, str]:
-    """--compile / --no-compile / automatic -> (compile?, reason). Automatic: always on CUDA; on CPU when the run
-    has at least CPU_COMPILE_MIN_STEPS steps and a C++ compiler for inductor is on the PATH."""
-    if requested is not None:
-        return requested, "--compile" if requested else "--no-compile"
-    if device.type == "cuda":
-        return True, "auto: CUDA"
-    compiler = os.environ.get("CXX") or next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
-    if compiler is None or not shutil.which(compiler):
-        return False, "auto: no C++ compiler on the PATH for inductor's CPU code"
-    if steps < CPU_COMPILE_MIN_STEPS:
-        return False, f"auto: {steps} steps on CPU, too few to pay back compilation (< {CPU_COMPILE_MIN_STEPS})"
-    return True, f"auto: {steps} steps on CPU (>= {CPU_COMPILE_MIN_STEPS}) pay back compilation"
-
-
-def configure_threads(requested: int | None, device: torch.device) -> str:
-    """Set torch's intra-op threads -> a description for the log. Automatic: $OMP_NUM_THREADS when set, else the
-    cores this process may use divided among the processes torchrun started on this node (two gloo ranks on two
-    cores get one thread each instead of fighting over four). GPU processes are left alone."""
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"--threads must be >= 1, got {requested}")
-        torch.set_num_threads(requested)
-        return f"{requested} (--threads)"
-    if device.type != "cpu":
-        return f"{torch.get_num_threads()} (torch default)"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"{torch.get_num_threads()} ($OMP_NUM_THREADS)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = max(1, cores // local)
-    torch.set_num_threads(threads)
-    return f"{threads} (auto: {cores} cores / {local} process(es) on this node)"
+# The process group and reductions over it (the runtime that starts the group is nanochat.runtime)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -320,11 +171,6 @@ def init_process_group(backend: str, **kwargs) -> None:
     import torch._dynamo  # noqa: F401  (deliberately here: must precede init_process_group, see above)
 
     dist.init_process_group(backend=backend, **kwargs)
-
-
-def shutdown_runtime() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-from nanochat.common import atomic_write, init_runtime, print0, shutdown_runtime
+from nanochat.common import atomic_write, print0
 from nanochat.data.loader import DataLoader
 from nanochat.evals.core import evaluate_core
 from nanochat.model.bpb import evaluate_bpb
 from nanochat.model.checkpoint import checkpoint_dir, load_model
 from nanochat.model.quantize import add_weights_arg
+from nanochat.runtime import init_runtime, shutdown_runtime
 from nanochat.tokenizer import get_token_bytes
 
 EVALS = ("bpb", "samples", "core")

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import atomic_write, git_commit, init_runtime, print0, shutdown_runtime, system_info
+from nanochat.common import atomic_write, git_commit, print0, system_info
 from nanochat.evals.chat import build_tasks, run_chat_eval
 from nanochat.model.checkpoint import checkpoint_dir, load_chat_model, require_chat_checkpoint
 from nanochat.model.quantize import add_weights_arg
+from nanochat.runtime import init_runtime, shutdown_runtime
 from nanochat.tasks import HumanEval
 from nanochat.tools import sandbox as sb
 

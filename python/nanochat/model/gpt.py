@@ -12,7 +12,8 @@ Notable choices:
 - attention only through `nanochat_kernels`: `attention` without a cache; with one, the cache's `attend` (see
   kv_cache.py) stores k/v and calls `decode_attention` over each row's prefix (or `attention` for the first chunk
   of a prompt). The cached forward never reads a device value on the host (the decode step compiles fullgraph)
-- fp32 master weights; on CUDA the forward runs under bf16 autocast with a bf16 residual stream, on CPU in fp32
+- fp32 master weights; the forward asks nanochat.runtime for its precision: on CUDA bf16 autocast with a bf16
+  residual stream, on CPU fp32 unless the caller runs it under a bf16 Runtime.autocast()
 - architecture switches (GPTConfig fields, off by default) reproduce the checkpoints of Karpathy's nanochat exactly
   (importer.py): value embeddings mixed into v by per-head gates, resid/x0 lambdas, the smear gate (each position
   adds a gated share of the previous token's normed embedding; with a cache the previous id comes from the cache),
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 import nanochat_kernels
 from nanochat.model.optim import MuonAdamW
+from nanochat.runtime import autocast, default_dtype
 
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10_000.0
@@ -398,7 +400,7 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean', 'none' or 'sum', got {loss_reduction!r}")
         fused = targets is not None and self.fused_loss
         cfg = self.config
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=idx.is_cuda):
+        with autocast(idx.device):  # the device's default precision: bf16 on CUDA; on CPU the caller's
             x = self.embed(idx)  # (B, T, C)
             if cfg.smear:  # the previous token of each position: within idx, or from the cache for a row's first
                 prev = idx.roll(1, dims=1) if kv_cache is None else kv_cache.previous_tokens(idx)
@@ -442,7 +444,7 @@ class GPT(nn.Module):
         """The normed token embedding (B, T, C) (bf16 on CUDA, as the matmuls produce it: half the activation
         memory)."""
         x = self.wte(idx)
-        if idx.is_cuda:
+        if default_dtype(idx.device) == torch.bfloat16:
             x = x.to(torch.bfloat16)
         return rms_norm(x)
 

@@ -15,9 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from nanochat.common import UserError, autodetect_device
+from nanochat.common import UserError
 from nanochat.inference.engine import Engine
 from nanochat.model.checkpoint import add_chat_model_args, load_chat_model
+from nanochat.runtime import autodetect_device
 
 HELP = "commands: /clear (new conversation), /temperature X, /topk K (0 = off), /quit"
 

@@ -9,8 +9,9 @@ import argparse
 import torch
 import uvicorn
 
-from nanochat.common import UserError, at_least, autodetect_device, get_logger
+from nanochat.common import UserError, at_least, get_logger
 from nanochat.model.checkpoint import add_chat_model_args, load_chat_model
+from nanochat.runtime import autodetect_device
 from nanochat.serve.app import create_app
 from nanochat.serve.config import ServerConfig
 

@@ -1,23 +1,19 @@
 """Pretraining: `nanochat base-train`, `python -m nanochat.training.base_train`, or
 `torchrun --nproc_per_node=K -m nanochat.training.base_train -- --depth D ...` (NCCL + bf16 on GPUs, gloo + fp32 on CPU).
 
-- one dial: --depth derives width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and,
-  with the default --target-param-data-ratio 20, the horizon (tokens = 20 x parameters); --num-iterations or
-  --target-flops override the horizon
-- gradient accumulation is derived: total batch / (device batch x sequence length x ranks), which must divide;
-  batch and eval sizes default to nanochat's on CUDA and to laptop sizes on CPU (no accumulation)
-- each step logs loss, lr multiplier, tokens/s, MFU (peak bf16 FLOPs of known GPUs; n/a on CPU) and ETA; a
-  JSON-lines log (train_log.jsonl) next to the checkpoints records step, loss, lr, tok/s and val_bpb
-- validation bits per byte every --eval-every steps and at the end; greedy samples every --sample-every steps
-- checkpoints every --save-every steps and at the end (atomic, keep the last --keep-last); a checkpoint taken
-  before step s holds the weights, each rank's optimizer shard and RNG state, and each rank's data-loader
-  position, so `--resume` continues the exact loss curve of an uninterrupted run (on CPU, bit for bit)
-- a NaN or inf loss stops the run before the optimizer step with a clear message and a non-zero exit; the last
-  good checkpoint stays the newest one
-- wandb only with --wandb PROJECT (never required)
-- CPU speed (each an automatic default with an override, the choice and its reason logged at start-up): --dtype
-  (bf16 autocast where the CPU has native bf16 dot products, fp32 weights and optimizer state either way),
-  --compile (CUDA always; CPU when the run is long enough to pay for compiling), --threads (cores per process)
+Contract: a run is a function of its flags and its data, so `--resume` continues the loss curve of an uninterrupted
+run (on CPU bit for bit): a checkpoint taken before step s holds the weights, each rank's optimizer shard, RNG state
+and data-loader position, and the loop's numbers (BaseState). A NaN or inf loss stops the run before the optimizer
+step with a non-zero exit, so the newest checkpoint is always the last good one.
+
+Why the flags look as they do:
+- --depth is the one dial: width (64 x depth), heads (dim 128), the AdamW lr scaling ((width/768)^-0.5) and, with
+  the default 20 tokens per parameter, the horizon follow from it; --num-iterations or --target-flops override
+- gradient accumulation is derived (total batch / (device batch x sequence length x ranks), which must divide), so
+  the total batch, an optimizer hyperparameter, does not change with the number of devices
+- batch and eval sizes default to nanochat's on CUDA and to what fits a laptop on CPU (no accumulation)
+- the CPU speed choices (--dtype, --compile, --threads) are automatic defaults decided in nanochat.runtime and logged
+  with their reasons at start-up; wandb only with --wandb (never required)
 """
 
 from __future__ import annotations
@@ -27,30 +23,29 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import at_least, choose_compile, configure_threads, float_in, print0
+from nanochat.common import at_least, float_in, print0
 from nanochat.data.loader import DataLoader
 from nanochat.model.bpb import evaluate_bpb
 from nanochat.model.checkpoint import checkpoint_dir
 from nanochat.model.gpt import GPT, GPTConfig, nanochat_ve_layers
+from nanochat.model.resume import rng_state, save_stage_checkpoint
 from nanochat.model.schedules import lr_multiplier, muon_momentum
+from nanochat.runtime import Runtime, choose_compile, configure_threads
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training.plumbing import (
-    FRESH_START,
-    TrainLog,
+from nanochat.training.flags import add_checkpoint_args, add_optimizer_args, add_runtime_args, run_main
+from nanochat.training.log import TrainLog
+from nanochat.training.loop import (
+    LoopState,
     accumulate_gradients,
-    add_checkpoint_args,
-    add_optimizer_args,
-    add_runtime_args,
     apply_update,
-    resume_stage,
-    rng_state,
-    run_main,
+    resume_or_start,
     save_due,
-    save_stage_checkpoint,
     stopped_on_non_finite,
 )
 
@@ -191,17 +186,48 @@ def sample_texts(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
 # Training
 
 
-def train(args: argparse.Namespace, rt) -> int:
+@dataclass
+class BaseState(LoopState):
+    """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
+    smooth_loss: float = 0.0  # EMA of the training loss (beta 0.9, bias-corrected when printed)
+    training_time: float = 0.0  # seconds of timed steps (see train_step)
+    min_val_bpb: float | None = None
+    val_bpb: float | None = None
 
-    args = resolve_defaults(args, rt.device)
-    device, rank, world_size, master = rt.device, rt.rank, rt.world_size, rt.is_master
-    threads = configure_threads(args.threads, device)
-    torch.manual_seed(args.seed)
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device)  # UTF-8 bytes per token id: turns the loss into bits per byte
 
-    # -- the model: depth sets width and heads -----------------------------------------------------------------
-    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a step's tokens split, and how many steps the run has."""
+    world_tokens: int  # one micro-batch of every rank
+    total_batch: int  # tokens per optimizer step over all ranks
+    grad_accum: int
+    num_iterations: int
+    horizon_source: str  # which flag set num_iterations
+    flops_per_token: float
+
+
+@dataclass
+class BaseRun:
+    """What the loop runs on, fixed for the run (timed_steps grows: this process's steps in training_time)."""
+    args: argparse.Namespace
+    rt: Runtime
+    model: GPT
+    train_model: torch.nn.Module  # the model, compiled when choose_compile says so
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    token_bytes: torch.Tensor  # UTF-8 bytes per token id: turns the loss into bits per byte
+    loader: DataLoader
+    log: TrainLog
+    ckpt_dir: Path
+    plan: BatchPlan
+    start_step: int
+    peak_flops: float | None  # of one device (None: MFU is n/a)
+    timed_steps: int = 0
+
+
+def build_model(args, vocab_size: int, rt: Runtime) -> GPT:
+    """The model of --depth (width, heads) with the architecture switches, identical on every rank."""
+    config = GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
                                   n_kv_head=args.n_kv_head)
     config = dataclasses.replace(
         config, ve_layers=nanochat_ve_layers(args.depth) if args.value_embeds == "alternating" else [],
@@ -209,138 +235,168 @@ def train(args: argparse.Namespace, rt) -> int:
         smear=args.smear, backout=args.backout, qk_scale=args.qk_scale, rotary_base=args.rotary_base,
         window_pattern=args.window_pattern, short_window=args.short_window, logit_softcap=args.softcap,
         pad_vocab_to=args.pad_vocab_to)
-    with torch.device(device):
+    with torch.device(rt.device):
         model = GPT(config)
-    if world_size > 1:  # identical start on every rank (the seed already makes it so; this makes it certain)
+    if rt.world_size > 1:  # identical start on every rank (the seed already makes it so; this makes it certain)
         for p in model.parameters():
             dist.broadcast(p.data, src=0)
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    return model
 
-    # -- batch and horizon: accumulation fills the total batch; the horizon follows from the model's size ------
-    tokens_per_micro = args.device_batch_size * args.max_seq_len  # per rank
+
+def plan_batches(args, model: GPT, world_size: int) -> BatchPlan:
+    """Accumulation fills the total batch; the horizon follows from the model's size. Printed."""
+    tokens_per_micro = args.device_batch_size * args.max_seq_len
     world_tokens = tokens_per_micro * world_size
     total_batch = args.total_batch_size if args.total_batch_size > 0 else world_tokens
     if total_batch % world_tokens:
         raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
                          f"ranks = {args.device_batch_size} x {args.max_seq_len} x {world_size} = {world_tokens}")
-    grad_accum = total_batch // world_tokens
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
     num_iterations, horizon_source = horizon(args, num_params, flops_per_token, total_batch)
+    plan = BatchPlan(world_tokens, total_batch, total_batch // world_tokens, num_iterations,
+                     horizon_source, flops_per_token)
+    config = model.config
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} kv) "
            f"of dim {config.head_dim}, vocab {config.vocab_size:,}, {num_params:,} parameters, "
            f"{flops_per_token:.3g} FLOPs/token")
     print0(f"batch: {total_batch:,} tokens/step = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
-           f"rank(s) x {grad_accum} accumulation step(s); {num_iterations:,} steps ({horizon_source}) = "
+           f"rank(s) x {plan.grad_accum} accumulation step(s); {num_iterations:,} steps ({horizon_source}) = "
            f"{num_iterations * total_batch:,} tokens, {num_iterations * total_batch * flops_per_token:.3g} FLOPs")
+    return plan
 
-    # -- optimizer, then (with --resume) the newest checkpoint into both ---------------------------------------
+
+def open_wandb(args, ckpt_dir: Path, master: bool):
+    """The wandb run of --wandb PROJECT (master rank only), else None."""
+    if not (args.wandb and master):
+        return None
+    try:
+        import wandb  # optional: only with --wandb
+    except ImportError as e:
+        raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
+    return wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
+
+
+def evaluate(run: BaseRun, state: BaseState, step: int) -> None:
+    """Validation bpb through the forward that trains (compiled when training is), on a fresh val loader."""
+    args, rt = run.args, run.rt
+    val_loader = DataLoader(run.tokenizer, args.device_batch_size, args.max_seq_len, "val", device=rt.device,
+                            rank=rt.rank, world_size=rt.world_size, data_dir=args.data_dir,
+                            threads=args.loader_threads)
+    run.model.eval()
+    try:
+        with rt.autocast():
+            bpb = evaluate_bpb(run.train_model, val_loader, max(1, args.eval_tokens // run.plan.world_tokens),
+                               run.token_bytes)
+    finally:
+        val_loader.close()
+        run.model.train()
+    state.val_bpb = bpb
+    state.min_val_bpb = bpb if state.min_val_bpb is None else min(state.min_val_bpb, bpb)
+    print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+    run.log({"step": step, "val_bpb": bpb})
+
+
+def print_samples(run: BaseRun) -> None:
+    """Greedy completions of fixed prompts: a quick human check that the model learns."""
+    run.model.eval()
+    for text in sample_texts(run.model, run.tokenizer):
+        print0(f"  sample: {text!r}")
+    run.model.train()
+
+
+def look_at_weights(run: BaseRun, state: BaseState, step: int) -> None:
+    """What a pass does before it trains: evaluate, sample (master only) and save, each when due."""
+    args, last = run.args, step == run.plan.num_iterations
+    if args.eval_tokens > 0 and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        evaluate(run, state, step)
+    if run.rt.is_master and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
+        print_samples(run)
+    if save_due(step, run.start_step, last, args.save_every):  # collective; not the untrained or loaded start
+        save_stage_checkpoint(run.ckpt_dir, step, run.model, run.optimizer, run.rt, args,
+                              num_iterations=run.plan.num_iterations,
+                              metrics={"val_bpb": state.val_bpb, "min_val_bpb": state.min_val_bpb,
+                                       "smooth_loss": state.smooth_loss},
+                              loop_state=state.saved(), loader=run.loader, rng=rng_state(run.rt.device))
+
+
+def train_step(run: BaseRun, state: BaseState, step: int) -> bool:
+    """One optimizer step at this step's lr (warmup / constant / warmdown) and Muon momentum (0.85 -> 0.95), timed
+    (synchronised on CUDA: dt is GPU time) and logged; False when the loss was not finite (nothing updated)."""
+    args, rt, plan = run.args, run.rt, run.plan
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    t0 = time.perf_counter()
+    loss_value = accumulate_gradients(run.train_model, run.loader, plan.grad_accum, rt.device, rt.world_size,
+                                      rt.autocast)
+    if stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
+        return False
+    lrm = lr_multiplier(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    apply_update(run.optimizer, lrm, muon_momentum(step))
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    dt = time.perf_counter() - t0
+    report_step(run, state, step, loss_value, lrm, dt)
+    return True
+
+
+def report_step(run: BaseRun, state: BaseState, step: int, loss_value: float, lrm: float, dt: float) -> None:
+    """Smoothed loss, throughput, MFU and ETA, printed and logged. The first 10 steps of a process (compilation,
+    warm-up) are left out of the timing."""
+    plan = run.plan
+    beta = 0.9
+    state.smooth_loss = beta * state.smooth_loss + (1 - beta) * loss_value
+    smooth = state.smooth_loss / (1 - beta ** (step + 1))
+    if step - run.start_step >= 10:
+        state.training_time += dt
+        run.timed_steps += 1
+    tok_per_s = plan.total_batch / dt
+    peak = run.peak_flops
+    mfu = plan.flops_per_token * tok_per_s / (peak * run.rt.world_size) if peak else None
+    per_step = state.training_time / run.timed_steps if run.timed_steps else dt
+    eta = per_step * (plan.num_iterations - step - 1)
+    done = step + 1
+    print0(f"step {done:05d}/{plan.num_iterations:05d} ({100 * done / plan.num_iterations:5.1f}%) | loss "
+           f"{loss_value:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | "
+           f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {format_duration(eta)}")
+    run.log({"step": step, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
+
+
+def train(args: argparse.Namespace, rt: Runtime) -> int:
+    args = resolve_defaults(args, rt.device)
+    threads = configure_threads(args.threads, rt.device)
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer()
+    model = build_model(args, tokenizer.vocab_size, rt)
+    plan = plan_batches(args, model, rt.world_size)
+
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
                                       ns_coeffs=args.ns_coeffs)
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
-    start_step = resumed.step
-    # what the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers
-    loop = {"smooth_loss": 0.0, "training_time": 0.0, "min_val_bpb": None, "val_bpb": None, **resumed.loop_state}
-
-    # -- what the loop runs on: the data from where it stopped, the (compiled) forward, the logs ----------------
-    train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
-                              rank=rank, world_size=world_size, data_dir=args.data_dir, state=resumed.data_state,
-                              threads=args.loader_threads)
+    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, plan.num_iterations)
+    state = BaseState.restored(resumed.loop_state)
+    loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=rt.device, rank=rt.rank,
+                        world_size=rt.world_size, data_dir=args.data_dir, state=resumed.data_state,
+                        threads=args.loader_threads)
     # by the whole run's length, so a resumed run makes the same choice (and continues the same loss curve)
-    use_compile, compile_reason = choose_compile(args.compile, device, num_iterations)
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    print0(f"runtime: {device.type}, dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); "
+    use_compile, compile_reason = choose_compile(args.compile, rt.device, plan.num_iterations)
+    print0(f"runtime: {rt.device.type}, dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); "
            f"compile {'on' if use_compile else 'off'} ({compile_reason}); threads {threads}")
-    wandb_run = None
-    if args.wandb and master:
-        try:
-            import wandb  # optional: only with --wandb
-        except ImportError as e:
-            raise SystemExit("--wandb needs the wandb package: pip install wandb") from e
-        wandb_run = wandb.init(project=args.wandb, name=ckpt_dir.name, config=vars(args), resume="allow")
-    log = TrainLog(ckpt_dir, master, wandb_run)
-    eval_steps = max(1, args.eval_tokens // world_tokens)
-    peak = peak_flops(device)
+    log = TrainLog(ckpt_dir, rt.is_master, open_wandb(args, ckpt_dir, rt.is_master))
+    run = BaseRun(args, rt, model, torch.compile(model, dynamic=False) if use_compile else model, optimizer,
+                  tokenizer, get_token_bytes(rt.device), loader, log, ckpt_dir, plan, resumed.step,
+                  peak_flops(rt.device))
 
-    # -- the loop: each pass first looks at the weights of `step` (evaluate, sample, save), then trains on one
-    # batch; the last pass (step == num_iterations) only looks, so the final weights are evaluated and saved ----
     model.train()
-    timed_steps = 0
-    step = start_step
     try:
-        while True:
-            last = step == num_iterations
-
-            # validation bpb through the forward that trains (compiled when training is), on a fresh val loader
-            if args.eval_tokens > 0 and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
-                val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device=device,
-                                        rank=rank, world_size=world_size, data_dir=args.data_dir,
-                                        threads=args.loader_threads)
-                model.eval()
-                try:
-                    with rt.autocast():
-                        bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
-                finally:
-                    val_loader.close()
-                    model.train()
-                loop["val_bpb"] = bpb
-                loop["min_val_bpb"] = bpb if loop["min_val_bpb"] is None else min(loop["min_val_bpb"], bpb)
-                print0(f"step {step:05d} | validation bpb {bpb:.4f}")
-                log({"step": step, "val_bpb": bpb})
-
-            # greedy completions of fixed prompts: a quick human check that the model learns (master only)
-            if master and args.sample_every > 0 and (last or (step > 0 and step % args.sample_every == 0)):
-                model.eval()
-                for text in sample_texts(model, tokenizer):
-                    print0(f"  sample: {text!r}")
-                model.train()
-
-            # checkpoint (collective); not at the step the run started from: untrained, or already on disk
-            if save_due(step, start_step, last, args.save_every):
-                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                                      metrics={"val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
-                                               "smooth_loss": loop["smooth_loss"]},
-                                      loop_state=loop, loader=train_loader, rng=rng_state(device))
-            if last:
-                break
-
-            # gradients of one optimizer step: grad_accum micro-batches per rank (synchronised on CUDA: dt is GPU time)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            loss_value = accumulate_gradients(train_model, train_loader, grad_accum, device, world_size,
-                                              rt.autocast)
-            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
+        for step in range(resumed.step, plan.num_iterations + 1):  # the last pass only looks at the final weights
+            look_at_weights(run, state, step)
+            if step < plan.num_iterations and not train_step(run, state, step):
                 return 1
-
-            # the update, at this step's lr (warmup / constant / warmdown) and Muon momentum (0.85 -> 0.95)
-            lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            apply_update(optimizer, lrm, muon_momentum(step))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-
-            # bookkeeping: the first 10 steps of a process (compilation, warm-up) are left out of the timing
-            beta = 0.9
-            loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * loss_value
-            smooth = loop["smooth_loss"] / (1 - beta ** (step + 1))
-            if step - start_step >= 10:
-                loop["training_time"] += dt
-                timed_steps += 1
-            tok_per_s = total_batch / dt
-            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-            per_step = loop["training_time"] / timed_steps if timed_steps else dt
-            eta = per_step * (num_iterations - step - 1)
-            step += 1
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss_value:.4f}"
-                   f" (smooth {smooth:.4f}) | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | "
-                   f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | eta {format_duration(eta)}")
-            log({"step": step - 1, "loss": loss_value, "lr": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt})
     finally:
-        train_loader.close()
+        loader.close()
         log.close()
-
-    print0(f"done: {num_iterations} steps, validation bpb {loop['val_bpb']}, min {loop['min_val_bpb']}; "
+    print0(f"done: {plan.num_iterations} steps, validation bpb {state.val_bpb}, min {state.min_val_bpb}; "
            f"checkpoints in {ckpt_dir}")
     return 0
 

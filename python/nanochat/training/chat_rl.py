@@ -23,33 +23,37 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from nanochat.common import at_least, float_in, print0, rank_and_world, sum_over_ranks
 from nanochat.inference.engine import Engine
 from nanochat.model.checkpoint import checkpoint_dir
+from nanochat.model.resume import save_stage_checkpoint
+from nanochat.runtime import Runtime
 from nanochat.tasks import GSM8K, Arithmetic, SpellingBee
-from nanochat.training.plumbing import (
-    FRESH_START,
-    TrainLog,
+from nanochat.training.flags import (
     add_checkpoint_args,
     add_horizon_args,
     add_optimizer_args,
     add_runtime_args,
     add_source_args,
+    iterations_for,
+    run_main,
+    stage_optimizer,
+)
+from nanochat.training.log import Evaluated, TrainLog, finish_stage
+from nanochat.training.loop import (
+    LoopState,
     apply_update,
     eval_due,
-    finish_stage,
-    iterations_for,
     load_source,
-    record_eval,
-    resume_stage,
+    resume_or_start,
     right_padded,
-    run_main,
     save_due,
-    save_stage_checkpoint,
-    stage_optimizer,
+    source_record,
     stopped_on_non_finite,
 )
 
@@ -144,96 +148,129 @@ def build_tasks(name: str, train_limit: int | None):
     return train, test
 
 
-def train(args: argparse.Namespace, rt) -> int:
-    device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
+@dataclass
+class RLState(LoopState):
+    """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
+    eval: Evaluated = field(default_factory=lambda: Evaluated("eval"))  # pass@1..k on held-out problems
+
+
+@dataclass
+class RLRun:
+    """What the loop runs on, fixed for the run (rewards_seen grows: this process's mean reward per step)."""
+    args: argparse.Namespace
+    rt: Runtime
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    train_task: object
+    order: list[int]  # the shuffled problem order; step s takes positions s x examples_per_step onwards
+    log: TrainLog
+    ckpt_dir: Path
+    num_iterations: int
+    source: dict
+    rewards_seen: list[float] = field(default_factory=list)
+
+
+def rollouts(run: RLRun, step: int) -> tuple[list, list[float]]:
+    """This rank's problems of the step, all sampled in one batched engine run -> (one policy_rows group per
+    problem, every sample's reward)."""
+    args, tokenizer, rank, world = run.args, run.tokenizer, run.rt.rank, run.rt.world_size
+    positions = range(step * args.examples_per_step + rank, (step + 1) * args.examples_per_step, world)
+    convs = [run.train_task[run.order[p % len(run.order)]] for p in positions]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
+    # a new engine per step: its KV cache is freed before the backward passes need the memory
+    engine = Engine(run.model, tokenizer, prefix_cache_tokens=0)
+    outs = engine.generate(prompts, args.num_samples, args.max_new_tokens, args.temperature, args.top_k or None,
+                           batch_size=2 * args.num_samples,
+                           seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
+    del engine
+    groups, step_rewards = [], []
+    for conv, prompt, samples in zip(convs, prompts, outs):
+        rewards = [float(run.train_task.reward(conv, tokenizer.decode(ids))) for ids, _ in samples]
+        step_rewards += rewards
+        groups.append(policy_rows(prompt, samples, group_advantages(rewards), tokenizer.get_bos_token_id()))
+    return groups, step_rewards
+
+
+def policy_gradient(run: RLRun, groups: list, denom: torch.Tensor) -> float:
+    """Backward through -sum(advantage x log p) over the sampled tokens / denom, in device batches -> the
+    objective's value."""
+    B, device = run.args.device_batch_size, run.rt.device
+    pg_objective = 0.0
+    for inputs, targets, adv in groups:
+        for lo in range(0, inputs.size(0), B):
+            x, y, a = inputs[lo:lo + B].to(device), targets[lo:lo + B].to(device), adv[lo:lo + B].to(device)
+            logp = -run.model(x, y, loss_reduction="none").view(x.size(0), -1)  # (b, T), 0 where y == -1
+            objective = (logp * a[:, None] * (y >= 0)).sum() / denom
+            (-objective).backward()
+            pg_objective += float(objective.detach())
+    return pg_objective
+
+
+def train_step(run: RLRun, step: int) -> bool:
+    """Rollouts, then one token-level normalised policy-gradient step (lr decayed linearly to 0); False when the
+    objective was not finite (nothing updated)."""
+    device, world = run.rt.device, run.rt.world_size
+    t0 = time.perf_counter()
+    groups, step_rewards = rollouts(run, step)
+    num_tokens = torch.tensor(float(sum(int((t >= 0).sum()) for _, t, _ in groups)), device=device)
+    stats = torch.tensor([sum(step_rewards), len(step_rewards)], dtype=torch.float64, device=device)
+    sum_over_ranks(num_tokens, stats)
+    pg_objective = policy_gradient(run, groups, num_tokens.clamp(min=1) / world)  # the optimizer averages ranks
+    if stopped_on_non_finite(pg_objective, "pg_objective", step, run.ckpt_dir, run.log):
+        return False
+    lrm = 1.0 - step / run.num_iterations
+    apply_update(run.optimizer, lrm)
+    dt = time.perf_counter() - t0
+    mean_reward = float(stats[0] / stats[1].clamp(min=1))
+    run.rewards_seen.append(mean_reward)
+    print0(f"step {step + 1:05d}/{run.num_iterations:05d} | mean reward {mean_reward:.4f} | "
+           f"sampled tokens {int(num_tokens)} | lrm {lrm:.3f} | dt {dt:.1f}s")
+    run.log({"step": step, "reward": mean_reward, "sampled_tokens": int(num_tokens), "lr": lrm,
+             "pg_objective": pg_objective, "dt": dt})
+    return True
+
+
+def train(args: argparse.Namespace, rt: Runtime) -> int:
     model, tokenizer, source_meta = load_source(args, rt)
-    config = model.config
-    model_tag = args.model_tag or f"d{config.n_layer}"
+    model_tag = args.model_tag or f"d{model.config.n_layer}"
     ckpt_dir = checkpoint_dir("rl", model_tag)
     train_task, test_task = build_tasks(args.task, args.train_limit)
-    if args.examples_per_step % world:
-        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {world} ranks")
+    if args.examples_per_step % rt.world_size:
+        raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {rt.world_size} "
+                         f"ranks")
     num_iterations = iterations_for(args, len(train_task), args.examples_per_step)
     order = list(range(len(train_task)))
     random.Random(args.seed).shuffle(order)
     eval_indices = list(range(min(args.eval_examples, len(test_task))))
-    top_k = args.top_k or None
-    pad = tokenizer.get_bos_token_id()
     print0(f"rl: {len(train_task):,} {args.task} problems; {num_iterations} steps of {args.examples_per_step} "
            f"problems x {args.num_samples} samples; pass@{args.eval_samples} on {len(eval_indices)} held-out problems")
 
-    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
     optimizer = stage_optimizer(model, args)
-    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
-    start_step = resumed.step  # no data state: the problems and the samples of a step are seeded by the step
-    loop = {"eval": None, "initial_eval": None, **resumed.loop_state}
-    log = TrainLog(ckpt_dir, master)
+    # no data state: the problems and the samples of a step are seeded by the step
+    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    state = RLState.restored(resumed.loop_state)
+    run = RLRun(args, rt, model, optimizer, tokenizer, train_task, order, TrainLog(ckpt_dir, rt.is_master), ckpt_dir,
+                num_iterations, source_record(args, source_meta))
 
-    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
-    step, t_start, rewards_seen = start_step, time.time(), []
+    t_start = time.time()
     try:
-        while True:
+        for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_indices and eval_due(step, start_step, last, args.eval_every):
+            if eval_indices and eval_due(step, resumed.step, last, args.eval_every):
                 scores = pass_at_k(model, tokenizer, test_task, eval_indices, args.eval_samples, args.max_new_tokens,
-                                   args.temperature, top_k, args.seed + 1, device)
-                record_eval(loop, "eval", scores, step, log)
-            if save_due(step, start_step, last, args.save_every):
+                                   args.temperature, args.top_k or None, args.seed + 1, rt.device)
+                state.eval.record(scores, step, run.log)
+            if save_due(step, resumed.step, last, args.save_every):
                 save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                                      metrics={k: loop[k] for k in ("eval", "initial_eval")},
-                                      loop_state=loop, source_meta=source_meta)
-            if last:
-                break
-
-            t0 = time.perf_counter()
-            # -- rollouts: this rank's problems of the step, all sampled in one batched engine run ---------------
-            positions = range(step * args.examples_per_step + rank, (step + 1) * args.examples_per_step, world)
-            problems = [order[p % len(order)] for p in positions]
-            convs = [train_task[i] for i in problems]
-            prompts = [tokenizer.render_for_completion(c) for c in convs]
-            # a new engine per step: its KV cache is freed before the backward passes need the memory
-            engine = Engine(model, tokenizer, prefix_cache_tokens=0)
-            outs = engine.generate(prompts, args.num_samples, args.max_new_tokens, args.temperature, top_k,
-                                   batch_size=2 * args.num_samples,
-                                   seeds=[args.seed * 1_000_003 + step * 10_007 + p for p in positions])
-            del engine
-            groups, step_rewards = [], []
-            for conv, prompt, samples in zip(convs, prompts, outs):
-                rewards = [float(train_task.reward(conv, tokenizer.decode(ids))) for ids, _ in samples]
-                step_rewards += rewards
-                groups.append(policy_rows(prompt, samples, group_advantages(rewards), pad))
-            # -- token-level normalised policy gradient over the sampled tokens --------------------------------
-            num_tokens = torch.tensor(float(sum(int((t >= 0).sum()) for _, t, _ in groups)), device=device)
-            stats = torch.tensor([sum(step_rewards), len(step_rewards)], dtype=torch.float64, device=device)
-            sum_over_ranks(num_tokens, stats)
-            denom = num_tokens.clamp(min=1) / world  # the optimizer averages gradients over ranks
-            pg_objective = 0.0
-            for inputs, targets, adv in groups:
-                for lo in range(0, inputs.size(0), args.device_batch_size):
-                    x = inputs[lo:lo + args.device_batch_size].to(device)
-                    y = targets[lo:lo + args.device_batch_size].to(device)
-                    a = adv[lo:lo + args.device_batch_size].to(device)
-                    logp = -model(x, y, loss_reduction="none").view(x.size(0), -1)  # (b, T), 0 where y == -1
-                    objective = (logp * a[:, None] * (y >= 0)).sum() / denom
-                    (-objective).backward()
-                    pg_objective += float(objective.detach())
-            if stopped_on_non_finite(pg_objective, "pg_objective", step, ckpt_dir, log):
+                                      metrics=state.eval.metrics(), loop_state=state.saved(), source=run.source)
+            if not last and not train_step(run, step):
                 return 1
-            lrm = 1.0 - step / num_iterations
-            apply_update(optimizer, lrm)
-            dt = time.perf_counter() - t0
-            mean_reward = float(stats[0] / stats[1].clamp(min=1))
-            rewards_seen.append(mean_reward)
-            print0(f"step {step + 1:05d}/{num_iterations:05d} | mean reward {mean_reward:.4f} | "
-                   f"sampled tokens {int(num_tokens)} | lrm {lrm:.3f} | dt {dt:.1f}s")
-            log({"step": step, "reward": mean_reward, "sampled_tokens": int(num_tokens), "lr": lrm,
-                 "pg_objective": pg_objective, "dt": dt})
-            step += 1
     finally:
-        log.close()
+        run.log.close()
     return finish_stage(ckpt_dir, {"stage": "rl", "model_tag": model_tag, "task": args.task, "steps": num_iterations,
-                                   "initial_eval": loop["initial_eval"], "eval": loop["eval"],
-                                   "mean_rewards": rewards_seen}, master, t_start, "eval")
+                                   **state.eval.metrics(), "mean_rewards": run.rewards_seen}, rt.is_master, t_start,
+                        state.eval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,36 +20,39 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from nanochat.common import at_least, print0, sum_over_ranks
 from nanochat.evals.chat import run_chat_eval
 from nanochat.model.checkpoint import checkpoint_dir
+from nanochat.model.resume import rng_state, save_stage_checkpoint
+from nanochat.runtime import Runtime
 from nanochat.tasks.custom_chat import add_data_args
 from nanochat.tasks.mixtures import sft_mixture, stage_mixtures
-from nanochat.training.plumbing import (
-    FRESH_START,
-    TrainLog,
+from nanochat.training.flags import (
     add_checkpoint_args,
     add_horizon_args,
     add_optimizer_args,
     add_runtime_args,
     add_source_args,
+    iterations_for,
+    run_main,
+    stage_optimizer,
+)
+from nanochat.training.log import Evaluated, TrainLog, finish_stage
+from nanochat.training.loop import (
+    LoopState,
     apply_update,
     eval_due,
-    finish_stage,
-    iterations_for,
     load_source,
     masked_mean_loss,
-    record_eval,
-    resume_stage,
+    resume_or_start,
     right_padded,
-    rng_state,
-    run_main,
     save_due,
-    save_stage_checkpoint,
-    stage_optimizer,
+    source_record,
     stopped_on_non_finite,
 )
 
@@ -143,19 +146,83 @@ def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, de
 # Training
 
 
-def train(args: argparse.Namespace, rt) -> int:
+@dataclass
+class SFTState(LoopState):
+    """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
+    val_loss: Evaluated = field(default_factory=lambda: Evaluated("val_loss"))
 
-    device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
+
+@dataclass
+class SFTRun:
+    """What the loop runs on, fixed for the run."""
+    args: argparse.Namespace
+    rt: Runtime
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    batches: ConversationBatches
+    log: TrainLog
+    ckpt_dir: Path
+    max_len: int
+    grad_accum: int
+    num_iterations: int
+    source: dict
+
+
+def save(run: SFTRun, state: SFTState, step: int) -> None:
+    save_stage_checkpoint(run.ckpt_dir, step, run.model, run.optimizer, run.rt, run.args,
+                          num_iterations=run.num_iterations, metrics=state.val_loss.metrics(),
+                          loop_state=state.saved(), loader=run.batches, rng=rng_state(), source=run.source)
+
+
+def train_step(run: SFTRun, step: int) -> bool:
+    """One optimizer step (lr decayed linearly to 0); False when the loss was not finite (nothing updated).
+
+    Every assistant token of the step weighs the same, however it splits into micro-batches and ranks: the
+    optimizer averages gradients over ranks, so each rank divides by its share of the step's targets."""
+    device, world = run.rt.device, run.rt.world_size
+    t0 = time.perf_counter()
+    micro = [next(run.batches) for _ in range(run.grad_accum)]
+    num_targets, = sum_over_ranks(torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)), device=device))
+    denom = num_targets.clamp(min=1) / world
+    loss_sum = torch.zeros((), device=device)
+    for x, y in micro:
+        loss = run.model(x, y, loss_reduction="sum") / denom
+        loss.backward()
+        loss_sum += loss.detach()
+    loss_value = float(sum_over_ranks(loss_sum)[0] / world)
+    if stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
+        return False
+    lrm = 1.0 - step / run.num_iterations
+    apply_update(run.optimizer, lrm)
+    dt = time.perf_counter() - t0
+    print0(f"step {step + 1:05d}/{run.num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
+           f"targets {int(num_targets)} | dt {dt * 1000:.0f}ms")
+    run.log({"step": step, "loss": loss_value, "lr": lrm, "num_targets": int(num_targets), "dt": dt})
+    return True
+
+
+def arc_easy_accuracy(run: SFTRun, metrics: dict) -> None:
+    """--eval-mc-problems ARC-Easy test questions at the end, into metrics (skipped without the data)."""
+    try:
+        report = run_chat_eval(run.model, run.tokenizer, run.rt.device, ["ARC-Easy"],
+                               max_problems=run.args.eval_mc_problems, log=print0)
+        metrics["arc_easy_accuracy"] = report["tasks"]["ARC-Easy"]["accuracy"]
+    except FileNotFoundError as e:
+        print0(f"skipping the ARC-Easy check: {e}")
+
+
+def train(args: argparse.Namespace, rt: Runtime) -> int:
     model, tokenizer, source_meta = load_source(args, rt)
     config = model.config
     max_len = args.max_seq_len or config.sequence_len
     model_tag = args.model_tag or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("sft", model_tag)
 
-    # -- data, batch and horizon ------------------------------------------------------------------------------------
+    # data, batch and horizon
     train_task, val_task = stage_mixtures(args, sft_mixture)
-    val_convs = [val_task[i] for i in range(rank, min(args.eval_conversations, len(val_task)), world)]
-    per_micro = args.device_batch_size * world
+    val_convs = [val_task[i] for i in range(rt.rank, min(args.eval_conversations, len(val_task)), rt.world_size)]
+    per_micro = args.device_batch_size * rt.world_size
     if args.examples_per_step % per_micro:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device batch x ranks "
                          f"= {per_micro}")
@@ -164,68 +231,34 @@ def train(args: argparse.Namespace, rt) -> int:
     print0(f"sft: {len(train_task):,} training conversations ({train_task.skipped or 'no sources skipped'}); "
            f"{num_iterations} steps of {args.examples_per_step} conversations ({grad_accum} accumulation step(s))")
 
-    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
     optimizer = stage_optimizer(model, args)
-    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
-    start_step = resumed.step
-    loop = {"val_loss": None, "initial_val_loss": None, **resumed.loop_state}
-    batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, device, rank, world,
-                                  resumed.data_state)
-    log = TrainLog(ckpt_dir, master)
+    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    state = SFTState.restored(resumed.loop_state)
+    batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, rt.device, rt.rank,
+                                  rt.world_size, resumed.data_state)
+    run = SFTRun(args, rt, model, optimizer, tokenizer, batches, TrainLog(ckpt_dir, rt.is_master), ckpt_dir,
+                 max_len, grad_accum, num_iterations, source_record(args, source_meta))
 
-    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
     model.train()
-    step, t_start = start_step, time.time()
+    t_start = time.time()
     try:
-        while True:
+        for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_due(step, start_step, last, args.eval_every):
-                val_loss = assistant_loss(model, tokenizer, val_convs, max_len, device)
-                record_eval(loop, "val_loss", val_loss, step, log, "held-out assistant loss")
-            if save_due(step, start_step, last, args.save_every):
-                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                                      metrics={k: loop[k] for k in ("val_loss", "initial_val_loss")},
-                                      loop_state=loop, loader=batches, rng=rng_state(), source_meta=source_meta)
-            if last:
-                break
-
-            # every assistant token of the step weighs the same, however it splits into micro-batches and ranks;
-            # the optimizer averages gradients over ranks, so each rank divides by its share of the targets
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(grad_accum)]
-            num_targets, = sum_over_ranks(torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)),
-                                                       device=device))
-            denom = num_targets.clamp(min=1) / world
-            loss_sum = torch.zeros((), device=device)
-            for x, y in micro:
-                loss = model(x, y, loss_reduction="sum") / denom
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_value = float(sum_over_ranks(loss_sum)[0] / world)
-            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
+            if eval_due(step, resumed.step, last, args.eval_every):
+                val_loss = assistant_loss(model, tokenizer, val_convs, max_len, rt.device)
+                state.val_loss.record(val_loss, step, run.log, "held-out assistant loss")
+            if save_due(step, resumed.step, last, args.save_every):
+                save(run, state, step)
+            if not last and not train_step(run, step):
                 return 1
-            lrm = 1.0 - step / num_iterations
-            apply_update(optimizer, lrm)
-            dt = time.perf_counter() - t0
-            print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
-                   f"targets {int(num_targets)} | dt {dt * 1000:.0f}ms")
-            log({"step": step, "loss": loss_value, "lr": lrm, "num_targets": int(num_targets), "dt": dt})
-            step += 1
     finally:
-        log.close()
+        run.log.close()
 
-    metrics = {"stage": "sft", "model_tag": model_tag, "steps": num_iterations,
-               "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
+    metrics = {"stage": "sft", "model_tag": model_tag, "steps": num_iterations, **state.val_loss.metrics(),
                "train_conversations": len(train_task), "skipped_sources": train_task.skipped}
     if args.eval_mc_problems > 0:
-
-        try:
-            report = run_chat_eval(model, tokenizer, device, ["ARC-Easy"], max_problems=args.eval_mc_problems,
-                                   log=print0)
-            metrics["arc_easy_accuracy"] = report["tasks"]["ARC-Easy"]["accuracy"]
-        except FileNotFoundError as e:
-            print0(f"skipping the ARC-Easy check: {e}")
-    return finish_stage(ckpt_dir, metrics, master, t_start, "val_loss")
+        arc_easy_accuracy(run, metrics)
+    return finish_stage(ckpt_dir, metrics, rt.is_master, t_start, state.val_loss)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,34 +20,37 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from nanochat.common import at_least, float_in, print0
 from nanochat.model.checkpoint import checkpoint_dir
+from nanochat.model.resume import rng_state, save_stage_checkpoint
 from nanochat.model.schedules import lr_multiplier, muon_momentum
+from nanochat.runtime import Runtime
 from nanochat.tasks.custom_chat import add_data_args
 from nanochat.tasks.mixtures import mid_mixture, stage_mixtures
-from nanochat.training.plumbing import (
-    FRESH_START,
-    TrainLog,
-    accumulate_gradients,
+from nanochat.training.flags import (
     add_checkpoint_args,
     add_optimizer_args,
     add_runtime_args,
     add_source_args,
+    run_main,
+    stage_optimizer,
+)
+from nanochat.training.log import Evaluated, TrainLog, finish_stage
+from nanochat.training.loop import (
+    LoopState,
+    accumulate_gradients,
     apply_update,
     eval_due,
-    finish_stage,
     load_source,
     masked_mean_loss,
-    record_eval,
-    resume_stage,
-    rng_state,
-    run_main,
+    resume_or_start,
     save_due,
-    save_stage_checkpoint,
-    stage_optimizer,
+    source_record,
     stopped_on_non_finite,
 )
 
@@ -145,9 +148,80 @@ def mean_tokens_per_conversation(tokenizer, task, sample: int = 256, seed: int =
 # Training
 
 
-def train(args: argparse.Namespace, rt) -> int:
+@dataclass
+class MidState(LoopState):
+    """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
+    val_loss: Evaluated = field(default_factory=lambda: Evaluated("val_loss"))
+    smooth_loss: float = 0.0
 
-    device, rank, world, master = rt.device, rt.rank, rt.world_size, rt.is_master
+
+@dataclass
+class MidRun:
+    """What the loop runs on, fixed for the run."""
+    args: argparse.Namespace
+    rt: Runtime
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, compiled when --compile (or CUDA) says so
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    loader: PackedConversations
+    val_task: object
+    log: TrainLog
+    ckpt_dir: Path
+    seq_len: int
+    total_batch: int  # tokens per optimizer step over all ranks
+    grad_accum: int
+    num_iterations: int
+    source: dict
+
+
+def plan_batches(args, seq_len: int, world: int) -> tuple[int, int]:
+    """(tokens per optimizer step over all ranks, accumulation steps): the total batch must be a whole number of
+    micro-batches of every rank."""
+    tokens_per_micro = args.device_batch_size * seq_len
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
+    if total_batch % (tokens_per_micro * world):
+        raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
+                         f"ranks = {tokens_per_micro * world}")
+    return total_batch, total_batch // (tokens_per_micro * world)
+
+
+def evaluate(run: MidRun, state: MidState, step: int) -> None:
+    """Validation loss over --eval-tokens of held-out conversations (the same rows at every evaluation)."""
+    args, rt = run.args, run.rt
+    val_loader = PackedConversations(run.tokenizer, run.val_task, args.device_batch_size, run.seq_len, rt.device,
+                                     rt.rank, rt.world_size)
+    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * run.seq_len * rt.world_size))
+    val_loss = masked_mean_loss(run.model, (next(val_loader) for _ in range(eval_steps)), rt.device)
+    state.val_loss.record(val_loss, step, run.log, "validation loss")
+
+
+def save(run: MidRun, state: MidState, step: int) -> None:
+    save_stage_checkpoint(run.ckpt_dir, step, run.model, run.optimizer, run.rt, run.args,
+                          num_iterations=run.num_iterations, metrics=state.val_loss.metrics(),
+                          loop_state=state.saved(), loader=run.loader, rng=rng_state(), source=run.source)
+
+
+def train_step(run: MidRun, state: MidState, step: int) -> bool:
+    """One optimizer step at the scheduled lr (constant, then the warmdown to 0); False when the loss was not
+    finite (nothing updated)."""
+    rt = run.rt
+    t0 = time.perf_counter()
+    loss_value = accumulate_gradients(run.train_model, run.loader, run.grad_accum, rt.device, rt.world_size,
+                                      rt.autocast)
+    if stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
+        return False
+    lrm = lr_multiplier(step, run.num_iterations, 0.0, run.args.warmdown_ratio, 0.0)
+    apply_update(run.optimizer, lrm, muon_momentum(step))
+    dt = time.perf_counter() - t0
+    state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss_value
+    print0(f"step {step + 1:05d}/{run.num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
+           f"dt {dt * 1000:.0f}ms | tok/s {run.total_batch / dt:,.0f} | pass {run.loader.progress:.3f}")
+    run.log({"step": step, "loss": loss_value, "lr": lrm, "tok_per_s": run.total_batch / dt, "dt": dt})
+    return True
+
+
+def train(args: argparse.Namespace, rt: Runtime) -> int:
     model, tokenizer, source_meta = load_source(args, rt)
     config = model.config
     seq_len = args.max_seq_len or config.sequence_len
@@ -156,14 +230,9 @@ def train(args: argparse.Namespace, rt) -> int:
     model_tag = args.model_tag or (source_meta.get("args", {}) or {}).get("model_tag") or f"d{config.n_layer}"
     ckpt_dir = checkpoint_dir("mid", model_tag)
 
-    # -- data, batch and horizon: by default one pass over the mixture --------------------------------------------
+    # data, batch and horizon: by default one pass over the mixture
     train_task, val_task = stage_mixtures(args, mid_mixture)
-    tokens_per_micro = args.device_batch_size * seq_len
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro * world
-    if total_batch % (tokens_per_micro * world):
-        raise ValueError(f"--total-batch-size {total_batch} must be a multiple of device batch x sequence length x "
-                         f"ranks = {tokens_per_micro * world}")
-    grad_accum = total_batch // (tokens_per_micro * world)
+    total_batch, grad_accum = plan_batches(args, seq_len, rt.world_size)
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
@@ -172,59 +241,34 @@ def train(args: argparse.Namespace, rt) -> int:
     print0(f"mid: {len(train_task):,} training conversations, {len(val_task):,} validation; {num_iterations} steps "
            f"of {total_batch:,} tokens ({grad_accum} accumulation step(s)); skipped sources: {train_task.skipped}")
 
-    # -- optimizer, then (with --resume) the newest checkpoint into both -------------------------------------------
     optimizer = stage_optimizer(model, args)
-    resumed = resume_stage(ckpt_dir, model, optimizer, rt, num_iterations) if args.resume else FRESH_START
-    start_step = resumed.step
-    loop = {"val_loss": None, "initial_val_loss": None, "smooth_loss": 0.0, **resumed.loop_state}
-
-    # -- what the loop runs on -------------------------------------------------------------------------------------
-    loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, device, rank, world,
-                                 resumed.data_state)
-    eval_steps = max(1, args.eval_tokens // (tokens_per_micro * world))
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    state = MidState.restored(resumed.loop_state)
+    loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, rt.device, rt.rank,
+                                 rt.world_size, resumed.data_state)
+    use_compile = rt.device.type == "cuda" if args.compile is None else args.compile
     print0(f"runtime: dtype {str(rt.dtype).removeprefix('torch.')} ({rt.dtype_reason}); compile "
            f"{'on' if use_compile else 'off'}")
-    log = TrainLog(ckpt_dir, master)
+    run = MidRun(args, rt, model, torch.compile(model, dynamic=False) if use_compile else model, optimizer,
+                 tokenizer, loader, val_task, TrainLog(ckpt_dir, rt.is_master), ckpt_dir, seq_len, total_batch,
+                 grad_accum, num_iterations, source_record(args, source_meta))
 
-    # -- the loop: look at the weights of `step` (evaluate, save), then train on one batch; the last pass only looks
     model.train()
-    step, t_start = start_step, time.time()
+    t_start = time.time()
     try:
-        while True:
+        for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_due(step, start_step, last, args.eval_every):
-                val_loader = PackedConversations(tokenizer, val_task, args.device_batch_size, seq_len, device, rank,
-                                                 world)
-                val_loss = masked_mean_loss(model, (next(val_loader) for _ in range(eval_steps)), device)
-                record_eval(loop, "val_loss", val_loss, step, log, "validation loss")
-            if save_due(step, start_step, last, args.save_every):
-                save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
-                                      metrics={k: loop[k] for k in ("val_loss", "initial_val_loss")},
-                                      loop_state=loop, loader=loader, rng=rng_state(), source_meta=source_meta)
-            if last:
-                break
-
-            t0 = time.perf_counter()
-            loss_value = accumulate_gradients(train_model, loader, grad_accum, device, world, rt.autocast)
-            if stopped_on_non_finite(loss_value, "loss", step, ckpt_dir, log):
+            if eval_due(step, resumed.step, last, args.eval_every):
+                evaluate(run, state, step)
+            if save_due(step, resumed.step, last, args.save_every):
+                save(run, state, step)
+            if not last and not train_step(run, state, step):
                 return 1
-            lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
-            apply_update(optimizer, lrm, muon_momentum(step))
-            dt = time.perf_counter() - t0
-
-            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * loss_value
-            print0(f"step {step + 1:05d}/{num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
-                   f"dt {dt * 1000:.0f}ms | tok/s {total_batch / dt:,.0f} | pass {loader.progress:.3f}")
-            log({"step": step, "loss": loss_value, "lr": lrm, "tok_per_s": total_batch / dt, "dt": dt})
-            step += 1
     finally:
-        log.close()
+        run.log.close()
     return finish_stage(ckpt_dir, {"stage": "mid", "model_tag": model_tag, "steps": num_iterations,
-                                   "initial_val_loss": loop["initial_val_loss"], "val_loss": loop["val_loss"],
-                                   "train_conversations": len(train_task), "skipped_sources": train_task.skipped},
-                        master, t_start, "val_loss")
+                                   **state.val_loss.metrics(), "train_conversations": len(train_task),
+                                   "skipped_sources": train_task.skipped}, rt.is_master, t_start, state.val_loss)
 
 
 def main(argv: list[str] | None = None) -> int:
