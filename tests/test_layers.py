@@ -165,3 +165,55 @@ def test_ruff_pyflakes_and_import_order():
                            str(REPO_ROOT / "tests"), str(REPO_ROOT / "bench")],
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def readme_tree() -> tuple[set[str], dict[str, str]]:
+    """The python/nanochat part of the README's file tree: the paths it lists (folders end in /) and each folder's
+    description."""
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    python/nanochat/ "))
+    listed: set[str] = set()
+    described: dict[str, str] = {}
+    stack: list[str] = []
+    last = None
+    for line in lines[start + 1:]:
+        indent = len(line) - len(line.lstrip(" "))
+        if not line.strip() or indent <= 4:
+            break
+        if indent >= 33:  # a description's continuation
+            if last is not None and last.endswith("/"):
+                described[last] += " " + line.strip()
+            continue
+        depth = (indent - 6) // 2
+        stack = stack[:depth]
+        first, _, description = line.strip().partition("  ")
+        names = [n.strip() for n in first.split(",")]
+        prefix = "".join(stack)
+        for name in names:
+            listed.add(prefix + name)
+        last = prefix + names[0]
+        if last.endswith("/"):
+            described[last] = description
+            stack.append(names[0])
+    return listed, described
+
+
+def test_the_readme_tree_matches_the_package():
+    """Every module of the package is in the README's tree (as an entry, or named in its folder's description), and
+    everything the tree lists exists."""
+    listed, described = readme_tree()
+    missing = []
+    for path in sorted(PACKAGE.rglob("*")):
+        if path.suffix not in (".py", ".html") or "__pycache__" in path.parts:
+            continue
+        rel = path.relative_to(PACKAGE).as_posix()
+        folder = rel.rpartition("/")[0] + "/" if "/" in rel else ""
+        if rel in listed or (path.name == "__init__.py"):
+            continue
+        if folder in described and path.stem in described[folder]:
+            continue
+        missing.append(rel)
+    assert not missing, f"modules missing from README's tree: {missing}"
+    stale = [p for p in listed if not (PACKAGE / p.rstrip("/")).exists()]
+    assert not stale, f"README's tree lists what does not exist: {stale}"
+    assert {"serve/", "model/", "training/", "inference/"} <= listed
