@@ -15,7 +15,7 @@
   whose characters fit in --val-fraction of the total go to the validation shard (the LAST shard, as the loader
   expects), so pieces of one document never straddle train and validation
 - memory: the documents are held once (plus one shard's Arrow copy while it is written); shards are written to a
-  staging folder with the atomic shard writer of dataset.py, and replace the old shards only when all are done
+  staging folder with the atomic shard writer of shards.py, and replace the old shards only when all are done
 """
 
 from __future__ import annotations
