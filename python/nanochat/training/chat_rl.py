@@ -34,28 +34,8 @@ from nanochat.model.checkpoint import checkpoint_dir
 from nanochat.model.resume import save_stage_checkpoint
 from nanochat.runtime import Runtime
 from nanochat.tasks import GSM8K, Arithmetic, SpellingBee
-from nanochat.training.flags import (
-    add_checkpoint_args,
-    add_horizon_args,
-    add_optimizer_args,
-    add_runtime_args,
-    add_source_args,
-    iterations_for,
-    run_main,
-    stage_optimizer,
-)
+from nanochat.training import flags, loop
 from nanochat.training.log import Evaluated, TrainLog, finish_stage
-from nanochat.training.loop import (
-    LoopState,
-    apply_update,
-    eval_due,
-    load_source,
-    resume_or_start,
-    right_padded,
-    save_due,
-    source_record,
-    stopped_on_non_finite,
-)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -64,7 +44,7 @@ from nanochat.training.loop import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-rl", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, ["sft", "mid", "rl"])
+    flags.add_source_args(p, ["sft", "mid", "rl"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/rl (default: d<depth>)")
     p.add_argument("--task", default="gsm8k", choices=["gsm8k", "spelling", "arithmetic"], help="rewarded task")
     p.add_argument("--train-limit", type=int, default=None, help="max training problems")
@@ -75,14 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens per sampled answer")
     p.add_argument("--temperature", type=float_in(0.0), default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=at_least(0), default=50, help="sampling top-k (0: off)")
-    add_horizon_args(p, "problems")
-    add_optimizer_args(p, seed_help="seed of the problem order and the sampling", init_lr_frac=0.05)
+    flags.add_horizon_args(p, "problems")
+    flags.add_optimizer_args(p, seed_help="seed of the problem order and the sampling", init_lr_frac=0.05)
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (<= 0: ends only)")
     g.add_argument("--eval-examples", type=int, default=400, help="held-out problems per evaluation")
     g.add_argument("--eval-samples", type=at_least(1), default=4, help="k of pass@k")
-    add_checkpoint_args(g)
-    add_runtime_args(p)
+    flags.add_checkpoint_args(g)
+    flags.add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -108,7 +88,7 @@ def policy_rows(prompt: list[int], samples: list[tuple[list[int], list[int]]], a
         learn = [0] * len(prompt) + list(mask)
         seqs.append(full[:-1])
         tgts.append([t if m else -1 for t, m in zip(full[1:], learn[1:])])
-    return (*right_padded(seqs, tgts, pad), torch.tensor(advantages, dtype=torch.float32))
+    return (*loop.right_padded(seqs, tgts, pad), torch.tensor(advantages, dtype=torch.float32))
 
 
 def pass_at_k(model, tokenizer, task, indices: list[int], k: int, max_new_tokens: int, temperature: float,
@@ -149,7 +129,7 @@ def build_tasks(name: str, train_limit: int | None):
 
 
 @dataclass
-class RLState(LoopState):
+class RLState(loop.LoopState):
     """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
     eval: Evaluated = field(default_factory=lambda: Evaluated("eval"))  # pass@1..k on held-out problems
 
@@ -217,10 +197,10 @@ def train_step(run: RLRun, step: int) -> bool:
     stats = torch.tensor([sum(step_rewards), len(step_rewards)], dtype=torch.float64, device=device)
     sum_over_ranks(num_tokens, stats)
     pg_objective = policy_gradient(run, groups, num_tokens.clamp(min=1) / world)  # the optimizer averages ranks
-    if stopped_on_non_finite(pg_objective, "pg_objective", step, run.ckpt_dir, run.log):
+    if loop.stopped_on_non_finite(pg_objective, "pg_objective", step, run.ckpt_dir, run.log):
         return False
     lrm = 1.0 - step / run.num_iterations
-    apply_update(run.optimizer, lrm)
+    loop.apply_update(run.optimizer, lrm)
     dt = time.perf_counter() - t0
     mean_reward = float(stats[0] / stats[1].clamp(min=1))
     run.rewards_seen.append(mean_reward)
@@ -232,36 +212,36 @@ def train_step(run: RLRun, step: int) -> bool:
 
 
 def train(args: argparse.Namespace, rt: Runtime) -> int:
-    model, tokenizer, source_meta = load_source(args, rt)
+    model, tokenizer, source_meta = loop.load_source(args, rt)
     model_tag = args.model_tag or f"d{model.config.n_layer}"
     ckpt_dir = checkpoint_dir("rl", model_tag)
     train_task, test_task = build_tasks(args.task, args.train_limit)
     if args.examples_per_step % rt.world_size:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of the {rt.world_size} "
                          f"ranks")
-    num_iterations = iterations_for(args, len(train_task), args.examples_per_step)
+    num_iterations = flags.iterations_for(args, len(train_task), args.examples_per_step)
     order = list(range(len(train_task)))
     random.Random(args.seed).shuffle(order)
     eval_indices = list(range(min(args.eval_examples, len(test_task))))
     print0(f"rl: {len(train_task):,} {args.task} problems; {num_iterations} steps of {args.examples_per_step} "
            f"problems x {args.num_samples} samples; pass@{args.eval_samples} on {len(eval_indices)} held-out problems")
 
-    optimizer = stage_optimizer(model, args)
+    optimizer = flags.stage_optimizer(model, args)
     # no data state: the problems and the samples of a step are seeded by the step
-    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    resumed = loop.resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
     state = RLState.restored(resumed.loop_state)
     run = RLRun(args, rt, model, optimizer, tokenizer, train_task, order, TrainLog(ckpt_dir, rt.is_master), ckpt_dir,
-                num_iterations, source_record(args, source_meta))
+                num_iterations, loop.source_record(args, source_meta))
 
     t_start = time.time()
     try:
         for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_indices and eval_due(step, resumed.step, last, args.eval_every):
+            if eval_indices and loop.eval_due(step, resumed.step, last, args.eval_every):
                 scores = pass_at_k(model, tokenizer, test_task, eval_indices, args.eval_samples, args.max_new_tokens,
                                    args.temperature, args.top_k or None, args.seed + 1, rt.device)
                 state.eval.record(scores, step, run.log)
-            if save_due(step, resumed.step, last, args.save_every):
+            if loop.save_due(step, resumed.step, last, args.save_every):
                 save_stage_checkpoint(ckpt_dir, step, model, optimizer, rt, args, num_iterations=num_iterations,
                                       metrics=state.eval.metrics(), loop_state=state.saved(), source=run.source)
             if not last and not train_step(run, step):
@@ -274,7 +254,7 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(train, parse_args, argv)
+    return flags.run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

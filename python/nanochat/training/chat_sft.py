@@ -32,29 +32,8 @@ from nanochat.model.resume import rng_state, save_stage_checkpoint
 from nanochat.runtime import Runtime
 from nanochat.tasks.custom_chat import add_data_args
 from nanochat.tasks.mixtures import sft_mixture, stage_mixtures
-from nanochat.training.flags import (
-    add_checkpoint_args,
-    add_horizon_args,
-    add_optimizer_args,
-    add_runtime_args,
-    add_source_args,
-    iterations_for,
-    run_main,
-    stage_optimizer,
-)
+from nanochat.training import flags, loop
 from nanochat.training.log import Evaluated, TrainLog, finish_stage
-from nanochat.training.loop import (
-    LoopState,
-    apply_update,
-    eval_due,
-    load_source,
-    masked_mean_loss,
-    resume_or_start,
-    right_padded,
-    save_due,
-    source_record,
-    stopped_on_non_finite,
-)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -63,7 +42,7 @@ from nanochat.training.loop import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat chat-sft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, ["mid", "base", "sft"])
+    flags.add_source_args(p, ["mid", "base", "sft"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/sft (default: d<depth>)")
     p.add_argument("--max-seq-len", type=at_least(1), default=None,
                    help="tokens per conversation (default: model context)")
@@ -71,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="conversations per rank per forward/backward")
     p.add_argument("--examples-per-step", type=at_least(1), default=32,
                    help="conversations per optimizer step, all ranks")
-    add_horizon_args(p, "mixture")
-    add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=0.02)
+    flags.add_horizon_args(p, "mixture")
+    flags.add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=0.02)
     g = p.add_argument_group("data (caps make small runs fast)")
     g.add_argument("--smoltalk-limit", type=int, default=10000, help="max SmolTalk conversations")
     g.add_argument("--arc-limit", type=int, default=None, help="max ARC questions per subset")
@@ -88,8 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--eval-conversations", type=at_least(0), default=256, help="held-out conversations per evaluation")
     g.add_argument("--eval-mc-problems", type=at_least(0), default=0,
                    help="ARC-Easy test questions at the end (0: skip)")
-    add_checkpoint_args(g)
-    add_runtime_args(p)
+    flags.add_checkpoint_args(g)
+    flags.add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -104,7 +83,7 @@ def conversation_rows(tokenizer, conversations: list[dict], max_len: int, device
         ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
         xs.append(ids[:-1])
         ys.append([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    return right_padded(xs, ys, tokenizer.get_bos_token_id(), device)
+    return loop.right_padded(xs, ys, tokenizer.get_bos_token_id(), device)
 
 
 class ConversationBatches:
@@ -139,7 +118,7 @@ def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, de
     """Mean negative log-probability (nats) of the assistant tokens of `conversations` (summed over ranks' shares)."""
     batches = (conversation_rows(tokenizer, conversations[lo:lo + batch_size], max_len, device)
                for lo in range(0, len(conversations), batch_size))
-    return masked_mean_loss(model, batches, device)
+    return loop.masked_mean_loss(model, batches, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +126,7 @@ def assistant_loss(model, tokenizer, conversations: list[dict], max_len: int, de
 
 
 @dataclass
-class SFTState(LoopState):
+class SFTState(loop.LoopState):
     """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
     val_loss: Evaluated = field(default_factory=lambda: Evaluated("val_loss"))
 
@@ -191,10 +170,10 @@ def train_step(run: SFTRun, step: int) -> bool:
         loss.backward()
         loss_sum += loss.detach()
     loss_value = float(sum_over_ranks(loss_sum)[0] / world)
-    if stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
+    if loop.stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
         return False
     lrm = 1.0 - step / run.num_iterations
-    apply_update(run.optimizer, lrm)
+    loop.apply_update(run.optimizer, lrm)
     dt = time.perf_counter() - t0
     print0(f"step {step + 1:05d}/{run.num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
            f"targets {int(num_targets)} | dt {dt * 1000:.0f}ms")
@@ -213,7 +192,7 @@ def arc_easy_accuracy(run: SFTRun, metrics: dict) -> None:
 
 
 def train(args: argparse.Namespace, rt: Runtime) -> int:
-    model, tokenizer, source_meta = load_source(args, rt)
+    model, tokenizer, source_meta = loop.load_source(args, rt)
     config = model.config
     max_len = args.max_seq_len or config.sequence_len
     model_tag = args.model_tag or f"d{config.n_layer}"
@@ -227,27 +206,27 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
         raise ValueError(f"--examples-per-step {args.examples_per_step} must be a multiple of device batch x ranks "
                          f"= {per_micro}")
     grad_accum = args.examples_per_step // per_micro
-    num_iterations = iterations_for(args, len(train_task), args.examples_per_step)
+    num_iterations = flags.iterations_for(args, len(train_task), args.examples_per_step)
     print0(f"sft: {len(train_task):,} training conversations ({train_task.skipped or 'no sources skipped'}); "
            f"{num_iterations} steps of {args.examples_per_step} conversations ({grad_accum} accumulation step(s))")
 
-    optimizer = stage_optimizer(model, args)
-    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    optimizer = flags.stage_optimizer(model, args)
+    resumed = loop.resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
     state = SFTState.restored(resumed.loop_state)
     batches = ConversationBatches(tokenizer, train_task, args.device_batch_size, max_len, rt.device, rt.rank,
                                   rt.world_size, resumed.data_state)
     run = SFTRun(args, rt, model, optimizer, tokenizer, batches, TrainLog(ckpt_dir, rt.is_master), ckpt_dir,
-                 max_len, grad_accum, num_iterations, source_record(args, source_meta))
+                 max_len, grad_accum, num_iterations, loop.source_record(args, source_meta))
 
     model.train()
     t_start = time.time()
     try:
         for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_due(step, resumed.step, last, args.eval_every):
+            if loop.eval_due(step, resumed.step, last, args.eval_every):
                 val_loss = assistant_loss(model, tokenizer, val_convs, max_len, rt.device)
                 state.val_loss.record(val_loss, step, run.log, "held-out assistant loss")
-            if save_due(step, resumed.step, last, args.save_every):
+            if loop.save_due(step, resumed.step, last, args.save_every):
                 save(run, state, step)
             if not last and not train_step(run, step):
                 return 1
@@ -262,7 +241,7 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(train, parse_args, argv)
+    return flags.run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":

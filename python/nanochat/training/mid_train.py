@@ -32,27 +32,8 @@ from nanochat.model.schedules import lr_multiplier, muon_momentum
 from nanochat.runtime import Runtime
 from nanochat.tasks.custom_chat import add_data_args
 from nanochat.tasks.mixtures import mid_mixture, stage_mixtures
-from nanochat.training.flags import (
-    add_checkpoint_args,
-    add_optimizer_args,
-    add_runtime_args,
-    add_source_args,
-    run_main,
-    stage_optimizer,
-)
+from nanochat.training import flags, loop
 from nanochat.training.log import Evaluated, TrainLog, finish_stage
-from nanochat.training.loop import (
-    LoopState,
-    accumulate_gradients,
-    apply_update,
-    eval_due,
-    load_source,
-    masked_mean_loss,
-    resume_or_start,
-    save_due,
-    source_record,
-    stopped_on_non_finite,
-)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -61,7 +42,7 @@ from nanochat.training.loop import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nanochat mid-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_source_args(p, ["base", "mid"])
+    flags.add_source_args(p, ["base", "mid"])
     p.add_argument("--model-tag", default=None, help="output tag under checkpoints/mid (default: the source's)")
     p.add_argument("--max-seq-len", type=at_least(1), default=None,
                    help="tokens per row (default: the model's context)")
@@ -69,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--total-batch-size", type=int, default=-1,
                    help="tokens per optimizer step over all ranks (-1: one micro-batch per rank)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one pass over the mixture)")
-    g = add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=1.0)
+    g = flags.add_optimizer_args(p, seed_help="seed of the mixture shuffle", init_lr_frac=1.0)
     g.add_argument("--warmdown-ratio", type=float_in(0.0, 1.0), default=0.2,
                    help="fraction of steps of linear decay to 0")
     g = p.add_argument_group("data (caps make small runs fast)")
@@ -84,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("evaluation, checkpoints")
     g.add_argument("--eval-every", type=int, default=150, help="steps between validation losses (<= 0: ends only)")
     g.add_argument("--eval-tokens", type=at_least(1), default=20 * 524288 // 8, help="validation tokens per evaluation")
-    add_checkpoint_args(g)
-    add_runtime_args(p, compile_help="torch.compile the model (default: on for CUDA)", dtype=True)
+    flags.add_checkpoint_args(g)
+    flags.add_runtime_args(p, compile_help="torch.compile the model (default: on for CUDA)", dtype=True)
     return p.parse_args(argv)
 
 
@@ -149,7 +130,7 @@ def mean_tokens_per_conversation(tokenizer, task, sample: int = 256, seed: int =
 
 
 @dataclass
-class MidState(LoopState):
+class MidState(loop.LoopState):
     """What the loop carries from step to step; checkpoints save it, so a resumed run continues its numbers."""
     val_loss: Evaluated = field(default_factory=lambda: Evaluated("val_loss"))
     smooth_loss: float = 0.0
@@ -192,7 +173,7 @@ def evaluate(run: MidRun, state: MidState, step: int) -> None:
     val_loader = PackedConversations(run.tokenizer, run.val_task, args.device_batch_size, run.seq_len, rt.device,
                                      rt.rank, rt.world_size)
     eval_steps = max(1, args.eval_tokens // (args.device_batch_size * run.seq_len * rt.world_size))
-    val_loss = masked_mean_loss(run.model, (next(val_loader) for _ in range(eval_steps)), rt.device)
+    val_loss = loop.masked_mean_loss(run.model, (next(val_loader) for _ in range(eval_steps)), rt.device)
     state.val_loss.record(val_loss, step, run.log, "validation loss")
 
 
@@ -207,12 +188,12 @@ def train_step(run: MidRun, state: MidState, step: int) -> bool:
     finite (nothing updated)."""
     rt = run.rt
     t0 = time.perf_counter()
-    loss_value = accumulate_gradients(run.train_model, run.loader, run.grad_accum, rt.device, rt.world_size,
+    loss_value = loop.accumulate_gradients(run.train_model, run.loader, run.grad_accum, rt.device, rt.world_size,
                                       rt.autocast)
-    if stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
+    if loop.stopped_on_non_finite(loss_value, "loss", step, run.ckpt_dir, run.log):
         return False
     lrm = lr_multiplier(step, run.num_iterations, 0.0, run.args.warmdown_ratio, 0.0)
-    apply_update(run.optimizer, lrm, muon_momentum(step))
+    loop.apply_update(run.optimizer, lrm, muon_momentum(step))
     dt = time.perf_counter() - t0
     state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss_value
     print0(f"step {step + 1:05d}/{run.num_iterations:05d} | loss {loss_value:.4f} | lrm {lrm:.3f} | "
@@ -222,7 +203,7 @@ def train_step(run: MidRun, state: MidState, step: int) -> bool:
 
 
 def train(args: argparse.Namespace, rt: Runtime) -> int:
-    model, tokenizer, source_meta = load_source(args, rt)
+    model, tokenizer, source_meta = loop.load_source(args, rt)
     config = model.config
     seq_len = args.max_seq_len or config.sequence_len
     if seq_len > config.sequence_len:
@@ -241,8 +222,8 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
     print0(f"mid: {len(train_task):,} training conversations, {len(val_task):,} validation; {num_iterations} steps "
            f"of {total_batch:,} tokens ({grad_accum} accumulation step(s)); skipped sources: {train_task.skipped}")
 
-    optimizer = stage_optimizer(model, args)
-    resumed = resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
+    optimizer = flags.stage_optimizer(model, args)
+    resumed = loop.resume_or_start(args, ckpt_dir, model, optimizer, rt, num_iterations)
     state = MidState.restored(resumed.loop_state)
     loader = PackedConversations(tokenizer, train_task, args.device_batch_size, seq_len, rt.device, rt.rank,
                                  rt.world_size, resumed.data_state)
@@ -251,16 +232,16 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
            f"{'on' if use_compile else 'off'}")
     run = MidRun(args, rt, model, torch.compile(model, dynamic=False) if use_compile else model, optimizer,
                  tokenizer, loader, val_task, TrainLog(ckpt_dir, rt.is_master), ckpt_dir, seq_len, total_batch,
-                 grad_accum, num_iterations, source_record(args, source_meta))
+                 grad_accum, num_iterations, loop.source_record(args, source_meta))
 
     model.train()
     t_start = time.time()
     try:
         for step in range(resumed.step, num_iterations + 1):  # the last pass only looks at the final weights
             last = step == num_iterations
-            if eval_due(step, resumed.step, last, args.eval_every):
+            if loop.eval_due(step, resumed.step, last, args.eval_every):
                 evaluate(run, state, step)
-            if save_due(step, resumed.step, last, args.save_every):
+            if loop.save_due(step, resumed.step, last, args.save_every):
                 save(run, state, step)
             if not last and not train_step(run, state, step):
                 return 1
@@ -272,7 +253,7 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(train, parse_args, argv)
+    return flags.run_main(train, parse_args, argv)
 
 
 if __name__ == "__main__":
