@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import types
 from pathlib import Path
@@ -390,10 +389,7 @@ def test_cli_evals_delegates(monkeypatch):
     calls = []
     module = types.ModuleType("nanochat.tasks.offline_data")
     module.main = lambda argv=None: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "nanochat.tasks.offline_data", module)
-    if "nanochat.tasks" not in sys.modules:
-        monkeypatch.setitem(sys.modules, "nanochat.tasks", types.ModuleType("nanochat.tasks"))
-    monkeypatch.setattr(sys.modules["nanochat.tasks"], "offline_data", module, raising=False)
+    monkeypatch.setattr(data_cli, "offline_data", module)
     assert data_cli.main(["evals", "--only", "gsm8k", "--help-me"]) == 0
     assert calls == [["--only", "gsm8k", "--help-me"]]
 
