@@ -103,7 +103,7 @@ def _save_tiny_checkpoint(model, tag="tiny"):
 def test_streaming_load_equals_converting_the_loaded_model(base_dir, tok, monkeypatch, fmt):
     from nanochat.model import checkpoint as ck
 
-    monkeypatch.setattr("nanochat.tokenizer.get_tokenizer", lambda path=None: tok)
+    monkeypatch.setattr("nanochat.model.checkpoint.get_tokenizer", lambda path=None: tok)  # where load_model finds it
     monkeypatch.setattr(qz, "_CHUNK_BYTES", 1000)  # several chunks per matrix (64-wide rows: 3 rows a chunk)
     model = tiny_model(tok.vocab_size, seed=4)
     _save_tiny_checkpoint(model)
