@@ -64,8 +64,8 @@ def torch_step(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor 
     x = z if z.dtype == torch.float32 else _buffer(scratch, "x", z.shape, z.device).copy_(z)
     if softcap:
         # With sig = sigmoid(2 z / cap): tanh(z / cap) = 2 sig - 1, s - cap = 2 cap (sig - 1) and
-        # 1 - tanh² = 4 sig (1 - sig). torch's CPU sigmoid is ~5x cheaper than its tanh (0.035 s vs 0.19 s for
-        # 1024 x 32768 fp32 on the dev box), and tanh was the step's largest cost.
+        # 1 - tanh² = 4 sig (1 - sig). torch's CPU sigmoid is ~5x cheaper than its tanh, which was the step's
+        # largest cost (bench/RESULTS.md, "Kernel configurations").
         sig = x.mul_(2.0 / softcap).sigmoid_()
         target_logit = softcap * (2.0 * sig.gather(1, safe).squeeze(1) - 1.0)
         e = torch.mul(sig, 2.0 * softcap, out=_buffer(scratch, "e", z.shape, z.device))
