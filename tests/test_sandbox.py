@@ -157,6 +157,22 @@ def test_refuses_without_kernel_isolation(tmp_path):
 # A pass means the program ran to its last line
 
 
+def test_a_filled_quota_counts_when_the_program_exits_before_the_watchdog_looks(monkeypatch):
+    """A program that fills its tmpfs and exits at once ends "disk_limit", not "ok", even when the parent's watchdog
+    never looked while it ran (here: a 30 s interval; the run takes well under a second)."""
+    if "disk-quota" not in available_protections():
+        pytest.skip("needs the tmpfs disk quota (a mount namespace)")
+    from nanochat.tools import sandbox
+
+    monkeypatch.setattr(sandbox, "DISK_CHECK_INTERVAL_S", 30.0)
+    fill = ("import os\nfd = os.open('f', os.O_CREAT | os.O_WRONLY, 0o600)\ntry:\n"
+            "    os.write(fd, bytes(16 << 20))\n    os.write(fd, bytes(16 << 20))\nexcept OSError as e:\n"
+            "    print('refused', e.errno)\n")
+    r = run_code(fill, SandboxLimits(timeout_s=10.0, cpu_s=10, memory_mb=512, max_disk_mb=8))
+    assert "refused 28" in r.stdout, (r.status, r.stdout, r.stderr[-500:])  # ENOSPC: the kernel held the quota
+    assert r.status == "disk_limit" and not r.success, (r.status, r.stdout, r.stderr[-500:])
+
+
 def test_exit_zero_before_the_end_is_not_a_pass():
     for code in ["import sys\nsys.exit(0)\nprint('end')", "import os\nos._exit(0)", "raise SystemExit(0)",
                  "import sys\nprint('0' * 32)\nsys.stdout.flush()\nimport os\nos._exit(0)",

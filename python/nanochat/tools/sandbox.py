@@ -100,6 +100,7 @@ Only "kernel" is a sandbox. In any other mode `run_code` refuses with `SandboxUn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -303,6 +304,8 @@ class _Child:
             self.sel.register(f, selectors.EVENT_READ)
         self.total, self.status, self.next_disk_check = 0, None, 0.0
         self._header: dict | None = None
+        self._tmpfs: int | None = None  # an fd on the child's tmpfs: it outlives the child's mount namespace
+        self._tmpfs_tried = False
 
     def pump(self, timeout: float) -> set:
         """One round: reads what the program wrote and checks the limits; returns the other registered fds that are
@@ -318,6 +321,8 @@ class _Child:
                 continue
             self.chunks[key.fileobj].append(data)
             self.total += len(data)
+        if not self._tmpfs_tried:
+            self._open_tmpfs()
         now = time.monotonic()
         if self.status is None and self.total > self.limits.max_output_bytes:
             self.status = "output_limit"
@@ -333,6 +338,29 @@ class _Child:
             _kill_group(self.proc)
         return ready
 
+    def _open_tmpfs(self) -> None:
+        """Once the header is in: the tmpfs exists only in the child's mount namespace, so it is opened through the
+        monitor's root as soon as the header says it is mounted (before the program can have done much), and the
+        open fd keeps the filesystem readable after the namespace is gone (see settle)."""
+        header = self.header()
+        if not header and self._header is None:
+            return  # the header's line is not complete yet
+        self._tmpfs_tried = True
+        if "disk-quota" in header.get("protections", []):
+            with contextlib.suppress(OSError):
+                self._tmpfs = os.open(f"/proc/{self.proc.pid}/root{self.scratch}", os.O_RDONLY | os.O_DIRECTORY)
+
+    def settle(self) -> None:
+        """After the program ended: a quota it filled counts even when it exited between two watchdog looks (a
+        program that fills the tmpfs and exits within 20 ms would otherwise end "ok")."""
+        try:
+            if self.status is None and self._tmpfs is not None and self._over_disk_quota():
+                self.status = "disk_limit"
+        finally:
+            if self._tmpfs is not None:
+                os.close(self._tmpfs)
+                self._tmpfs = None
+
     def header(self) -> dict:
         """The bootstrap's first stderr line (its layers), once it is complete."""
         if self._header is None:
@@ -342,11 +370,9 @@ class _Child:
     def _over_disk_quota(self) -> bool:
         quota, max_files = self.limits.max_disk_mb << 20, self.limits.max_files
         if "disk-quota" in self.header().get("protections", []):
-            # the tmpfs exists only in the child's mount namespace: look at it through the monitor's root
-            try:
-                st = os.statvfs(f"/proc/{self.proc.pid}/root{self.scratch}")
-            except OSError:
-                return False  # the kernel still holds the quota; only the early end is lost
+            if self._tmpfs is None:
+                return False  # not reachable (_open_tmpfs): the kernel still holds the quota, the early end is lost
+            st = os.fstatvfs(self._tmpfs)
             return st.f_bavail == 0 or st.f_favail == 0
         used, files = disk_usage(self.scratch, max_files + 1)
         return used > quota or files > max_files
@@ -480,6 +506,7 @@ def _run(scratch: str, env: dict, limits: SandboxLimits, stdin_text: str | None,
         _kill_group(proc)  # descendants that outlived the program (without a pid namespace: same group only)
         if proc.returncode is None:
             proc.wait()
+        child.settle()
         child.sel.close()
         proc.stdout.close()
         proc.stderr.close()
