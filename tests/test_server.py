@@ -142,6 +142,7 @@ def test_models_health_metrics_and_page(server, client):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "<title>nanochat</title>" in page.text
+    client.chat.completions.create(model="nanochat", messages=MESSAGES, max_tokens=2)  # a 200 of its own: no order
     metrics = httpx.get(server.url + "/metrics").text
     for name in ("nanochat_requests_total", "nanochat_completion_tokens_total", "nanochat_queue_depth",
                  "nanochat_time_to_first_token_seconds_bucket", "nanochat_active_rows"):
