@@ -68,7 +68,7 @@ if [ "$MODE" = "decode" ]; then
 fi
 if [ "$HAS_CUDA" = "1" ]; then
     echo "== parity tests, bf16 at real shapes (pytest -m gpu)"
-    timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_fused_loss.py -m gpu -q -p no:cacheprovider \
+    timeout 200 "$PY" -m pytest tests/test_kernels.py tests/test_kernels_gpu.py tests/test_fused_loss.py -m gpu -q -p no:cacheprovider \
         -o addopts="" -rfEs 2>&1 | tee "$OUT_DIR/gpu_tests.log" || status=1
     echo "== bench/kernels.py"
     timeout 270 "$PY" bench/kernels.py --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
