@@ -5,6 +5,7 @@ is only for an optional or heavy dependency and says why; ruff's pyflakes and im
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -75,8 +76,6 @@ print(json.dumps(out))
         env["PYTHONPATH"] = str(python_path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    import json
-
     return json.loads(done.stdout)
 
 

@@ -334,7 +334,6 @@ class Progress:
 
 def build(paths: list[str], out: Path, args, log=print) -> BuildStats:
     """Read, de-duplicate, cut, split and write the shards into `out` (which should be a fresh folder)."""
-
     stats = BuildStats()
     files = list_inputs(paths)
     if not files:
@@ -409,7 +408,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """`nanochat data from-files ...` (args from add_parser); returns the exit status."""
-
     if not 0.0 < args.val_fraction < 1.0:
         return _fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.doc_cap < 0 or args.shard_chars < 1:

@@ -96,7 +96,6 @@ def write_shard(path: Path, rows: list[str]) -> None:
 
 def _row_group_texts(path: Path) -> Iterator[list]:
     """The 'text' column of each row group of a shard; an unreadable shard is a CorruptInputError naming it."""
-
     try:
         pf = pq.ParquetFile(path)
         for rg in range(pf.num_row_groups):
@@ -129,7 +128,6 @@ def shard_name(index: int) -> str:
 
 def verify_parquet(path: Path, expected_bytes: int | None = None) -> None:
     """Raise ValueError unless path is a complete parquet file (size, magic bytes at both ends, readable footer)."""
-
     size = path.stat().st_size
     if expected_bytes is not None and size != expected_bytes:
         raise ValueError(f"{path.name}: got {size} bytes, Content-Length said {expected_bytes}")

@@ -200,7 +200,6 @@ def model_forward(model, device, pad_id: int = 0, predictions: bool = True) -> F
 
     predictions=False (multiple-choice and schema tasks, which score losses only): the losses come from the model's
     fused loss, which never holds the (B, T, V) logits, and the predictions are None."""
-
     def forward(seqs: list[list[int]]):
         T = max(len(s) for s in seqs)
         idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -308,7 +307,6 @@ def load_core_data(data_dir: str | os.PathLike | None = None, download: bool | N
     `data_dir` may be a DCLM bundle (has eval_data/) or an offline core folder (<label>.jsonl files). Default: the
     downloaded bundle, else the offline folder, else download the bundle (unless HF_HUB_OFFLINE/NANOCHAT_OFFLINE).
     """
-
     candidates = [Path(data_dir)] if data_dir is not None else [bundle_dir(), eval_data_dir() / "core"]
     root = next((c for c in candidates if (c / "eval_data").is_dir() or any(c.glob("*.jsonl"))), None)
     if root is None and data_dir is None:

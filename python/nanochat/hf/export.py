@@ -105,7 +105,6 @@ def save_fp32_safetensors(tensors: dict, path: Path, metadata: dict | None = Non
 
 def card_metrics(folder: Path) -> dict:
     """The headline numbers the stages and evals wrote beside a checkpoint (as the report card reads them)."""
-
     metrics: dict = {}
     for path in sorted(folder.glob("*.json")):
         if "eval" in path.name or "metrics" in path.name:

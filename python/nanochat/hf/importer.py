@@ -99,7 +99,6 @@ class _TokenizerUnpickler(pickle.Unpickler):
 
 def load_tokenizer_pkl(path: Path):
     """Our Tokenizer from nanochat's tokenizer.pkl (a pickled tiktoken.Encoding), without executing the pickle."""
-
     try:
         obj = _TokenizerUnpickler(io.BytesIO(Path(path).read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
@@ -309,7 +308,6 @@ def convert(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
 
 def check_shapes(state: dict[str, torch.Tensor], config) -> None:
     """Every tensor our model expects, with its shape, and nothing else."""
-
     expected = state_shapes(config)
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

@@ -212,7 +212,6 @@ def _newest_tag(stage_dir: Path) -> str:
 
 def _weights_format(weights: str, folder: Path, device, load_fp32) -> str:
     """The concrete format of a --weights choice (auto: see quantize.resolve_auto)."""
-
     check_format(weights, WEIGHT_CHOICES)
     if weights != "auto":
         return weights
@@ -263,7 +262,6 @@ def load_model(stage: str, device="cpu", model_tag: str | None = None, step: int
 
 def _load_converted_checkpoint(folder: Path, fmt: str, device, model_tag: str):
     """load_model's result for a non-fp32 format: the step folder's weights streamed into a converted model."""
-
     try:
         meta = json.loads((folder / "meta.json").read_text())
         config = GPTConfig(**meta["config"])
@@ -283,7 +281,6 @@ def load_exported(model_dir: str | os.PathLike, device="cpu", weights_format: st
     """(GPT in eval mode, Tokenizer, meta) from a folder written by `nanochat export`. The weights must match the
     SHA-256 recorded at export, so a truncated or corrupted copy is refused with a message naming the file.
     `weights_format`: the inference format (see quantize.py)."""
-
     folder = Path(model_dir)
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.bin") if not (folder / name).is_file()]
     if missing:

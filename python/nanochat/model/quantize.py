@@ -240,7 +240,6 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 
 def _safetensors_header(f) -> tuple[dict, int]:
     """(tensor name -> {dtype, shape, data_offsets}, offset of the data) of an open safetensors file."""
-
     head = f.read(8)
     if len(head) != 8:
         raise CorruptInputError(f"{f.name} is not a safetensors file (shorter than its 8-byte header size)")
@@ -257,7 +256,6 @@ def _safetensors_header(f) -> tuple[dict, int]:
 
 def _read_rows(f, data_start: int, info: dict, start: int, rows: int) -> torch.Tensor:
     """Rows start..start+rows-1 of a tensor of a safetensors file (first dim = rows), read with plain reads."""
-
     dtype = _ST_DTYPES.get(info["dtype"])
     if dtype is None:
         raise CorruptInputError(f"{f.name}: tensor dtype {info['dtype']} is not one of {sorted(_ST_DTYPES)}")
@@ -277,7 +275,6 @@ def _read_rows(f, data_start: int, info: dict, start: int, rows: int) -> torch.T
 def empty_model(config, fmt: str, device="cpu"):
     """A GPT of `config` in format `fmt` with uninitialized weights (the rotary tables computed), allocated once in
     its final formats: built on the meta device and converted there, so no fp32 matrix is ever allocated."""
-
     check_format(fmt)
     with torch.device("meta"):
         model = GPT(config)
@@ -297,7 +294,6 @@ def load_converted(config, path, fmt: str, device="cpu", rename=lambda k: k):
     """A GPT (eval mode) of `config` with the weights of the safetensors file `path` in format `fmt`, built without
     ever holding the fp32 model: `empty_model`, then filled from the file in row chunks (see the module
     docstring). `rename` maps the file's tensor names to the model's."""
-
     device = torch.device(device)
     model = empty_model(config, fmt, device)
     modules = dict(model.named_modules())
@@ -349,7 +345,6 @@ def guard_sample(tokenizer, n_tokens: int = GUARD_TOKENS) -> list[int]:
 @torch.no_grad()
 def sample_bpb(model, tokens: list[int], token_bytes: torch.Tensor, seq_len: int = 512) -> float:
     """Bits per byte of `model` on `tokens` cut into rows of seq_len (the last partial row dropped)."""
-
     device = next(model.parameters()).device
     seq_len = min(seq_len, model.config.sequence_len, len(tokens) - 1)
     rows = (len(tokens) - 1) // seq_len

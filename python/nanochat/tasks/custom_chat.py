@@ -49,7 +49,6 @@ class ChatData:
 
 def _check(record) -> str | None:
     """None when the record is a valid training conversation, else the reason."""
-
     if isinstance(record, dict) and "messages" not in record:
         return "expected an object with a 'messages' list"
     if not isinstance(record, (dict, list)):

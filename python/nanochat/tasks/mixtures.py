@@ -109,7 +109,6 @@ def sft_mixture(split: str = "train", sizes: MixtureSizes | None = None, strict:
 def stage_mixtures(args, mixture: Callable[..., TaskMixture]) -> tuple[TaskMixture, TaskMixture]:
     """(train, val) of a chat stage from its flags: `mixture` (mid_mixture or sft_mixture) capped by the stage's
     --*-limit / --*-size flags, plus or replaced by the --data files (tasks/custom_chat.py)."""
-
     sizes = MixtureSizes(smoltalk=args.smoltalk_limit, mmlu=getattr(args, "mmlu_limit", None),
                          arc=getattr(args, "arc_limit", None), gsm8k=args.gsm8k_limit, spelling=args.spelling_size,
                          arithmetic=args.arithmetic_size)

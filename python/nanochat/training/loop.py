@@ -40,7 +40,6 @@ def load_source(args, rt: Runtime):
 def adopt_tokenizer(tokenizer, model_dir, write: bool = True) -> None:
     """A stage started from a model folder writes checkpoints that later load with the base dir's tokenizer: the
     base dir gets the folder's tokenizer when it has none, and must not hold another one."""
-
     path = default_tokenizer_path()
     if not path.is_file():
         if write:
