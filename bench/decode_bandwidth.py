@@ -129,7 +129,6 @@ def build(config: GPTConfig, fmt: str, device) -> GPT:
 def build_hf(config: GPTConfig, dtype: torch.dtype):
     """The exported model class (nanochat/hf) with the same weights as `build(config, "fp32")`, in `dtype`."""
     from nanochat.hf.configuration_nanochat import NanochatConfig
-    from nanochat.hf.export import hf_state_dict
     from nanochat.hf.modeling_nanochat import NanochatForCausalLM
 
     hf_config = NanochatConfig(vocab_size=config.vocab_size, sequence_len=config.sequence_len,
@@ -143,7 +142,7 @@ def build_hf(config: GPTConfig, dtype: torch.dtype):
         for ours in [f"blocks.{i}.{m}.weight" for i in range(config.n_layer)
                      for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + \
                 ["wte.weight", "lm_head.weight"]:
-            (theirs,) = hf_state_dict({ours: torch.empty(0)}).keys()
+            theirs = ours if ours.startswith("lm_head.") else "model." + ours  # the exported names (hf/export.py)
             if theirs not in names:
                 raise KeyError(f"exported model has no {theirs} (for our {ours})")
             shape = model.get_parameter(theirs).shape

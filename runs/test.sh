@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash runs/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
-cargo test --locked --release --manifest-path rust/rustbpe/Cargo.toml
+cargo test --locked --release --workspace
 python -m pytest -q --durations=20 "$@"
 
 if [ "$#" = 0 ] && [ "$(id -u)" = 0 ] && id nanochat-ci >/dev/null 2>&1; then

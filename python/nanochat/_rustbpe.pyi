@@ -57,3 +57,15 @@ class Tokenizer:
     def id_to_bytes(self, id: int) -> bytes: ...
     def token_bytes(self) -> list[int]:
         """UTF-8 byte length of each id; 0 for special tokens (feeds bits-per-byte)."""
+
+# The CPU int8 matmul of rust/int8mm (called only through nanochat.model.int8_cpu, which checks the tensors)
+INT8_ISA: str  # "avx512", "avx2" or "scalar": the kernel this CPU runs
+INT8_TILE: tuple[int, int]  # (rows per tile, columns per chunk) of the packed layout
+
+def int8_matmul(x_ptr: int, q_ptr: int, scale_ptr: int, y_ptr: int, m: int, n: int, k: int, isa: str,
+                num_threads: int = 0) -> None:
+    """y (m, n) = x (m, k) @ (scale[:, None] * q (n, k)).T on raw addresses of contiguous CPU buffers (x, scale, y
+    float32; q int8, packed). Null or misaligned addresses, overflowing shapes and unknown kernels: ValueError."""
+
+def int8_use_openmp(path: str | None) -> bool:
+    """Run int8_matmul's threads on the already loaded OpenMP runtime at `path` (never loads one); None detaches."""

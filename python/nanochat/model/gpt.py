@@ -420,13 +420,15 @@ class GPT(nn.Module):
             if kv_cache is not None:
                 x = kv_cache.select(x)  # the positions whose logits the caller samples from (all, or a few)
             x = rms_norm(x)
-            head = self.lm_head.weight[:cfg.vocab_size]  # padded rows never become logits
             if fused:  # lm_head + soft-cap + cross-entropy in chunks: the (B, T, V) logits never exist
+                head = self.lm_head.weight[:cfg.vocab_size]  # padded rows never become logits
                 loss = nanochat_kernels.linear_cross_entropy(x.reshape(B * T, -1), head, targets.reshape(-1),
                                                              cfg.logit_softcap, ignore_index=-1,
                                                              reduction=loss_reduction)
             else:
-                logits = F.linear(x, head)
+                # the layer itself, not its .weight: an int8 or bf16 lm_head (model/quantize.py) would otherwise
+                # rebuild its fp32 matrix every decode step; the padded rows' logits are dropped
+                logits = self.lm_head(x)[..., :cfg.vocab_size]
         if kv_cache is not None:
             kv_cache.advance(T)
         if fused:

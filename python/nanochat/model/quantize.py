@@ -7,13 +7,15 @@ the residual stream, norms, attention and the KV cache stay in the compute dtype
 autocast), so a format is a property of the loaded model and the engine needs no change.
 
 - int8: per output channel, symmetric: w[n, :] ~ scale[n] * q[n, :], q in [-127, 127], scale = max|w[n, :]| / 127.
-  The matmul is torch's weight-only int8 kernel `aten._weight_int8pack_mm(x, q (N, K), scales (N,))` (CPU and
-  CUDA). On CPU its fp32-activation path is not vectorized (about 5x slower than with bf16 activations:
-  bench/RESULTS.md, "Weight formats"), so the activations enter the matmul as bf16 and its output returns to the
-  compute dtype, as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big batches) the layer
-  instead converts the matrix to bf16 and runs the bf16 GEMM, since the int8 kernel's throughput does not grow with
-  the rows. `int8_linear_reference` is the plain-torch definition (dequantize, then an fp32 matmul) that the parity
-  tests hold both paths to.
+  On an x86 CPU with AVX2 or AVX-512 the matmul is nanochat's own kernel (rust/int8mm through `int8_cpu`): the
+  matrix is stored packed in cache-line tiles so that each thread streams it sequentially at close to the DRAM
+  bandwidth, each int8 is widened to fp32 in registers, and the activations stay fp32 (no rounding to bf16).
+  Elsewhere (CUDA, other CPUs) it is torch's weight-only int8 kernel `aten._weight_int8pack_mm(x, q (N, K), scales
+  (N,))` on a row-major matrix, with the activations entering as bf16 (torch's fp32-activation CPU path is not
+  vectorized), as autocast does for every matmul on CUDA. From DEQUANT_MIN_ROWS rows on (prefill chunks, big
+  batches) the layer instead converts the matrix to bf16 and runs the bf16 GEMM, whose throughput grows with the
+  rows where the int8 kernels' does not. `int8_linear_reference` is the plain-torch definition (dequantize, then an
+  fp32 matmul) that the parity tests hold every path to.
 - bf16: the matrix stored in bf16; activations enter the matmul as bf16 (fp32 accumulation in oneDNN), output in
   the compute dtype. Reference: `bf16_linear_reference`.
 - the token embedding stays in the compute dtype in every format: a decode step reads only B of its rows, so
@@ -46,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import CorruptInputError, atomic_write
+from nanochat.model import int8_cpu
 from nanochat.model.bpb import evaluate_bpb
 from nanochat.model.gpt import GPT, rotary_tables
 
@@ -95,42 +98,70 @@ def bf16_linear_reference(x: torch.Tensor, w_bf16: torch.Tensor) -> torch.Tensor
 
 
 class Int8Linear(nn.Module):
-    """A bias-free Linear whose matrix is int8 with one fp32 scale per output channel (see the module docstring)."""
+    """A bias-free Linear whose matrix is int8 with one fp32 scale per output channel (see the module docstring).
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+    On a CPU that runs nanochat's own kernel (`int8_cpu.available()`) the matrix is stored packed for it (buffer
+    `qpacked`); elsewhere row-major (`qweight`) for torch's kernel. `packed=None` decides from `device` (the meta
+    device, used while building a model, counts as the CPU: `empty_model` passes the final device). Either layout
+    computes the same product on any device; only the speed differs."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, packed: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        if packed is None:
+            packed = int8_cpu.available() and torch.device(device or "cpu").type in ("cpu", "meta")
+        self.packed = packed
+        if packed:
+            self.register_buffer("qpacked", int8_cpu.empty_packed(out_features, in_features, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            # the scales in torch's kernel's activation dtype (bf16), kept so a step converts nothing: N x 2 bytes
+            self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        # the scales in the kernel's activation dtype (bf16), kept so a step converts nothing: N x 2 bytes
-        self.register_buffer("scale_bf16", torch.ones(out_features, dtype=torch.bfloat16, device=device))
 
     @torch.no_grad()
     def set_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize rows start..start+len(w)-1 of the float matrix into place."""
         q, scale = quantize_rows(w)
         end = start + w.size(0)
-        self.qweight[start:end] = q.to(self.qweight.device)
+        if self.packed:
+            int8_cpu.pack_rows_into(self.qpacked, start, q)
+        else:
+            self.qweight[start:end] = q.to(self.qweight.device)
+            self.scale_bf16[start:end] = scale.to(device=self.scale.device, dtype=torch.bfloat16)
         self.scale[start:end] = scale.to(self.scale.device)
-        self.scale_bf16[start:end] = scale.to(device=self.scale.device, dtype=torch.bfloat16)
+
+    def int8_matrix(self) -> torch.Tensor:
+        """The row-major int8 matrix (out_features, in_features), whatever the stored layout."""
+        if self.packed:
+            return int8_cpu.unpack(self.qpacked, self.out_features, self.in_features)
+        return self.qweight
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_rows(self.qweight, self.scale)
+        return dequantize_rows(self.int8_matrix(), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.bfloat16:  # fp32 compute on CPU: the kernel is fast only for bf16 activations
-            x2 = x2.to(torch.bfloat16)
-        if x2.size(0) >= DEQUANT_MIN_ROWS:  # prefill chunks, big batches: the bf16 GEMM on the converted matrix
-            y = F.linear(x2, self.qweight.to(torch.bfloat16)).float() * self.scale
+        rows = x2.size(0)
+        if self.packed and x2.is_cpu and rows < DEQUANT_MIN_ROWS:
+            # decode: nanochat's kernel streams the packed matrix, activations stay fp32
+            y = int8_cpu.matmul(x2.float().contiguous(), self.qpacked, self.scale, self.out_features,
+                                self.in_features)
+        elif rows >= DEQUANT_MIN_ROWS or self.packed:
+            # prefill chunks, big batches (or a packed layer moved off the CPU): the bf16 GEMM on the converted matrix
+            w = (int8_cpu.unpack(self.qpacked, self.out_features, self.in_features, torch.bfloat16) if self.packed
+                 else self.qweight.to(torch.bfloat16))
+            y = F.linear(x2.to(torch.bfloat16), w).float() * self.scale
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale_bf16)
+            # torch's kernel; on CPU its fp32-activation path is not vectorized, so the activations enter as bf16
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scale_bf16)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        layout = "packed for nanochat's CPU kernel" if self.packed else "row-major"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {layout}"
 
 
 class Bf16Linear(nn.Module):
@@ -279,9 +310,11 @@ def empty_model(config, fmt: str, device="cpu"):
     with torch.device("meta"):
         model = GPT(config)
     if fmt != "fp32":
+        # the int8 layout follows the device the model is allocated on, not the meta device it is built on
+        layout = {"packed": int8_cpu.available() and torch.device(device).type == "cpu"} if fmt == "int8" else {}
         for name in linear_names(model):
             lin = model.get_submodule(name)
-            set_module(model, name, LINEAR_CLASSES[fmt](lin.in_features, lin.out_features, device="meta"))
+            set_module(model, name, LINEAR_CLASSES[fmt](lin.in_features, lin.out_features, device="meta", **layout))
     model.to_empty(device=device)
     cos, sin = rotary_tables(model.rotary_len, config.head_dim, device=device)
     model.cos.copy_(cos)

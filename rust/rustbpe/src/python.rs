@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::wrap_pyfunction;
 
 use crate::pools::PoolCache;
 use crate::{check_vocab_size, serialize, Allowed, Error, Trainer};
@@ -338,9 +339,183 @@ impl PyTokenizer {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The CPU int8 matmul (crate int8mm). Tensors cross as addresses: nanochat.model.int8_cpu checks dtype, device,
+// contiguity and shapes of the torch tensors and allocates y; here the addresses are checked for null and alignment
+// and the lengths again by int8mm::matmul, so a wrong shape is a ValueError, not a read past the end.
+
+/// y (m, n) = x (m, k) @ (scale[:, None] * q (n, k)).T; x, scale, y float32, q int8 in int8mm's packed layout
+/// (int8mm::pack; packed_len(n, k) bytes), all C-contiguous on the CPU.
+#[pyfunction]
+#[pyo3(signature = (x_ptr, q_ptr, scale_ptr, y_ptr, m, n, k, isa, num_threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn int8_matmul(
+    py: Python<'_>, x_ptr: usize, q_ptr: usize, scale_ptr: usize, y_ptr: usize, m: usize, n: usize, k: usize,
+    isa: &str, num_threads: usize,
+) -> PyResult<()> {
+    let isa = int8mm::Isa::from_name(isa)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown instruction set {isa:?} (avx512, avx2, scalar)")))?;
+    let shape = int8mm::Shape { m, n, k };
+    let len = |a: usize, b: usize| {
+        a.checked_mul(b).ok_or_else(|| PyValueError::new_err(format!("shape ({m}, {n}, {k}) overflows")))
+    };
+    let nq = int8mm::packed_len(n, k).ok_or_else(|| PyValueError::new_err(format!("shape ({m}, {n}, {k}) overflows")))?;
+    let (nx, ny) = (len(m, k)?, len(m, n)?);
+    for (name, addr, count, align) in
+        [("x", x_ptr, nx, 4), ("q", q_ptr, nq, 1), ("scale", scale_ptr, n, 4), ("y", y_ptr, ny, 4)]
+    {
+        if count > 0 && (addr == 0 || addr % align != 0) {
+            return Err(PyValueError::new_err(format!("{name}: address {addr:#x} is null or misaligned")));
+        }
+    }
+    // SAFETY: the caller (nanochat.model.int8_cpu) passes the data pointers of live contiguous CPU tensors of
+    // exactly these lengths and holds them for the duration of the call; y is not aliased by x, q or scale.
+    let (x, q, scale, y) = unsafe {
+        (
+            slice_or_empty(x_ptr as *const f32, nx),
+            slice_or_empty(q_ptr as *const i8, nq),
+            slice_or_empty(scale_ptr as *const f32, n),
+            if ny == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(y_ptr as *mut f32, ny) },
+        )
+    };
+    py.allow_threads(|| {
+        guard(|| {
+            let threads = if num_threads == 0 { rayon::current_num_threads() } else { num_threads };
+            let product = int8mm::Product::new(x, q, scale, y, shape, isa, threads).map_err(PyValueError::new_err)?;
+            if threads == 1 || !product.worth_splitting() {
+                // on the calling thread: no thread to wake, none to compete with torch's own
+                product.work();
+            } else if let Some(parallel) = openmp::parallel() {
+                openmp::run(parallel, &product, threads)?;
+            } else {
+                with_pool(num_threads, || rayon::broadcast(|_| product.work())).map_err(py_err)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Use the OpenMP runtime already loaded into this process (torch's) for int8_matmul's threads: its team is the
+/// one torch's own parallel ops run on, awake between ops, so the kernel neither wakes sleeping threads nor
+/// competes with torch's spinning ones for the cores. `path` names the loaded library (nanochat.model.int8_cpu
+/// finds it in /proc/self/maps); it is opened only if already loaded (RTLD_NOLOAD). Returns whether it is in use.
+/// None detaches it (rayon's pool from then on).
+#[pyfunction]
+fn int8_use_openmp(path: Option<PathBuf>) -> PyResult<bool> {
+    guard(|| {
+        Ok(match path {
+            Some(p) => openmp::attach(&p),
+            None => {
+                openmp::detach();
+                false
+            }
+        })
+    })
+}
+
+#[cfg(not(unix))]
+mod openmp {
+    pub type Parallel = ();
+    pub fn attach(_: &std::path::Path) -> bool {
+        false
+    }
+    pub fn detach() {}
+    pub fn parallel() -> Option<Parallel> {
+        None
+    }
+    pub fn run(_: Parallel, _: &int8mm::Product, _: usize) -> pyo3::PyResult<()> {
+        unreachable!("no OpenMP runtime is attached off unix")
+    }
+}
+
+#[cfg(unix)]
+mod openmp {
+    use std::ffi::{c_uint, c_void, CString};
+    use std::os::unix::ffi::OsStrExt;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use pyo3::exceptions::PyRuntimeError;
+    use pyo3::PyResult;
+
+    /// libgomp's `GOMP_parallel(fn, data, num_threads, flags)`: runs fn(data) on a team of num_threads threads,
+    /// the caller included, and returns when all have (the ABI GCC emits for `#pragma omp parallel`; LLVM's and
+    /// Intel's runtimes export it too).
+    pub type Parallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+    static PARALLEL: AtomicUsize = AtomicUsize::new(0);
+
+    pub fn attach(path: &Path) -> bool {
+        let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else { return false };
+        // SAFETY: dlopen/dlsym with a valid C string; RTLD_NOLOAD never loads a library, only returns one that is
+        // already mapped; the handle is kept open for the life of the process.
+        unsafe {
+            let handle = libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if handle.is_null() {
+                return false;
+            }
+            let sym = libc::dlsym(handle, c"GOMP_parallel".as_ptr());
+            if sym.is_null() {
+                return false;
+            }
+            PARALLEL.store(sym as usize, Ordering::Release);
+        }
+        true
+    }
+
+    pub fn detach() {
+        PARALLEL.store(0, Ordering::Release);
+    }
+
+    pub fn parallel() -> Option<Parallel> {
+        match PARALLEL.load(Ordering::Acquire) {
+            0 => None,
+            // SAFETY: a non-zero value was stored by `attach` from dlsym("GOMP_parallel") of a loaded runtime
+            addr => Some(unsafe { std::mem::transmute::<usize, Parallel>(addr) }),
+        }
+    }
+
+    struct Job<'p, 'a> {
+        product: &'p int8mm::Product<'a>,
+        panicked: AtomicBool,
+    }
+
+    extern "C" fn body(data: *mut c_void) {
+        // SAFETY: `run` passes a pointer to a Job that outlives the GOMP_parallel call
+        let job = unsafe { &*(data as *const Job) };
+        if catch_unwind(AssertUnwindSafe(|| job.product.work())).is_err() {
+            job.panicked.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn run(parallel: Parallel, product: &int8mm::Product, threads: usize) -> PyResult<()> {
+        let job = Job { product, panicked: AtomicBool::new(false) };
+        // SAFETY: `body` only reads the Job through a shared reference; GOMP_parallel returns after every thread
+        // of the team has returned from `body`, so the Job outlives every use.
+        unsafe { parallel(body, &job as *const Job as *mut c_void, threads as c_uint, 0) };
+        if job.panicked.load(Ordering::Relaxed) {
+            return Err(PyRuntimeError::new_err("internal error in nanochat._rustbpe: an int8 kernel thread panicked"));
+        }
+        Ok(())
+    }
+}
+
+unsafe fn slice_or_empty<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
+    if len == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(ptr, len)
+    }
+}
+
 #[pymodule]
 fn _rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(int8_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(int8_use_openmp, m)?)?;
+    m.add("INT8_ISA", int8mm::Isa::best().name())?;
+    m.add("INT8_TILE", (int8mm::TILE_ROWS, int8mm::CHUNK))?;
     let patterns = PyDict::new(m.py());
     for (name, regex) in crate::pretokenize::PATTERNS {
         patterns.set_item(name, regex)?;
