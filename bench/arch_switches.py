@@ -59,7 +59,8 @@ def train(base_dir: Path, tag: str, flags: list[str], steps: int, args, eval_tok
     cmd = [sys.executable, "-m", "nanochat.training.base_train", "--device", "cpu", "--depth", str(args.depth),
            "--max-seq-len", str(args.seq_len), "--device-batch-size", str(args.batch),
            "--num-iterations", str(steps), "--eval-every", "0", "--eval-tokens", str(eval_tokens),
-           "--sample-every", "0", "--model-tag", tag, "--compile" if args.compile else "--no-compile", *flags]
+           "--sample-every", "0", "--model-tag", tag, "--compile" if args.compile else "--no-compile",
+           "--seed", str(args.seed), *flags]
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=4, help="first steps left out of a timing")
     p.add_argument("--rounds", type=int, default=2, help="timing runs per configuration (interleaved)")
     p.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens of the final bpb")
+    p.add_argument("--seed", type=int, default=42, help="weight initialisation seed of every run (base-train's)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile in both phases (what base-train picks for runs of >= 200 steps)")
     args = p.parse_args()
