@@ -19,7 +19,9 @@ export HF_HUB_OFFLINE=1  # everything comes from local files built above; never 
 DEPTH=${DEPTH:-4}
 VOCAB=${VOCAB:-8192}
 SEQ_LEN=${SEQ_LEN:-512}
-BASE_STEPS=${BASE_STEPS:-800}  # 400 before bf16 + fused loss + compile made a step ~2x faster (bench/RESULTS.md)
+# 400 before bf16 + fused loss + compile made a step ~2x faster; 800 until base-train's defaults took the January
+# switches, whose step is 9-13% slower at this size: 720 keeps the stage's wall time (bench/RESULTS.md)
+BASE_STEPS=${BASE_STEPS:-720}
 MID_STEPS=${MID_STEPS:-100}
 SFT_STEPS=${SFT_STEPS:-100}
 RL_STEPS=${RL_STEPS:-8}

@@ -229,3 +229,25 @@ def test_architecture_switches_train_save_and_generate(env, monkeypatch):
     prompt = [tok.bos_token_id] + tok.encode("hello")
     [[(tokens, _)]] = Engine(model, tok, tools=False).generate([prompt], max_tokens=8, temperature=0.0)
     assert tokens == list(model.generate(prompt, len(tokens), temperature=0.0))
+
+
+def test_the_defaults_are_the_january_switches_and_the_old_model_is_one_set_of_flags():
+    """base-train's architecture defaults were changed on a measured gain (bench/RESULTS.md, issue 20): value
+    embeddings on alternating layers, lambdas, SSSL windows of a quarter of the context. The flags that give the
+    model before them build exactly the plain GPTConfig."""
+    import torch
+
+    from nanochat.model.gpt import GPTConfig
+    from nanochat.runtime import Runtime
+    from nanochat.training.base_train import build_model, parse_args
+
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, rank=0, local_rank=0, world_size=1)
+    new = build_model(parse_args(["--depth", "4", "--max-seq-len", "64"]), 512, rt).config
+    assert (new.ve_layers, new.lambdas, new.window_pattern, new.short_window) == ([1, 3], True, "SSSL", 16)
+    assert new.layer_windows() == [16, 16, 16, 64]
+    assert (new.smear, new.backout, new.qk_scale, new.rotary_base) == (False, False, 1.0, 10_000.0)
+    old = build_model(parse_args(["--depth", "4", "--max-seq-len", "64", "--value-embeds", "none", "--no-lambdas",
+                                  "--window-pattern", ""]), 512, rt).config
+    assert old == GPTConfig.from_depth(4, vocab_size=512, sequence_len=64)
+    explicit = build_model(parse_args(["--depth", "4", "--max-seq-len", "64", "--short-window", "5"]), 512, rt).config
+    assert explicit.short_window == 5

@@ -87,21 +87,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step over all ranks; -1 = one micro-batch per rank, no accumulation "
                         "(default: 524288 on CUDA, -1 on CPU)")
-    g = p.add_argument_group("architecture switches (GPTConfig; the defaults are this project's model; nanochat's "
-                             "July 2026 model: --value-embeds alternating --ve-gate-channels 12 --ve-gate-scale 3 "
-                             "--lambdas --smear --backout --qk-scale 1.2 --rotary-base 100000 --window-pattern SSSL "
-                             "--short-window 512 --pad-vocab-to 64)")
-    g.add_argument("--value-embeds", choices=["none", "alternating"], default="none",
+    g = p.add_argument_group("architecture switches (GPTConfig). The defaults are nanochat's January 2026 switches "
+                             "(value embeddings, lambdas, SSSL windows of a quarter of the context), adopted on a "
+                             "measured gain at equal wall time (bench/RESULTS.md, issue 20); the model before them: "
+                             "--value-embeds none --no-lambdas --window-pattern ''. nanochat's July 2026 model: "
+                             "--ve-gate-channels 12 --ve-gate-scale 3 --smear --backout --qk-scale 1.2 "
+                             "--rotary-base 100000 --short-window 512 --pad-vocab-to 64")
+    g.add_argument("--value-embeds", choices=["none", "alternating"], default="alternating",
                    help="value embeddings on every other layer, the last included (nanochat's rule)")
     g.add_argument("--ve-gate-channels", type=at_least(1), default=32, help="input channels of the value gates")
     g.add_argument("--ve-gate-scale", type=float, default=2.0, help="value gate = scale x sigmoid(...)")
-    g.add_argument("--lambdas", action="store_true", help="learned resid/x0 lambdas before every block")
+    g.add_argument("--lambdas", action=argparse.BooleanOptionalAction, default=True,
+                   help="learned resid/x0 lambdas before every block")
     g.add_argument("--smear", action="store_true", help="smear gate: mix the previous token's embedding in")
     g.add_argument("--backout", action="store_true", help="subtract a learned share of the mid-depth stream")
     g.add_argument("--qk-scale", type=float, default=1.0, help="multiply q and k by this after QK-norm")
     g.add_argument("--rotary-base", type=float, default=10_000.0)
-    g.add_argument("--window-pattern", default="", help="S/L per layer, tiled, last layer L ('' = all full)")
-    g.add_argument("--short-window", type=at_least(0), default=0, help="keys an S layer sees before the query")
+    g.add_argument("--window-pattern", default="SSSL", help="S/L per layer, tiled, last layer L ('' = all full)")
+    g.add_argument("--short-window", type=at_least(0), default=None,
+                   help="keys an S layer sees before the query (default: a quarter of --max-seq-len)")
     g.add_argument("--softcap", type=float, default=15.0, help="logit soft-cap")
     g.add_argument("--pad-vocab-to", type=at_least(1), default=1, help="pad wte/lm_head rows to this multiple")
     g = p.add_argument_group("horizon (first one set wins)")
@@ -233,7 +237,9 @@ def build_model(args, vocab_size: int, rt: Runtime) -> GPT:
         config, ve_layers=nanochat_ve_layers(args.depth) if args.value_embeds == "alternating" else [],
         ve_gate_channels=args.ve_gate_channels, ve_gate_scale=args.ve_gate_scale, lambdas=args.lambdas,
         smear=args.smear, backout=args.backout, qk_scale=args.qk_scale, rotary_base=args.rotary_base,
-        window_pattern=args.window_pattern, short_window=args.short_window, logit_softcap=args.softcap,
+        window_pattern=args.window_pattern, logit_softcap=args.softcap,
+        short_window=args.short_window if args.short_window is not None
+        else args.max_seq_len // 4 if "S" in args.window_pattern.upper() else 0,
         pad_vocab_to=args.pad_vocab_to)
     with torch.device(rt.device):
         model = GPT(config)
