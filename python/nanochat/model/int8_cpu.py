@@ -32,6 +32,12 @@ def available() -> bool:
     return ISA in ("avx512", "avx2")
 
 
+def packs_for(device) -> bool:
+    """Whether an int8 matrix allocated on `device` is stored packed for this kernel: on the CPU (or the meta device
+    a model is built on before it is allocated there) of a machine that runs it."""
+    return available() and torch.device(device or "cpu").type in ("cpu", "meta")
+
+
 def _openmp_runtime() -> str | None:
     """The OpenMP library torch loaded (libgomp in the PyPI wheels; Intel's or LLVM's elsewhere), from this
     process's memory map; None where there is none or no /proc."""

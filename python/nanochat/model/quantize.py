@@ -108,9 +108,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, device=None, packed: bool | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        if packed is None:
-            packed = int8_cpu.available() and torch.device(device or "cpu").type in ("cpu", "meta")
-        self.packed = packed
+        self.packed = packed = int8_cpu.packs_for(device) if packed is None else packed
         if packed:
             self.register_buffer("qpacked", int8_cpu.empty_packed(out_features, in_features, device=device))
         else:
@@ -311,7 +309,7 @@ def empty_model(config, fmt: str, device="cpu"):
         model = GPT(config)
     if fmt != "fp32":
         # the int8 layout follows the device the model is allocated on, not the meta device it is built on
-        layout = {"packed": int8_cpu.available() and torch.device(device).type == "cpu"} if fmt == "int8" else {}
+        layout = {"packed": int8_cpu.packs_for(device)} if fmt == "int8" else {}
         for name in linear_names(model):
             lin = model.get_submodule(name)
             set_module(model, name, LINEAR_CLASSES[fmt](lin.in_features, lin.out_features, device="meta", **layout))

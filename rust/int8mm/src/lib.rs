@@ -159,6 +159,15 @@ impl<'a> Product<'a> {
         self.blocks.len() > 1 && self.packed.len().saturating_mul(self.s.m) >= PARALLEL_MIN_BYTES
     }
 
+    /// The whole product on the current rayon pool, or on the calling thread where splitting does not pay.
+    pub fn run_on_rayon(&self) {
+        if self.worth_splitting() {
+            rayon::broadcast(|_| self.work());
+        } else {
+            self.work();
+        }
+    }
+
     /// Take blocks until none is left and compute them. Any number of threads may call this at once; the product
     /// is complete once every caller has returned.
     pub fn work(&self) {
@@ -178,8 +187,8 @@ pub fn matmul(
 ) -> Result<(), String> {
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let product = Product::new(x, packed, scale, y, s, isa, threads)?;
-    if parallel && product.worth_splitting() {
-        rayon::broadcast(|_| product.work());
+    if parallel {
+        product.run_on_rayon();
     } else {
         product.work();
     }
@@ -213,7 +222,7 @@ fn tile_blocks(tiles: usize, threads: usize) -> Vec<(usize, usize)> {
 }
 
 /// # Safety
-/// `isa` available; slices as checked by `matmul`; `y` points at m * n floats of which this call writes the rows of
+/// `isa` available; slices as checked by `Product::new`; `y` points at m * n floats of which this call writes the rows of
 /// tiles a..b only.
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_tiles(x: &[f32], packed: &[i8], scale: &[f32], y: *mut f32, s: Shape, a: usize, b: usize, isa: Isa) {
@@ -223,6 +232,17 @@ unsafe fn run_tiles(x: &[f32], packed: &[i8], scale: &[f32], y: *mut f32, s: Sha
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::tiles(x, packed, scale, y, s, a, b),
         _ => scalar_tiles(x, packed, scale, y, s, a, b),
+    }
+}
+
+/// Calls `pass(tile, i, rows)` for every tile of a..b and every group of `rows` <= ROWS activation rows from row i:
+/// the loop every instruction set's kernel runs, ROWS being how many rows its registers hold at once.
+#[inline(always)]
+fn for_each_pass<const ROWS: usize>(s: Shape, a: usize, b: usize, mut pass: impl FnMut(usize, usize, usize)) {
+    for tile in a..b {
+        for i in (0..s.m).step_by(ROWS) {
+            pass(tile, i, (s.m - i).min(ROWS));
+        }
     }
 }
 
@@ -254,7 +274,7 @@ unsafe fn scalar_tiles(x: &[f32], packed: &[i8], scale: &[f32], y: *mut f32, s: 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{store, Shape, CHUNK, TILE_ROWS};
+    use super::{for_each_pass, store, Shape, CHUNK, TILE_ROWS};
     use std::arch::x86_64::*;
 
     /// Activation rows per pass over a tile: TILE_ROWS x ROWS accumulators + TILE_ROWS widened weights + one x
@@ -263,18 +283,12 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(super) unsafe fn tiles(x: &[f32], packed: &[i8], scale: &[f32], y: *mut f32, s: Shape, a: usize, b: usize) {
-        for tile in a..b {
-            let mut i = 0;
-            while i < s.m {
-                match s.m - i {
-                    1 => pass::<1>(x, packed, scale, y, s, i, tile),
-                    2 => pass::<2>(x, packed, scale, y, s, i, tile),
-                    3 => pass::<3>(x, packed, scale, y, s, i, tile),
-                    _ => pass::<ROWS>(x, packed, scale, y, s, i, tile),
-                }
-                i += ROWS;
-            }
-        }
+        for_each_pass::<ROWS>(s, a, b, |tile, i, rows| match rows {
+            1 => pass::<1>(x, packed, scale, y, s, i, tile),
+            2 => pass::<2>(x, packed, scale, y, s, i, tile),
+            3 => pass::<3>(x, packed, scale, y, s, i, tile),
+            _ => pass::<ROWS>(x, packed, scale, y, s, i, tile),
+        })
     }
 
     /// y[i..i+R, the tile's rows]: 16 columns at a time, the last < 16 with x masked (q's padding is zeros).
@@ -312,7 +326,7 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{store, Shape, CHUNK, TILE_ROWS};
+    use super::{for_each_pass, store, Shape, CHUNK, TILE_ROWS};
     use std::arch::x86_64::*;
 
     /// Activation rows per pass: TILE_ROWS x 2 accumulators + the widened weights + x within the 16 registers.
@@ -320,17 +334,10 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles(x: &[f32], packed: &[i8], scale: &[f32], y: *mut f32, s: Shape, a: usize, b: usize) {
-        for tile in a..b {
-            let mut i = 0;
-            while i < s.m {
-                if s.m - i == 1 {
-                    pass::<1>(x, packed, scale, y, s, i, tile)
-                } else {
-                    pass::<ROWS>(x, packed, scale, y, s, i, tile)
-                }
-                i += ROWS;
-            }
-        }
+        for_each_pass::<ROWS>(s, a, b, |tile, i, rows| match rows {
+            1 => pass::<1>(x, packed, scale, y, s, i, tile),
+            _ => pass::<ROWS>(x, packed, scale, y, s, i, tile),
+        })
     }
 
     #[inline(always)]

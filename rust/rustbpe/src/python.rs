@@ -342,7 +342,7 @@ impl PyTokenizer {
 // ---------------------------------------------------------------------------------------------------------------
 // The CPU int8 matmul (crate int8mm). Tensors cross as addresses: nanochat.model.int8_cpu checks dtype, device,
 // contiguity and shapes of the torch tensors and allocates y; here the addresses are checked for null and alignment
-// and the lengths again by int8mm::matmul, so a wrong shape is a ValueError, not a read past the end.
+// and the lengths again by int8mm::Product::new, so a wrong shape is a ValueError, not a read past the end.
 
 /// y (m, n) = x (m, k) @ (scale[:, None] * q (n, k)).T; x, scale, y float32, q int8 in int8mm's packed layout
 /// (int8mm::pack; packed_len(n, k) bytes), all C-contiguous on the CPU.
@@ -356,11 +356,10 @@ fn int8_matmul(
     let isa = int8mm::Isa::from_name(isa)
         .ok_or_else(|| PyValueError::new_err(format!("unknown instruction set {isa:?} (avx512, avx2, scalar)")))?;
     let shape = int8mm::Shape { m, n, k };
-    let len = |a: usize, b: usize| {
-        a.checked_mul(b).ok_or_else(|| PyValueError::new_err(format!("shape ({m}, {n}, {k}) overflows")))
+    let (nx, nq, ny) = match (m.checked_mul(k), int8mm::packed_len(n, k), m.checked_mul(n)) {
+        (Some(nx), Some(nq), Some(ny)) => (nx, nq, ny),
+        _ => return Err(PyValueError::new_err(format!("shape ({m}, {n}, {k}) overflows"))),
     };
-    let nq = int8mm::packed_len(n, k).ok_or_else(|| PyValueError::new_err(format!("shape ({m}, {n}, {k}) overflows")))?;
-    let (nx, ny) = (len(m, k)?, len(m, n)?);
     for (name, addr, count, align) in
         [("x", x_ptr, nx, 4), ("q", q_ptr, nq, 1), ("scale", scale_ptr, n, 4), ("y", y_ptr, ny, 4)]
     {
@@ -388,7 +387,7 @@ fn int8_matmul(
             } else if let Some(parallel) = openmp::parallel() {
                 openmp::run(parallel, &product, threads)?;
             } else {
-                with_pool(num_threads, || rayon::broadcast(|_| product.work())).map_err(py_err)?;
+                with_pool(num_threads, || product.run_on_rayon()).map_err(py_err)?;
             }
             Ok(())
         })
