@@ -47,12 +47,9 @@ def test_generator_is_deterministic_and_seeded(split, phrasing):
     assert len(set(a)) > 55
 
 
-OPERANDS = re.compile(r"(-?[\d.]+)[-+*/]\(?(-?[\d.]+)\)?")
-
-
 @pytest.mark.parametrize("split,phrasing", [("train", "seen"), ("test", "unseen")])
 def test_reference_answers_call_the_calculator_and_state_its_result(split, phrasing):
-    ops, stories = set(), 0
+    ops, stories, ordered = set(), 0, 0
     for conv in Arithmetic(size=300, split=split, phrasing=phrasing):
         user, assistant = conv["messages"]
         python, output, text = assistant["content"]
@@ -61,15 +58,31 @@ def test_reference_answers_call_the_calculator_and_state_its_result(split, phras
         assert calculate(conv["expression"]) == conv["answer"]
         assert text["text"] == f"\n\nThe answer is {conv['answer']}."
         ops |= {op for op in "+*/" if op in conv["expression"]}
-        stories += conv["family"] in {f for op in "+-*/" for f in families(split, phrasing)[f"story{op}"]}
-        # the call's operands are the question's numbers, in digits (separators dropped, words converted)
-        assert re.fullmatch(r"-?\d+(\.\d+)?[-+*/](\(-\d+(\.\d+)?\)|\d+(\.\d+)?)", conv["expression"])
-        written = conv["operands"]
-        digits = OPERANDS.fullmatch(conv["expression"]).groups()
-        assert [parse_number(w) for w in written] == [Decimal(x) for x in digits]
-        for w in written:
-            assert w.lower() in user["content"].lower()
-    assert ops == {"+", "*", "/"} and stories > 60
+        stories += conv["family"] in {f for op in "+-*/" for kind in ("story", "composed")
+                                      for f in families(split, phrasing)[f"{kind}{op}"]}
+        # the call's operands are the question's numbers as it writes them ("1,234" as Python's 1_234, words as
+        # words, lower case), compact between digits and spaced around the operator next to words
+        a, op, b = split_call(conv["expression"])
+        spaced = " " in conv["expression"]
+        assert spaced == any(re.search("[a-z]", x) for x in (a, b))
+        for x in (a, b):
+            assert x.replace("_", ",") in user["content"].lower()
+        assert problem_key(op, *(str(parse_number(x.replace("_", ","))) for x in (a, b))) == conv["problem"]
+        written = [x.lower().replace(",", "_") for x in conv["operands"]]
+        assert [a, b] == written or (op in "+*" and [b, a] == written)
+        if op in "+*" and a != b:  # commutative: in the order the question names them
+            at = [[m.start() for m in re.finditer(rf"(?<![\w,.]){re.escape(x.replace('_', ','))}(?![\w,]|\.\d)",
+                                                  user["content"].lower())] for x in (a, b)]
+            if len(at[0]) == len(at[1]) == 1:  # (a distractor "Question 5:" may repeat an operand)
+                assert at[0][0] < at[1][0], (user["content"], conv["expression"])
+                ordered += 1
+    assert ops == {"+", "*", "/"} and stories > 60 and ordered > 50
+
+
+def split_call(call: str) -> tuple[str, str, str]:
+    """(a, op, b) of a reference call: `12*7`, `5-(-12)`, `1_234/2`, `81 * two hundred fifty-nine`."""
+    m = re.fullmatch(r"(.+) ([-+*/]) \(?(.+?)\)?", call) or re.fullmatch(r"(-?[\d_.]+)([-+*/])\(?(-?[\d_.]+)\)?", call)
+    return m.groups()
 
 
 def test_numbers_are_written_in_digits_separators_and_words():
@@ -109,7 +122,10 @@ def test_phrasing_families_are_disjoint_between_training_and_the_unseen_split():
     train, unseen = families("train"), families("test", "unseen")
     assert families("test") == train  # the seen test set asks in the training families
     assert train.keys() == unseen.keys()
-    for kind in train:  # every kind (frames around a phrase, noun frames, each operation's stories) has both
+    for kind in train:  # every kind (frames around a phrase, noun frames, each operation's stories) has both,
+        if kind.startswith("composed"):  # but composed stories (their events) are for training only
+            assert train[kind] and not unseen[kind]
+            continue
         assert train[kind] and unseen[kind] and not train[kind].keys() & unseen[kind].keys()
         assert not set(train[kind].values()) & set(unseen[kind].values())
     names = [set().union(*(f.keys() for f in fams.values())) for fams in (train, unseen)]
@@ -273,9 +289,33 @@ format or a calculator result unlike the reference would make the replay diverge
     assert task.evaluate(conv, tok.decode(results[0][len(prompt):]))
 
 
-def test_expression_parenthesises_a_negative_right_operand():
+def test_expression_copies_the_operands_as_written_and_the_calculator_reads_them():
     assert expression("-", "5", "-12") == "5-(-12)" and calculate("5-(-12)") == "17"
     assert expression("*", "-3", "4") == "-3*4"
+    assert expression("+", "1,234", "5") == "1_234+5" and calculate("1_234+5") == "1239"
+    assert expression("/", "12,345.5", "5") == "12_345.5/5" and calculate("12_345.5/5") == "2469.1"
+    assert expression("*", "81", "Two hundred fifty-nine") == "81 * two hundred fifty-nine"
+    assert calculate("81 * two hundred fifty-nine") == "20979"
+    assert expression("-", "forty two", "-3") == "forty two - (-3)" and calculate("forty two - (-3)") == "45"
+
+
+def test_a_separated_number_and_its_call_share_their_digit_tokens(tok):
+    """The call writes "1,234" as 1_234: the digit tokens are the question's, only the separator token differs, so
+    the model copies rather than regroups digits (its tokenizer splits "1234" and "1,234" into different chunks)."""
+    for number in ("1,234", "12,345", "999,999.5", "3,000"):
+        question, call = tok.encode(number), tok.encode(number.replace(",", "_"))
+        assert len(question) == len(call)
+        assert [q == c for q, c in zip(question, call)].count(False) == number.count(",")
+
+
+def test_composed_stories_ask_the_same_question_after_events_of_different_operations():
+    train = Arithmetic(size=4000, split="train")
+    questions = {}  # the last sentence of a composed story -> the operations it followed
+    for conv in train:
+        if conv["family"] in families("train")["composed+"] | families("train")["composed-"]:
+            last = re.split(r"(?<=[.!?]) ", conv["messages"][0]["content"].rstrip())[-1]
+            questions.setdefault(last, set()).add(split_call(conv["expression"])[1])
+    assert sum(ops == {"+", "-"} for ops in questions.values()) >= 3
 
 
 def test_chat_eval_runs_the_no_tool_split_without_the_calculator_and_outside_chatcore(tok, monkeypatch):

@@ -89,3 +89,34 @@ def test_an_expression_that_is_not_valid_text_is_refused():
 ])
 def test_valid_text_from_escapes_still_evaluates(expr, expected):
     assert evaluate(expr) == expected
+
+
+@pytest.mark.parametrize("expr,expected", [
+    ("81 * two hundred fifty-nine", "20979"), ("one thousand and five + 1", "1006"), ("Twenty-five hundred / 5", "500"),
+    ("fifty-nine", "59"), ("fifty - nine", "41"), ("ninety six*466", "44736"), ("twelve hundred", "1200"),
+    ("one million two hundred thousand", "1200000"), ("seven thousand five hundred twenty-eight - 772", "6756"),
+    ("-five", "-5"), ("(two)*3", "6"), ("zero", "0"), ("2*(three+four)", "14"), ("1_887*51", "96237"),
+    ("'one two'.upper()", "ONE TWO"),  # words inside a string literal stay text
+    ("len('seven')+one", "6"),
+])
+def test_number_words_and_separators_read_as_numbers(expr, expected):
+    assert evaluate(expr) == expected
+
+
+@pytest.mark.parametrize("expr", [
+    "five five", "hundred", "three and four", "zero zero", "one thousand thousand", "two hundred and",
+    "thousand one", "twenty twelve", "forty-two.5", "2two", "and", "one hundred hundred", "twenty thirty",
+])
+def test_malformed_number_words_are_an_error_not_a_guess(expr):
+    assert evaluate(expr).startswith("Error:"), expr
+
+
+def test_words_value_agrees_with_the_task_spelling_of_every_number():
+    from nanochat.tasks.arithmetic import spell
+    from nanochat.tools.calculator import words_value
+
+    for n in list(range(0, 3000)) + list(range(3000, 1_000_000, 991)):
+        for british in (False, True):
+            text = spell(n, british=british, hyphen=n % 3 == 0)
+            assert words_value(text.replace("-", " ").split()) == n
+            assert evaluate(f"{text} + 0") == str(n)

@@ -5,6 +5,10 @@ Notable choices:
   string methods, no imports, no comprehensions, no lambdas.
 - Numbers (int, float) with + - * / // % ** and unary + -; string literals with + and * (repeat), `len(s)` and the
   methods count, upper, lower, replace, strip, startswith, endswith, find, index, split; parentheses come for free.
+- Numbers are read as people write them: Python's `1_234` for "1,234", and English number words outside string
+  literals ("81 * two hundred fifty-nine", "one thousand and five"), so a model copies the operands of a request as
+  written and the tool, not the model, turns them into digits. A run of words that is not one well-formed number
+  ("five five", "hundred") is an error, never a guess.
 - Work is bounded without signals or threads: the input length, the number of AST nodes, the bit size of every
   integer (checked *before* computing a product or a power), string lengths, float overflow, and the output length.
 - Failures return a short text starting with "Error:" and never raise, so a bad tool call can never crash a
@@ -16,8 +20,10 @@ Notable choices:
 from __future__ import annotations
 
 import ast
+import io
 import math
 import operator
+import tokenize
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,6 +180,110 @@ class _Evaluator:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Number words
+
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+SCALES = {"thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
+_SMALL = {w: i for i, w in enumerate(ONES)} | {w: 10 * i for i, w in enumerate(TENS) if w}
+NUMBER_WORDS = frozenset(_SMALL) | {"hundred", "and"} | frozenset(SCALES)
+
+
+def words_value(words: list[str]) -> int:
+    """The value of number words already split on spaces and hyphens ("two hundred and fifty nine" -> 259), case
+    insensitive. Well-formed means: scales descend (billion, million, thousand, then the rest), each group below a
+    thousand reads [ones|teens|tens ones "hundred"] ["and"] [tens [ones] | teens | ones] ("twenty-five hundred" is
+    2500), "and" only after a hundred or a scale; "zero" only alone. Anything else raises ValueError."""
+    words = [w.lower() for w in words]
+    if not words or any(w not in NUMBER_WORDS for w in words):
+        raise ValueError(f"not a number: {' '.join(words)!r}")
+    if words == ["zero"]:
+        return 0
+    total, part, hundred, last_scale = 0, 0, False, None
+    state = "start"  # what the last word was: start (nothing, or a scale) | and | hundred | tens | unit
+    for w in words:
+        small = _SMALL.get(w)
+        if w == "and":
+            ok = state == "hundred" or (state == "start" and last_scale is not None)
+        elif w == "hundred":
+            ok = state in ("unit", "tens") and 0 < part < 100 and not hundred
+        elif w in SCALES:
+            ok = state in ("unit", "tens", "hundred") and (last_scale is None or SCALES[w] < last_scale)
+        elif small == 0:
+            ok = False
+        elif small < 10:
+            ok = state in ("start", "and", "hundred", "tens")
+        else:
+            ok = state in ("start", "and", "hundred")
+        if not ok:
+            raise ValueError(f"not a number: {' '.join(words)!r} ({w!r} cannot come where it does)")
+        if w == "and":
+            state = "and"
+        elif w == "hundred":
+            part, hundred, state = part * 100, True, "hundred"
+        elif w in SCALES:
+            total, part, hundred, last_scale, state = total + part * SCALES[w], 0, False, SCALES[w], "start"
+        else:
+            part += small
+            state = "tens" if small >= 20 else "unit"
+    if state in ("and",) or (state == "start" and last_scale is None):
+        raise ValueError(f"not a number: {' '.join(words)!r}")
+    return total + part
+
+
+def read_number_words(expression: str) -> str:
+    """`expression` with every run of number words outside string literals replaced by its digits ("81 * two
+    hundred fifty-nine" -> "81 * 259"); unchanged where there are none. Raises CalculatorError for a run that is
+    not one number. Text Python cannot tokenize is returned as is (the parser reports it)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return expression
+    lines = expression.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+
+    def offset(pos: tuple[int, int]) -> int:
+        return starts[pos[0] - 1] + pos[1]
+
+    runs, i = [], 0  # (start offset, end offset, words)
+    while i < len(tokens):
+        t = tokens[i]
+        after_dot = i > 0 and tokens[i - 1].string == "."  # an attribute: "x.one" is never a number
+        if t.type == tokenize.NAME and t.string.lower() in NUMBER_WORDS and not after_dot:
+            j, words = i, []
+            while j < len(tokens):
+                tj = tokens[j]
+                if tj.type == tokenize.NAME and tj.string.lower() in NUMBER_WORDS:
+                    words.append(tj.string)
+                    j += 1
+                elif (tj.string == "-" and words and words[-1].lower() in TENS and j + 1 < len(tokens)
+                      and tokens[j + 1].string.lower() in ONES[1:10] and tokens[j - 1].end == tj.start
+                      and tj.end == tokens[j + 1].start):  # "fifty-nine", but "fifty - nine" is a subtraction
+                    j += 1
+                else:
+                    break
+            try:
+                value = words_value(words)
+            except ValueError as e:
+                raise CalculatorError(str(e)) from None
+            glued = (i > 0 and tokens[i - 1].end == t.start and tokens[i - 1].type == tokenize.NUMBER) or (
+                j < len(tokens) and tokens[j].start == tokens[j - 1].end and tokens[j].type in (tokenize.NUMBER,
+                                                                                                  tokenize.NAME))
+            if glued:  # "2two", "forty-two.5": digits glued to words are no one number
+                raise CalculatorError(f"number words glued to other characters near {t.string!r}")
+            runs.append((offset(t.start), offset(tokens[j - 1].end), value))
+            i = j
+        else:
+            i += 1
+    for start, end, value in reversed(runs):
+        expression = expression[:start] + str(value) + expression[end:]
+    return expression
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -206,8 +316,9 @@ def evaluate(expression: str, limits: CalculatorLimits | None = None) -> str:
         if not expression.strip():
             raise CalculatorError("empty expression")
         _check_text(expression, "the expression")
+        expression = read_number_words(expression.strip())
         try:
-            tree = ast.parse(expression.strip(), mode="eval")
+            tree = ast.parse(expression, mode="eval")
         except SyntaxError as e:
             raise CalculatorError(f"invalid syntax: {e.msg}") from None
         out = format_result(_Evaluator(limits).visit(tree))
