@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The offline CPU default: the whole pipeline on a tiny model, on a machine with no GPU and no Hugging Face hub
-# (only the package registries), in 13-20 minutes on 2 idle cores with avx512_bf16 (13m15s and 19m35s measured on two
-# CPU models) and about
-# 32 on an AVX2-only CPU, which trains in fp32 (README). It shows every
+# (only the package registries), in 13-22 minutes on 2 idle cores with avx512_bf16 (13m15s, 19m35s and 22m16s
+# measured on three days' machines) and about 32 on an AVX2-only CPU, which trains in fp32 (README). It shows every
 # stage working; the model is far too small and too briefly trained to know anything (that is what
 # runs/speedrun.sh on 8 GPUs is for), but it learns to call its calculator.
 #   data:  a demo corpus built from Debian packages (Python docs, Jane Austen), not FineWeb-Edu;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job. Sets up, then:
 #   - with CUDA GPUs and the Hugging Face hub reachable: the speedrun (runs/speedrun.sh);
-#   - otherwise: the offline CPU default (runs/cpu_default.sh), a tiny model end to end in 15-32 minutes
+#   - otherwise: the offline CPU default (runs/cpu_default.sh), a tiny model end to end in 13-32 minutes
 #     (2 cores; the faster figure where the CPU has avx512_bf16).
 # NANOCHAT_MODE=cpu or NANOCHAT_MODE=speedrun forces one of them.
 set -euo pipefail
