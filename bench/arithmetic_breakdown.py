@@ -20,16 +20,9 @@ import torch
 
 from nanochat.inference.engine import Engine
 from nanochat.model.checkpoint import load_chat_model
-from nanochat.tasks.arithmetic import Arithmetic
+from nanochat.tasks.arithmetic import Arithmetic, split_call
 
 _CALL = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>", re.DOTALL)
-
-
-def split_call(call: str) -> tuple[str, str, str] | None:
-    """(a, op, b) of a one-operation call as the task writes it (`12*7`, `5-(-12)`, `81 * two hundred`)."""
-    m = re.fullmatch(r"(.+) ([-+*/]) \(?(.+?)\)?", call.strip()) or \
-        re.fullmatch(r"(-?[\d_.]+)([-+*/])\(?(-?[\d_.]+)\)?", call.strip())
-    return m.groups() if m else None
 
 
 def miss_kind(want: str, reply: str) -> str:
@@ -46,7 +39,7 @@ def miss_kind(want: str, reply: str) -> str:
 
 
 def categories(conv: dict) -> list[str]:
-    a, op, b = split_call(conv["expression"])
+    _, op, _ = split_call(conv["expression"])
     cats = ["all", f"family {conv['family']}", f"operation {op}"]
     written = conv["operands"]
     cats += [name for name, hit in [("number words", any(re.search("[a-z]", w) for w in written)),

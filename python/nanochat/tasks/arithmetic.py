@@ -275,20 +275,20 @@ PAIR_TIMES = [("on Monday", "on Tuesday"), ("in the morning", "in the afternoon"
 PAIR_VERBS = ["picked", "sold", "read", "baked", "found", "made", "caught", "painted", "washed", "counted"]
 GAINS = ["bought", "won", "picked", "made", "baked", "found", "got"]
 LOSSES = ["lost", "sold", "ate", "gave away", "broke", "used", "dropped"]
-PAIR_TOTALS = ["How many {things} is that in all?", "How many {things} in total?", "What is the total number of "
-               "{things}?", "How many {things} altogether?", "How many {things} is that for both?"]
+PAIR_TOTALS = ["How many {things} is that in all?", "How many {things} in total?",
+               "What is the total number of {things}?", "How many {things} altogether?",
+               "How many {things} is that for both?"]
 
 
-def pair_families(op: str) -> list[str]:
-    if op == "+":
-        return [f"two-times-{v}" for v in PAIR_VERBS] + [f"gain-gain-{v}" for v in GAINS]
-    return [f"gain-loss-{v.replace(' ', '-')}" for v in LOSSES] if op == "-" else []
+# family -> (operation, kind, verb)
+PAIRS = {f"two-times-{v}": ("+", "two-times", v) for v in PAIR_VERBS} | {
+    f"gain-gain-{v}": ("+", "gain-gain", v) for v in GAINS} | {
+    f"gain-loss-{v.replace(' ', '-')}": ("-", "gain-loss", v) for v in LOSSES}
 
 
 def compose_pair(rng: random.Random, family: str) -> str:
-    """A one-sentence story of two amounts around `family`'s verb (see pair_families)."""
-    first_word, second_word, verb = family.split("-", 2)
-    kind, verb = f"{first_word}-{second_word}", verb.replace("-", " ")
+    """A one-sentence story of two amounts around `family`'s verb (PAIRS)."""
+    _, kind, verb = PAIRS[family]
     if kind == "two-times":
         t1, t2 = rng.choice(PAIR_TIMES)
         return f"{{name}} {verb} {{a}} {{things}} {t1} and {{b}} {t2}. " + rng.choice(PAIR_TOTALS)
@@ -302,7 +302,8 @@ def compose_pair(rng: random.Random, family: str) -> str:
 PAST = {"buys-more": "{Pro} bought {b} more.", "finds-more": "Then {pro} found {b} more {things}.",
         "friend-gives": "A friend gave {obj} {b} more.", "wins": "{Pro} won another {b} at a fair.",
         "picks-up": "Later {pro} picked up {b} more.", "present": "{Pro} got {b} {things} as a present.",
-        "makes": "{Pro} made {b} more.", "new-ones": "{Pro} got {b} new ones.", "new-arrive": "{b} new {things} were added.", "earns-more": "{Pro} earned {b$} more on Sunday.",
+        "makes": "{Pro} made {b} more.", "new-ones": "{Pro} got {b} new ones.",
+        "new-arrive": "{b} new {things} were added.", "earns-more": "{Pro} earned {b$} more on Sunday.",
         "is-paid": "Then {pro} was paid {b$}.", "gift-money": "{Pro} received a gift of {b$}.",
         "deposits": "{Pro} put in another {b$}.",
         "gives-friend": "{Pro} gave {b} to a friend.", "sells": "{Pro} sold {b} of them.", "loses": "{Pro} lost {b}.",
@@ -348,11 +349,11 @@ def families(split: str, phrasing: str = "seen") -> dict[str, dict[str, str]]:
     kinds = {"noun": NOUN_FRAMES, "verb": VERB_FRAMES, "noun-of": NOUN_OF_FRAMES,
              **{f"story{op}": STORIES[op] for op in OPS}}
     found = {kind: {n: t for n, t in frames.items() if keep(n)} for kind, frames in kinds.items()}
-    for op in OPS:  # composed stories: event name -> its theme's index, or "rate" (no held-out event: all train)
-        events = {event: i for i, theme in enumerate(COMPOSED[op]) for event in theme["events"]}
+    for op in OPS:  # composed stories: family -> how to compose it (no held-out one: all train)
+        events = {event: "story" for theme in COMPOSED[op] for event in theme["events"]}
         if op in "*/":
             events |= {what: "rate" for what, forms in RATES.items() if forms[0 if op == "*" else 1]}
-        events |= {family: "pair" for family in pair_families(op)}
+        events |= {family: "pair" for family, (pair_op, _, _) in PAIRS.items() if pair_op == op}
         found[f"composed{op}"] = {} if phrasing == "unseen" else events
     return found
 
@@ -503,6 +504,13 @@ def is_test_problem(op: str, a: str, b: str) -> bool:
     return int.from_bytes(digest[:8], "big") % TEST_FRACTION == 0
 
 
+def split_call(call: str) -> tuple[str, str, str] | None:
+    """(a, op, b) of a call written by `expression` (`12*7`, `5-(-12)`, `81 * two hundred`); None for another."""
+    m = re.fullmatch(r"(.+) ([-+*/]) \(?(.+?)\)?", call.strip()) or \
+        re.fullmatch(r"(-?[\d_.]+)([-+*/])\(?(-?[\d_.]+)\)?", call.strip())
+    return m.groups() if m else None
+
+
 def expression(op: str, a: str, b: str) -> str:
     """The calculator call: `123*45`, a negative right operand in parentheses (`5-(-12)`); operands as the question
     writes them (the calculator reads both styles): thousands separators become Python's `_` ("1,234" ->
@@ -592,11 +600,14 @@ class Arithmetic(Task):
         composed = kind == "story" and self.families[f"composed{op}"] and rng.random() < COMPOSED_SHARE
         frames = self.families[f"composed{op}" if composed else f"story{op}" if kind == "story" else kind]
         family = rng.choice(sorted(frames))
-        if composed:
-            compose = {"rate": lambda: compose_rate(rng, op, family), "pair": lambda: compose_pair(rng, family)}
-            template = compose.get(frames[family], lambda: compose_story(rng, op, family))()
-        else:
+        if not composed:
             template = frames[family]
+        elif frames[family] == "rate":
+            template = compose_rate(rng, op, family)
+        elif frames[family] == "pair":
+            template = compose_pair(rng, family)
+        else:
+            template = compose_story(rng, op, family)
         if kind == "noun":
             template = template.replace("{q}", rng.choice(NOUN_PHRASES[op]))
         elif kind == "verb":
@@ -630,8 +641,8 @@ class Arithmetic(Task):
         question = add_noise(rng, question[0].upper() + question[1:])
         # + and * take their operands in the order the question names them ("Each bag weighs 12 kg. What do 30
         # bags weigh?" calls 12*30): copying in reading order, the model never has to look back for the first one
-        in_order = op in "+*" and template.find("{b") < template.find("{a")
-        expr = expression(op, *(shown[::-1] if in_order else shown))
+        b_first = op in "+*" and template.find("{b") < template.find("{a")
+        expr = expression(op, *(shown[::-1] if b_first else shown))
         parts = [{"type": "python", "text": expr}, {"type": "python_output", "text": result},
                  {"type": "text", "text": ANSWER_TEXT.format(result)}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],

@@ -227,7 +227,7 @@ def words_value(words: list[str]) -> int:
         else:
             part += small
             state = "tens" if small >= 20 else "unit"
-    if state in ("and",) or (state == "start" and last_scale is None):
+    if state == "and" or (state == "start" and last_scale is None):
         raise ValueError(f"not a number: {' '.join(words)!r}")
     return total + part
 
@@ -236,6 +236,8 @@ def read_number_words(expression: str) -> str:
     """`expression` with every run of number words outside string literals replaced by its digits ("81 * two
     hundred fifty-nine" -> "81 * 259"); unchanged where there are none. Raises CalculatorError for a run that is
     not one number. Text Python cannot tokenize is returned as is (the parser reports it)."""
+    if not any(c.isalpha() for c in expression):  # digits and operators only: the common call, nothing to read
+        return expression
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
     except (tokenize.TokenError, IndentationError, SyntaxError):
@@ -248,7 +250,7 @@ def read_number_words(expression: str) -> str:
     def offset(pos: tuple[int, int]) -> int:
         return starts[pos[0] - 1] + pos[1]
 
-    runs, i = [], 0  # (start offset, end offset, words)
+    runs, i = [], 0  # (start offset, end offset, value)
     while i < len(tokens):
         t = tokens[i]
         after_dot = i > 0 and tokens[i - 1].string == "."  # an attribute: "x.one" is never a number
